@@ -1,0 +1,57 @@
+# vitalrisk: every target installs what it needs into .venv from the tested lock file.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
+export PYTHONHASHSEED := 0
+
+.PHONY: install demo test lint typecheck unit bench serve mlflow-ui monitor-ui data-dvc clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing the tested versions from requirements.lock into $(VENV) (log: $(VENV)/pip.log)"
+	@$(BIN)/python -m pip install -r requirements.lock > $(VENV)/pip.log 2>&1 || (tail -n 30 $(VENV)/pip.log; exit 1)
+	@$(BIN)/python -m pip install --no-deps -e . --config-settings editable_mode=compat >> $(VENV)/pip.log 2>&1 || (tail -n 30 $(VENV)/pip.log; exit 1)
+	$(BIN)/python -c "import features, models, serving, monitoring, pipelines, governance, lightgbm, mlflow, bentoml, evidently, dvc"
+	@touch $@
+
+## demo: generate the default cohort, run the whole DVC pipeline, print a summary
+demo: $(STAMP)
+	vitalrisk simulate --out data
+	dvc repro
+	vitalrisk summary
+
+## test: lint, format check, type check, then the test suite
+test: $(STAMP) lint typecheck
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+serve: $(STAMP)
+	vitalrisk serve
+
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlruns.db} --port $${PORT:-5000}
+
+monitor-ui: $(STAMP)
+	$(BIN)/evidently ui --workspace $${EVIDENTLY_WORKSPACE:-workspace} --port $${PORT:-8000}
+
+## data-dvc: re-record data.dvc after a deliberate change to the default cohort
+data-dvc: $(STAMP)
+	vitalrisk simulate --out data
+	dvc add data
+
+clean:
+	rm -rf artifacts reports logs mlruns.db mlartifacts workspace

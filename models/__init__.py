@@ -1,0 +1,1 @@
+"""models step of vitalrisk (see DESIGN.md)."""

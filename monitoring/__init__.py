@@ -1,0 +1,1 @@
+"""monitoring step of vitalrisk (see DESIGN.md)."""

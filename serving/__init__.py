@@ -1,0 +1,1 @@
+"""serving step of vitalrisk (see DESIGN.md)."""
