@@ -37,7 +37,7 @@ COMMANDS: dict[str, str] = {
 
 
 def _available() -> dict[str, object]:
-    mods = {}
+    mods: dict[str, object] = {}
     for name, mod in COMMANDS.items():
         try:
             mods[name] = importlib.import_module(f"pipelines.{mod}")
