@@ -6,6 +6,11 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 export PYTHONHASHSEED := 0
+# no telemetry from MLflow, BentoML, Evidently or DVC
+export DO_NOT_TRACK := 1
+export BENTOML_DO_NOT_TRACK := True
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
 
 .PHONY: install demo test lint typecheck unit bench serve mlflow-ui monitor-ui data-dvc clean
 
