@@ -68,3 +68,9 @@ def pseudonymise(source_id: str, key: bytes) -> str:
 def pseudonymise_many(source_ids: Iterable[str], key: bytes) -> dict[str, str]:
     """Mapping of each distinct source id to its pseudonym (compute once per distinct id)."""
     return {sid: pseudonymise(sid, key) for sid in set(map(str, source_ids))}
+
+
+def key_fingerprint(key: bytes) -> str:
+    """Short public fingerprint of a key (HMAC of a fixed label): lets reports and lineage say
+    which key produced a set of pseudonyms without revealing anything usable about the key."""
+    return "k_" + hmac.new(key, b"vitalrisk-key-fingerprint", hashlib.sha256).hexdigest()[:12]

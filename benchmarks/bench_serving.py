@@ -1,0 +1,205 @@
+"""Serving speed: vitalrisk's BentoML API vs ``mlflow models serve`` on the same model.
+
+Starts both servers on 127.0.0.1 (one worker each) on a tiny real champion registered in a
+temporary MLflow store, then measures with an asyncio httpx client (bounded request counts):
+
+* ``/v1/score`` one patient from raw observations (24 h of 7 vitals) at concurrency 1, 8, 32
+* ``/v1/score/features`` one feature row per request at concurrency 1, 8, 32 (adaptive batching)
+* one request of 1,000 feature rows
+* ``mlflow models serve`` ``/invocations`` with the same rows (``dataframe_split``)
+
+Targets (issue 5): feature-row throughput >= 3x mlflow serve; p99 < 25 ms at concurrency 8.
+Run: ``nice python -m benchmarks.run serving``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CONCURRENCY = (1, 8, 32)
+REQUESTS = {1: 300, 8: 800, 32: 1200}
+SCORE_REQUESTS = {1: 100, 8: 200, 32: 300}
+KEY = "bench-secret-000001"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(url: str, proc: subprocess.Popen[bytes], logfile: Path, timeout: float = 180.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {logfile.read_text()[-2000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready after {timeout}s: {logfile.read_text()[-2000:]}")
+
+
+def _start(cmd: list[str], env: dict[str, str], cwd: Path, name: str) -> tuple[subprocess.Popen[bytes], Path]:
+    logfile = cwd / f"{name}.log"
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=logfile.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, logfile
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+async def _load(url: str, bodies: list[bytes], concurrency: int, headers: dict[str, str]) -> dict[str, Any]:
+    import httpx
+
+    latencies: list[float] = []
+    errors: dict[int, int] = {}
+    it = iter(bodies)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60.0, limits=limits, headers={**headers, "content-type": "application/json"}) as client:
+        # warm-up (connections, batching optimiser)
+        await asyncio.gather(*(client.post(url, content=bodies[i % len(bodies)]) for i in range(min(concurrency * 2, 40))))
+
+        async def worker() -> None:
+            for body in it:
+                t = time.perf_counter()
+                r = await client.post(url, content=body)
+                latencies.append(time.perf_counter() - t)
+                if r.status_code != 200:
+                    errors[r.status_code] = errors.get(r.status_code, 0) + 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000
+    return {
+        "concurrency": concurrency,
+        "requests": len(lat),
+        "errors": errors,
+        "throughput_rps": round(len(lat) / wall, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+    }
+
+
+def main() -> dict[str, Any]:
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.serving.factory import END, register_models, synthetic_cohort
+
+    out: dict[str, Any] = {"host": "127.0.0.1", "workers": 1, "cpu_count": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        root = Path(tmp)
+        env = dict(os.environ)
+        env.update(
+            {
+                "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlruns.db",
+                "VITALRISK_API_KEYS": f"bench:*:{KEY}",
+                "VITALRISK_PREDICTION_LOG": str(root / "logs" / "predictions.sqlite"),
+                "VITALRISK_AUDIT_LOG": str(root / "logs" / "audit.jsonl"),
+                "VITALRISK_LANDING_DIR": str(root / "landing"),
+                "BENTOML_HOME": str(root / "bentoml"),
+                # mlflow serve execs `uvicorn` by name: the venv's bin must be on PATH
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            }
+        )
+        os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+        models = register_models(root / "work", challenger=False)
+        version, model, _ = models["champion"]
+        frame = models["frame"]
+        names = model.feature_names
+        (root / "params.yaml").write_text(
+            "serve:\n  rate_limit_per_second: 100000\n  rate_limit_burst: 100000\n  max_body_bytes: 20000000\n"
+        )
+        vr_port, ml_port = _free_port(), _free_port()
+        exe = Path(sys.executable).parent
+        vr, vr_log = _start([str(exe / "vitalrisk"), "serve", "--port", str(vr_port), "--params", str(root / "params.yaml")], env, root, "vitalrisk")
+        ml, ml_log = _start(
+            [str(exe / "mlflow"), "models", "serve", "-m", f"models:/vitalrisk-deterioration/{version}", "--env-manager", "local",
+             "-p", str(ml_port), "-h", "127.0.0.1", "-w", "1"],
+            env, root, "mlflow",
+        )
+        try:
+            _wait(f"http://127.0.0.1:{vr_port}/readyz", vr, vr_log)
+            _wait(f"http://127.0.0.1:{ml_port}/ping", ml, ml_log)
+            rows = frame[names].astype(float)
+            recs = [{k: (None if np.isnan(v) else float(v)) for k, v in r.items()} for r in rows.to_dict("records")]
+            pids = frame["patient_id"].tolist()
+            feat_bodies = [json.dumps({"rows": [{"patient_id": pids[i], "features": recs[i]}]}).encode() for i in range(len(recs))]
+            ml_bodies = [
+                json.dumps({"dataframe_split": {"columns": names, "data": [[r[k] for k in names]]}}).encode() for r in recs
+            ]
+            obs, _, _, _ = synthetic_cohort(n=40, seed=5)
+            score_bodies = []
+            for pid, g in obs.groupby("patient_id"):
+                items = [{"time": t.isoformat().replace("+00:00", "Z"), "code": c, "value": float(v)} for t, c, v in zip(g["time"], g["code"], g["value"], strict=True)]
+                score_bodies.append(json.dumps({"patients": [{"patient_id": str(pid), "covariates": {"age": 70, "sex": "F"}, "observations": items}]}).encode())
+            auth = {"Authorization": f"Bearer {KEY}"}
+            vr_url = f"http://127.0.0.1:{vr_port}"
+            ml_url = f"http://127.0.0.1:{ml_port}/invocations"
+
+            def run(url: str, bodies: list[bytes], counts: dict[int, int], headers: dict[str, str]) -> list[dict[str, Any]]:
+                res = []
+                for c in CONCURRENCY:
+                    reps = (bodies * (counts[c] // len(bodies) + 1))[: counts[c]]
+                    r = asyncio.run(_load(url, reps, c, headers))
+                    log.info("%s c=%d: %s", url, c, r)
+                    res.append(r)
+                return res
+
+            out["vitalrisk_features_row"] = run(f"{vr_url}/v1/score/features", feat_bodies, REQUESTS, auth)
+            out["mlflow_serve_row"] = run(ml_url, ml_bodies, REQUESTS, {})
+            out["vitalrisk_score_raw_patient"] = run(f"{vr_url}/v1/score", score_bodies, SCORE_REQUESTS, auth)
+            big = (recs * (1000 // len(recs) + 1))[:1000]
+            vr_big = [json.dumps({"rows": [{"features": r} for r in big]}).encode()] * 10
+            ml_big = [json.dumps({"dataframe_split": {"columns": names, "data": [[r[k] for k in names] for r in big]}}).encode()] * 10
+            out["vitalrisk_features_1000_rows"] = asyncio.run(_load(f"{vr_url}/v1/score/features", vr_big, 1, auth))
+            out["mlflow_serve_1000_rows"] = asyncio.run(_load(ml_url, ml_big, 1, {}))
+        finally:
+            _stop(vr)
+            _stop(ml)
+    ratio = {
+        str(a["concurrency"]): round(a["throughput_rps"] / b["throughput_rps"], 2)
+        for a, b in zip(out["vitalrisk_features_row"], out["mlflow_serve_row"], strict=True)
+    }
+    out["throughput_ratio_vs_mlflow"] = ratio
+    c8 = next(r for r in out["vitalrisk_features_row"] if r["concurrency"] == 8)
+    out["targets"] = {
+        "throughput_3x_mlflow_at_8": ratio["8"] >= 3.0,
+        "p99_under_25ms_at_8_features": c8["p99_ms"] < 25.0,
+    }
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()

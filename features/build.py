@@ -1,0 +1,773 @@
+"""The one feature entry point for training and serving.
+
+``compute_features`` turns long observations into one row of point-in-time features per
+(patient, prediction time). Batch training, the Dask backend and the serving helper
+``features_for_patient`` all call it, so the two paths cannot drift apart.
+
+Only observations at or before the prediction time, and within ``lookback_hours`` of it, are
+used. Which features exist is fixed by the config, the vocabulary and the static covariate
+list, never by which data happen to be present: a code with no observations yields NaN
+columns, so training and serving see the same columns.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from features.config import FeaturesConfig
+from features.labels import HOUR_NS, _ns, label_times, prediction_times
+from features.news2 import NEWS2_CODES, news2_scores
+from features.vocabulary import CodeSpec, Vocabulary
+from features.windows import CodeSeries, moments_to_stats, range_reduce
+
+log = logging.getLogger(__name__)
+
+ID_COLUMNS = ["patient_id", "time", "setting"]
+#: integer time resolution of the search keys: 1 ms, coarser only for extreme spans. Fixed
+#: (not chosen per batch) so a patient's features do not depend on who else is in the batch.
+_UNITS_NS = (1_000_000, 1_000_000_000, 60_000_000_000)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One entry of the feature dictionary."""
+
+    name: str
+    definition: str
+    unit: str
+    window: str
+    code: str
+
+
+def _wlabel(w: float) -> str:
+    return f"{w:g}h"
+
+
+def feature_codes(config: FeaturesConfig, vocab: Vocabulary) -> list[str]:
+    if config.codes == "all":
+        return list(vocab.codes)
+    unknown = [c for c in config.codes if c not in vocab.codes]
+    if unknown:
+        raise ValueError(f"features.codes: {unknown} not in the vocabulary")
+    return list(config.codes)
+
+
+def static_columns(config: FeaturesConfig, available: Iterable[str]) -> list[str]:
+    """Static covariate columns: explicit names always, patterns expanded on ``available``."""
+    if not config.families.static:
+        return []
+    avail = [c for c in available if c not in ("patient_id", "setting")]
+    if "sex" in avail:
+        avail.append("sex_f")
+    out: list[str] = []
+    for item in config.static:
+        if any(ch in item for ch in "*?["):
+            out += sorted(c for c in avail if fnmatch.fnmatchcase(c, item) and c not in out)
+        elif item not in out:
+            out.append(item)
+    return out
+
+
+def _window_stats(config: FeaturesConfig, spec: CodeSpec) -> tuple[list[float], list[str]]:
+    ws = sorted(config.windows.hours.get(spec.group, []))
+    st = list(config.windows.stats.get(spec.kind, []))
+    return ws, st
+
+
+_STAT_TEXT = {
+    "mean": "mean",
+    "min": "minimum",
+    "max": "maximum",
+    "std": "sample standard deviation",
+    "slope": "least-squares slope per hour",
+    "count": "number of observations",
+    "sum": "sum",
+}
+
+
+def feature_specs(
+    config: FeaturesConfig, vocab: Vocabulary, static_cols: list[str]
+) -> list[FeatureSpec]:
+    """Every feature column, in output order, with its dictionary entry."""
+    specs: list[FeatureSpec] = []
+    fam = config.families
+    b = config.baseline
+    bwin = f"(t-{b.start_days:g}d, t-{b.end_days:g}d]"
+    lb = f"(t-{config.lookback_hours:g}h, t]"
+    for c in feature_codes(config, vocab):
+        s = vocab.codes[c]
+        u = s.unit
+        if fam.last:
+            specs.append(FeatureSpec(f"{c}_last", f"latest {s.display}", u, lb, c))
+            specs.append(
+                FeatureSpec(f"{c}_hours_since", f"hours since the latest {s.display}", "h", lb, c)
+            )
+        if fam.windows:
+            ws, st = _window_stats(config, s)
+            for w in ws:
+                for stat in st:
+                    unit = {"count": "1", "slope": f"{u}/h"}.get(stat, u)
+                    specs.append(
+                        FeatureSpec(
+                            f"{c}_{stat}_{_wlabel(w)}",
+                            f"{_STAT_TEXT[stat]} of {s.display} in the last {w:g} h",
+                            unit,
+                            f"(t-{w:g}h, t]",
+                            c,
+                        )
+                    )
+        if fam.baseline and s.kind == "continuous":
+            specs += [
+                FeatureSpec(
+                    f"{c}_baseline_mean",
+                    f"personal baseline: mean {s.display} (at least {b.min_count} values)",
+                    u,
+                    bwin,
+                    c,
+                ),
+                FeatureSpec(
+                    f"{c}_baseline_std", f"personal baseline: std of {s.display}", u, bwin, c
+                ),
+                FeatureSpec(
+                    f"{c}_dev_baseline",
+                    f"mean {s.display} in the last {b.compare_hours:g} h minus the baseline mean",
+                    u,
+                    f"(t-{b.compare_hours:g}h, t] vs {bwin}",
+                    c,
+                ),
+                FeatureSpec(
+                    f"{c}_z_baseline",
+                    "deviation from baseline divided by the baseline std",
+                    "1",
+                    f"(t-{b.compare_hours:g}h, t] vs {bwin}",
+                    c,
+                ),
+            ]
+        if fam.activity and s.group == "activity":
+            specs += [
+                FeatureSpec(
+                    f"{c}_total_24h", f"total {s.display} in the last 24 h", u, "(t-24h, t]", c
+                ),
+                FeatureSpec(
+                    f"{c}_baseline_daily",
+                    f"personal baseline: {s.display} per 24 h",
+                    f"{u}/d",
+                    bwin,
+                    c,
+                ),
+                FeatureSpec(
+                    f"{c}_ratio_baseline",
+                    f"{s.display} in the last 24 h divided by the personal daily baseline",
+                    "1",
+                    f"(t-24h, t] vs {bwin}",
+                    c,
+                ),
+            ]
+        if fam.sleep and s.group == "sleep":
+            specs += [
+                FeatureSpec(
+                    f"{c}_last_night",
+                    f"latest {s.display} if recorded in the last 24 h (last night)",
+                    u,
+                    "(t-24h, t]",
+                    c,
+                ),
+                FeatureSpec(
+                    f"{c}_last_night_vs_baseline",
+                    f"last night's {s.display} minus the personal baseline mean",
+                    u,
+                    f"(t-24h, t] vs {bwin}",
+                    c,
+                ),
+            ]
+        if fam.missingness:
+            mw = config.missingness.window_hours
+            specs += [
+                FeatureSpec(
+                    f"{c}_missing",
+                    f"1 if no {s.display} in the last {mw:g} h",
+                    "1",
+                    f"(t-{mw:g}h, t]",
+                    c,
+                ),
+                FeatureSpec(
+                    f"{c}_per_hour",
+                    f"measurement frequency of {s.display} in the last {mw:g} h",
+                    "/h",
+                    f"(t-{mw:g}h, t]",
+                    c,
+                ),
+            ]
+    age = f"latest value within {config.news2.max_age_hours:g} h"
+    if fam.news2:
+        for k, text in (
+            ("rr", "respiration rate"),
+            ("spo2", "SpO2 (scale 1, or scale 2 for flagged hypercapnic patients)"),
+            ("o2", "air or oxygen"),
+            ("sbp", "systolic blood pressure"),
+            ("hr", "pulse"),
+            ("temp", "temperature"),
+            ("consciousness", "consciousness (ACVPU: anything but alert scores 3)"),
+        ):
+            specs.append(
+                FeatureSpec(f"news2_{k}", f"NEWS2 sub-score: {text}", "points", age, NEWS2_CODES[k])
+            )
+    specs.append(
+        FeatureSpec(
+            "news2_total",
+            "NEWS2 total (RCP 2017); parameters not measured score 0",
+            "points",
+            age,
+            ",".join(NEWS2_CODES.values()),
+        )
+    )
+    if fam.news2:
+        specs += [
+            FeatureSpec(
+                "news2_n_missing",
+                "NEWS2 parameters without a value",
+                "1",
+                age,
+                ",".join(NEWS2_CODES.values()),
+            ),
+            FeatureSpec("news2_spo2_scale", "SpO2 scale used (1 or 2)", "1", "static", "spo2"),
+        ]
+    if fam.shock_index:
+        specs.append(
+            FeatureSpec(
+                "shock_index",
+                "heart rate / systolic BP (latest values)",
+                "/min/mm[Hg]",
+                age,
+                "heart_rate,sbp",
+            )
+        )
+    for col in static_cols:
+        specs.append(
+            FeatureSpec(
+                col,
+                "1 if sex is F" if col == "sex_f" else f"static covariate {col}",
+                "a" if col == "age" else "1",
+                "static",
+                "",
+            )
+        )
+    names = [s.name for s in specs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"feature name clash: {sorted(dup)}")
+    return specs
+
+
+def feature_dictionary(
+    config: FeaturesConfig, vocab: Vocabulary, static_cols: list[str]
+) -> dict[str, Any]:
+    """The JSON document written beside the features (docs/contracts.md)."""
+    return {
+        "features": [asdict(s) for s in feature_specs(config, vocab, static_cols)],
+        "label": {
+            "name": "label",
+            "definition": "1 if a qualifying event occurs in (t, t + horizon], else 0",
+            "horizon_hours": config.labels.horizon_hours,
+            "event_types": config.labels.event_types or "all",
+            "excluded": "times at/after the first event, outside follow-up, or whose horizon "
+            "runs past the end of follow-up without an event (partial horizon) are dropped",
+        },
+        "params": config.model_dump(mode="json"),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# array preparation
+
+
+def _category_index(col: pd.Series, categories: np.ndarray) -> np.ndarray:
+    """Position of each value in the sorted ``categories`` (-1 if absent), per row (int64)."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        cats = np.asarray(col.cat.categories.astype(str), dtype=object)
+        pos = np.searchsorted(categories, cats)
+        pos_c = np.minimum(pos, max(len(categories) - 1, 0))
+        hit = (pos < len(categories)) & (categories[pos_c] == cats) if len(categories) else pos < 0
+        cmap = np.append(np.where(hit, pos, -1), -1).astype(np.int32)
+        return cmap[col.cat.codes.to_numpy()]
+    return pd.Categorical(col.astype(str), categories=categories).codes.astype(np.int32)
+
+
+def _time_unit(n_patients: int, span_ns: int) -> int:
+    for u in _UNITS_NS:
+        if (n_patients + 1) * (span_ns // u + 4) < (1 << 62):
+            return u
+    raise ValueError("prediction times span too long for the integer time keys")
+
+
+def _static_values(
+    patients: pd.DataFrame, pids: np.ndarray, cols: list[str]
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    pats = patients.drop_duplicates("patient_id")
+    pats = pats.set_index(pats["patient_id"].astype(str)).reindex(pids)
+    out: dict[str, np.ndarray] = {}
+    for c in cols:
+        if c == "sex_f" and "sex_f" not in pats and "sex" in pats:
+            sex = pats["sex"].astype("object")
+            out[c] = np.where(
+                sex.isna(), np.nan, (sex.astype(str).str.upper() == "F").astype(float)
+            )
+        elif c in pats:
+            out[c] = pd.to_numeric(pats[c], errors="coerce").to_numpy(dtype=np.float64)
+        else:
+            out[c] = np.full(len(pids), np.nan)
+    setting = (
+        pats["setting"].astype(object).to_numpy() if "setting" in pats else np.full(len(pids), None)
+    )
+    return out, setting
+
+
+def _scale2(patients: pd.DataFrame, pids: np.ndarray, flags: list[str]) -> np.ndarray:
+    pats = patients.drop_duplicates("patient_id")
+    pats = pats.set_index(pats["patient_id"].astype(str)).reindex(pids)
+    out = np.zeros(len(pids), dtype=bool)
+    for f in flags:
+        if f in pats:
+            out |= pd.to_numeric(pats[f], errors="coerce").fillna(0).to_numpy() > 0
+    return out
+
+
+def _moments_needed(
+    config: FeaturesConfig, vocab: Vocabulary, code: str, fcodes: list[str]
+) -> frozenset[str]:
+    """Which centred prefix sums a code's features use (none for NEWS2-only codes)."""
+    if code not in fcodes:
+        return frozenset()
+    spec = vocab.codes[code]
+    fam = config.families
+    stats: set[str] = set(config.windows.stats.get(spec.kind, [])) if fam.windows else set()
+    if fam.baseline and spec.kind == "continuous" or fam.sleep and spec.group == "sleep":
+        stats |= {"mean", "std"}
+    if fam.activity and spec.group == "activity":
+        stats |= {"sum"}
+    need: set[str] = set()
+    if stats & {"mean", "sum", "std", "slope"}:
+        need.add("v")
+    if "std" in stats:
+        need.add("vv")
+    if "slope" in stats:
+        need |= {"t", "tv", "tt"}
+    return frozenset(need)
+
+
+# --------------------------------------------------------------------------------------------
+# the entry points
+
+
+@dataclass
+class _Keys:
+    """Integer time keys shared by all chunks of one call."""
+
+    t0: int
+    unit: int
+    span: int
+
+    @property
+    def hpu(self) -> float:
+        return self.unit / HOUR_NS
+
+    def units(self, hours: float) -> int:
+        return round(hours * HOUR_NS / self.unit)
+
+
+def _chunk_features(
+    ctx: _Keys,
+    config: FeaturesConfig,
+    vocab: Vocabulary,
+    all_codes: list[str],
+    fcodes: list[str],
+    p_idx: np.ndarray,
+    c_idx: np.ndarray,
+    t_ns: np.ndarray,
+    val: np.ndarray,
+    n_pat: int,
+    qp: np.ndarray,
+    qt: np.ndarray,
+    scale2: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Every time-dependent feature for the queries of one chunk of patients.
+
+    ``p_idx`` (local patient index, 0..n_pat-1), ``c_idx`` (index into ``all_codes``),
+    ``t_ns``, ``val``: this chunk's observation rows; ``qp``/``qt``: its queries, sorted.
+    """
+    res: dict[str, np.ndarray] = {}
+    m = len(qp)
+    span, unit, hpu = ctx.span, ctx.unit, ctx.hpu
+    qt_u = (qt - ctx.t0) // unit
+    qkey = qp * span + qt_u
+    order = np.argsort(c_idx, kind="stable")  # radix sort: rows grouped by code
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(c_idx, minlength=len(all_codes)))])
+    mw = config.missingness.window_hours
+    b = config.baseline
+    fam = config.families
+    latest: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for ci, c in enumerate(all_codes):
+        r = order[bounds[ci] : bounds[ci + 1]]
+        t_u = -((ctx.t0 - t_ns[r]) // unit)  # ceil: an observation never moves earlier
+        series = CodeSeries.build(
+            p_idx[r], t_u, val[r], n_pat, span, hpu, _moments_needed(config, vocab, c, fcodes)
+        )
+        del r, t_u
+        spec = vocab.codes[c]
+        hi = series.upto(qkey)
+        cache: dict[int, np.ndarray] = {}
+
+        def after(
+            hours: float, _s: CodeSeries = series, _cache: dict[int, np.ndarray] = cache
+        ) -> np.ndarray:
+            back = ctx.units(hours)
+            if back not in _cache:
+                _cache[back] = _s.after(qp, qkey, back, span)
+            return _cache[back]
+
+        has = hi > after(config.lookback_hours)
+        if len(series.v):
+            last_i = np.maximum(hi - 1, 0)
+            last = np.where(has, series.v[last_i], np.nan)
+            since = np.where(has, (qt_u - series.t[last_i]) * hpu, np.nan)
+        else:
+            last = np.full(m, np.nan)
+            since = np.full(m, np.nan)
+        latest[c] = (last, since)
+        if c not in fcodes:
+            continue
+        res[f"{c}_last"] = last
+        res[f"{c}_hours_since"] = since
+        v0 = series.first_value(qp)
+
+        def stats_over(
+            lo: np.ndarray,
+            up: np.ndarray,
+            want: set[str],
+            _s: CodeSeries = series,
+            _v0: np.ndarray = v0,
+        ) -> dict[str, np.ndarray]:
+            return moments_to_stats(_s.window_sums(qp, lo, up, want), up - lo, _v0, want)
+
+        if fam.windows:
+            ws, st = _window_stats(config, spec)
+            run_min = np.full(m, np.nan)
+            run_max = np.full(m, np.nan)
+            prev = hi
+            for w in ws:  # ascending: min/max reuse the shorter window plus the new piece
+                lo = after(w)
+                stats = stats_over(lo, hi, set(st))
+                if "min" in st:
+                    run_min = np.fmin(run_min, range_reduce(np.minimum, series.v_ext, lo, prev))
+                    stats["min"] = run_min
+                if "max" in st:
+                    run_max = np.fmax(run_max, range_reduce(np.maximum, series.v_ext, lo, prev))
+                    stats["max"] = run_max
+                prev = lo
+                for stat in st:
+                    res[f"{c}_{stat}_{_wlabel(w)}"] = stats[stat]
+        base_fam = fam.baseline and spec.kind == "continuous"
+        act_fam = fam.activity and spec.group == "activity"
+        sleep_fam = fam.sleep and spec.group == "sleep"
+        if base_fam or act_fam or sleep_fam:
+            base = stats_over(
+                after(b.start_days * 24), after(b.end_days * 24), {"mean", "std", "sum", "count"}
+            )
+            enough = base["count"] >= b.min_count
+            bmean = np.where(enough, base["mean"], np.nan)
+            bstd = np.where(enough, base["std"], np.nan)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                if base_fam:
+                    dev = stats_over(after(b.compare_hours), hi, {"mean"})["mean"] - bmean
+                    res[f"{c}_baseline_mean"] = bmean
+                    res[f"{c}_baseline_std"] = bstd
+                    res[f"{c}_dev_baseline"] = dev
+                    res[f"{c}_z_baseline"] = np.where(bstd > 0, dev / bstd, np.nan)
+                if act_fam:
+                    total = stats_over(after(24.0), hi, {"sum"})["sum"]
+                    daily = np.where(enough, base["sum"] / (b.start_days - b.end_days), np.nan)
+                    res[f"{c}_total_24h"] = total
+                    res[f"{c}_baseline_daily"] = daily
+                    res[f"{c}_ratio_baseline"] = np.where(daily > 0, total / daily, np.nan)
+            if sleep_fam:
+                night = np.where(since <= 24.0, last, np.nan)
+                res[f"{c}_last_night"] = night
+                res[f"{c}_last_night_vs_baseline"] = night - bmean
+        if fam.missingness:
+            cnt = (hi - after(mw)).astype(np.float64)
+            res[f"{c}_missing"] = (cnt == 0).astype(np.float64)
+            res[f"{c}_per_hour"] = cnt / mw
+        del series, cache
+
+    recent: dict[str, np.ndarray] = {}
+    for k, c in NEWS2_CODES.items():
+        if c in latest:
+            last, since = latest[c]
+            recent[k] = np.where(since <= config.news2.max_age_hours, last, np.nan)
+    res.update(news2_scores(recent, scale2))
+    if "hr" in recent and "sbp" in recent:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            res["shock_index"] = np.where(recent["sbp"] > 0, recent["hr"] / recent["sbp"], np.nan)
+    return res
+
+
+#: observations per chunk of patients: keeps temporaries small (reused by the allocator
+#: instead of fresh pages) and gives the threads balanced work
+CHUNK_OBSERVATIONS = 600_000
+
+
+def compute_features(
+    observations: pd.DataFrame,
+    patients: pd.DataFrame,
+    times: pd.DataFrame,
+    config: FeaturesConfig,
+    vocab: Vocabulary,
+) -> pd.DataFrame:
+    """Point-in-time features at each (patient_id, time) of ``times``.
+
+    Returns ``patient_id``, ``time``, ``setting`` and one float column per feature of the
+    dictionary, one row per distinct (patient_id, time), sorted by both. Pure: inputs are not
+    modified. ``observations`` may hold other patients and codes (ignored); ``patient_id`` and
+    ``code`` may be categorical (fast path for large inputs).
+    """
+    static_cols = static_columns(config, patients.columns)
+    specs = feature_specs(config, vocab, static_cols)
+    col_of = {s.name: i for i, s in enumerate(specs)}
+
+    # -- queries: distinct (patient, time), sorted -----------------------------------------
+    codes_, uniq = pd.factorize(times["patient_id"].astype(str), sort=True)
+    pids = np.asarray(uniq, dtype=object)
+    qp_all = codes_.astype(np.int64)
+    qt_all = _ns(times["time"])
+    order = np.lexsort((qt_all, qp_all))
+    qp, qt = qp_all[order], qt_all[order]
+    if len(qp) > 1:
+        new = np.ones(len(qp), dtype=bool)
+        new[1:] = (qp[1:] != qp[:-1]) | (qt[1:] != qt[:-1])
+        qp, qt = qp[new], qt[new]
+    del order, qp_all, qt_all
+    m = len(qt)
+    n_pat = len(pids)
+
+    # -- observations of these patients and codes, ordered by patient ------------------------
+    fcodes = feature_codes(config, vocab)
+    all_codes = sorted(set(fcodes) | {c for c in NEWS2_CODES.values() if c in vocab.codes})
+    cdtype = np.int8 if len(all_codes) < 127 else np.int16
+    if m and len(observations):
+        row_p = _category_index(observations["patient_id"], pids)
+        row_c = _category_index(observations["code"], np.array(all_codes, dtype=object))
+        t_ns = _ns(observations["time"])
+        val = observations["value"].to_numpy(dtype=np.float64)
+        # No lower time bound: a patient's prefix sums start at their first observation
+        # whatever the batch, which keeps batch and single-patient results bit-identical.
+        ok = (row_p >= 0) & (row_c >= 0) & (t_ns <= int(qt.max())) & np.isfinite(val)
+        if not ok.all():
+            row_p, row_c, t_ns, val = row_p[ok], row_c[ok], t_ns[ok], val[ok]
+        del ok
+        row_c = row_c.astype(cdtype)
+        if len(row_p) > 1 and bool((row_p[1:] < row_p[:-1]).any()):
+            by_p = np.argsort(row_p, kind="stable")
+            row_p, row_c, t_ns, val = row_p[by_p], row_c[by_p], t_ns[by_p], val[by_p]
+            del by_p
+    else:
+        row_p = np.zeros(0, dtype=np.int32)
+        row_c = np.zeros(0, dtype=cdtype)
+        t_ns = np.zeros(0, dtype=np.int64)
+        val = np.zeros(0)
+
+    # -- integer time keys ------------------------------------------------------------------
+    lookback_ns = round(config.lookback_hours * HOUR_NS)
+    obs_min = int(t_ns.min()) if len(t_ns) else (int(qt.min()) if m else 0)
+    t0 = min(int(qt.min()) - lookback_ns, obs_min) - 1 if m else 0
+    unit = _time_unit(n_pat, (int(qt.max()) if m else 0) - t0 + 2 * _UNITS_NS[-1])
+    # Align the origin to the unit: an observation's integer time is then ceil(t / unit) minus
+    # a constant, the same whatever the batch. Observations are rounded up and prediction
+    # times down, so sub-unit rounding can only drop an observation, never leak one.
+    t0 = (t0 // unit) * unit - unit
+    ctx = _Keys(t0=t0, unit=unit, span=((int(qt.max()) if m else 0) - t0) // unit + 4)
+
+    # -- chunks of whole patients, processed on threads ----------------------------------------
+    cum = np.searchsorted(row_p, np.arange(1, n_pat + 1))  # rows of patients < p+1
+    cuts = [0]
+    while cuts[-1] < n_pat:
+        target = (cum[cuts[-1] - 1] if cuts[-1] else 0) + CHUNK_OBSERVATIONS
+        cuts.append(max(cuts[-1] + 1, min(int(np.searchsorted(cum, target, "right")), n_pat)))
+    p_bounds = np.searchsorted(row_p, cuts) if len(row_p) else np.zeros(len(cuts), int)
+    q_bounds = np.searchsorted(qp, cuts)
+    scale2 = _scale2(patients, pids, config.news2.scale2_flags)
+
+    dtype = np.dtype(config.dtype)
+    out = np.empty((len(specs), m), dtype=dtype)
+    written = np.zeros(len(specs), dtype=bool)
+
+    def run_chunk(k: int) -> None:
+        p_lo, p_hi = cuts[k], cuts[k + 1]
+        o_lo, o_hi = p_bounds[k], p_bounds[k + 1]
+        q_lo, q_hi = q_bounds[k], q_bounds[k + 1]
+        if q_hi == q_lo:
+            return
+        res = _chunk_features(
+            ctx,
+            config,
+            vocab,
+            all_codes,
+            fcodes,
+            row_p[o_lo:o_hi].astype(np.int64) - p_lo,
+            row_c[o_lo:o_hi],
+            t_ns[o_lo:o_hi],
+            val[o_lo:o_hi],
+            p_hi - p_lo,
+            qp[q_lo:q_hi] - p_lo,
+            qt[q_lo:q_hi],
+            scale2[qp[q_lo:q_hi]],
+        )
+        for name, arr in res.items():
+            j = col_of.get(name)
+            if j is not None:
+                out[j, q_lo:q_hi] = arr
+                written[j] = True
+
+    n_chunks = len(cuts) - 1
+    n_threads = min(config.threads or os.cpu_count() or 1, n_chunks)
+    if n_threads > 1:
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            list(pool.map(run_chunk, range(n_chunks)))
+    else:
+        for k in range(n_chunks):
+            run_chunk(k)
+
+    # -- static covariates ------------------------------------------------------------------
+    static_vals, setting = _static_values(patients, pids, static_cols)
+    for name, arr in static_vals.items():
+        out[col_of[name]] = arr[qp]
+        written[col_of[name]] = True
+    for j in np.flatnonzero(~written):
+        out[j] = np.nan
+
+    frame = pd.DataFrame(out.T, columns=[s.name for s in specs], copy=False)
+    frame.insert(0, "patient_id", pids[qp].astype(object))
+    frame.insert(1, "time", pd.to_datetime(qt, unit="ns", utc=True))
+    frame.insert(2, "setting", setting[qp] if m else np.array([], dtype=object))
+    return frame
+
+
+def features_for_patient(
+    observations: pd.DataFrame,
+    covariates: Mapping[str, Any],
+    at_time: Any,
+    config: FeaturesConfig,
+    vocab: Vocabulary,
+    patient_id: str | None = None,
+) -> pd.DataFrame:
+    """Serving helper: the features of one patient at one time, as a one-row frame.
+
+    ``observations`` are the patient's raw canonical observations (``time``, ``code``,
+    ``value``; ``patient_id`` optional) covering at least ``lookback_hours`` before
+    ``at_time``; ``covariates`` the patient-table fields (``age``, ``sex``, ``setting``,
+    ``cm_*``, ...). Calls :func:`compute_features`, the batch code path.
+    """
+    pid = patient_id or covariates.get("patient_id") or "p_serving"
+    pid = str(pid)
+    obs = observations.copy()
+    obs["patient_id"] = pid
+    row = {k: v for k, v in covariates.items() if k != "patient_id"}
+    patients = pd.DataFrame([{"patient_id": pid, **row}])
+    ts = pd.Timestamp(at_time)
+    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    times = pd.DataFrame({"patient_id": [pid], "time": pd.Series([ts]).dt.as_unit("ns")})
+    return compute_features(obs, patients, times, config, vocab)
+
+
+@dataclass
+class BuildReport:
+    rows: int
+    excluded: dict[str, int]
+    by_setting: dict[str, dict[str, float]]
+
+
+def build_feature_matrix_with_report(
+    observations: pd.DataFrame,
+    patients: pd.DataFrame,
+    outcomes: pd.DataFrame,
+    config: FeaturesConfig,
+    vocab: Vocabulary,
+) -> tuple[pd.DataFrame, BuildReport]:
+    """Prediction times, labels and features: the ``features`` stage's logic."""
+    times = prediction_times(patients, config, observations)
+    labelled, excluded = label_times(times, patients, outcomes, config)
+    feats = compute_features(observations, patients, labelled, config, vocab)
+    # compute_features returns distinct (patient_id, time) sorted; order the labels alike
+    lab = labelled.drop_duplicates(["patient_id", "time"]).sort_values(
+        ["patient_id", "time"], kind="stable"
+    )
+    if not (
+        np.array_equal(lab["patient_id"].to_numpy(), feats["patient_id"].to_numpy())
+        and np.array_equal(_ns(lab["time"]), _ns(feats["time"]))
+    ):
+        raise AssertionError("feature rows do not match the labelled prediction times")
+    feats.insert(3, "label", lab["label"].to_numpy(dtype=np.int64))
+    by_setting: dict[str, dict[str, float]] = {}
+    for name, g in feats.groupby("setting", sort=True):
+        n = len(g)
+        pos = int(g["label"].sum())
+        by_setting[str(name)] = {"rows": n, "positives": pos, "prevalence": pos / n if n else 0.0}
+    return feats, BuildReport(rows=len(feats), excluded=excluded, by_setting=by_setting)
+
+
+def build_feature_matrix(
+    observations: pd.DataFrame,
+    patients: pd.DataFrame,
+    outcomes: pd.DataFrame,
+    config: FeaturesConfig,
+    vocab: Vocabulary,
+) -> pd.DataFrame:
+    """Prediction times + labels + :func:`compute_features` (exclusion counts in ``attrs``)."""
+    feats, report = build_feature_matrix_with_report(
+        observations, patients, outcomes, config, vocab
+    )
+    feats.attrs["excluded"] = report.excluded
+    return feats
+
+
+# --------------------------------------------------------------------------------------------
+# IO at the edges (used by the pipeline, the Dask backend and the benchmark)
+
+OBS_READ_COLUMNS = ["patient_id", "time", "code", "value"]
+
+
+def read_observations(path: str | Path, filters: Any = None) -> pd.DataFrame:
+    """Observations with ``patient_id``/``code`` as categoricals: compact and fast to index."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(
+        path, columns=OBS_READ_COLUMNS, read_dictionary=["patient_id", "code"], filters=filters
+    )
+    return table.to_pandas()
+
+
+def write_features(frame: pd.DataFrame, path: str | Path) -> None:
+    """Parquet with float columns passed zero-copy (NaN stays NaN, no dictionary encoding)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrays, names, dict_cols = [], [], []
+    for name in frame.columns:
+        col = frame[name]
+        if col.dtype.kind == "f":
+            arrays.append(pa.array(col.to_numpy()))
+        else:
+            arrays.append(pa.Array.from_pandas(col))
+            dict_cols.append(str(name))
+        names.append(str(name))
+    table = pa.Table.from_arrays(arrays, names=names)
+    pq.write_table(table, path, compression="snappy", use_dictionary=dict_cols)

@@ -1,0 +1,109 @@
+"""Typed params for the data side: ``simulate`` and ``ingest`` sections of ``params.yaml``.
+
+Kept apart from ``features/config.py`` (feature engineering) so each stage's keys stay in its
+own model and dvc.yaml can list them exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DRIFT_KINDS = ("none", "hr_offset", "older", "spo2_missing")
+
+
+class SimulateConfig(BaseModel):
+    """Synthetic cohort: size, follow-up, event rate and the share sent to each source system."""
+
+    model_config = ConfigDict(extra="forbid")
+    seed: int = 42
+    n_patients: int = Field(500, ge=1, le=100_000)
+    start: str = "2026-01-05T00:00:00Z"
+    #: admissions spread over this many days from ``start``
+    enrolment_days: int = Field(60, ge=1)
+    followup_days: tuple[float, float] = (7.0, 30.0)
+    home_fraction: float = Field(0.45, ge=0, le=1)
+    #: target share of patients with a deterioration event (the risk model is calibrated to it)
+    event_rate: float = Field(0.10, ge=0, le=0.5)
+    #: share of events that come without a physiological prodrome
+    silent_event_fraction: float = Field(0.2, ge=0, le=1)
+    #: share of ward patients exported by each system (the rest go to the long CSV)
+    ward_fhir_fraction: float = Field(0.15, ge=0, le=1)
+    ward_psv_fraction: float = Field(0.2, ge=0, le=1)
+    #: share of home patients in the wide wearable export (the rest go to the long CSV)
+    home_wide_fraction: float = Field(0.6, ge=0, le=1)
+    #: wearable sampling interval in minutes: each patient's device gets one of these
+    wearable_intervals_min: list[int] = Field(default_factory=lambda: [1, 5, 10, 15])
+    wearable_interval_weights: list[float] = Field(default_factory=lambda: [0.02, 0.18, 0.4, 0.4])
+    #: fraction of raw records turned into bad records (quarantine material) per file
+    bad_record_rate: float = Field(0.002, ge=0, le=0.2)
+    duplicate_rate: float = Field(0.003, ge=0, le=0.2)
+    consent_model_training: float = Field(0.92, ge=0, le=1)
+    consent_research: float = Field(0.8, ge=0, le=1)
+    drift: Literal["none", "hr_offset", "older", "spo2_missing"] = "none"
+
+    @model_validator(mode="after")
+    def _check(self) -> SimulateConfig:
+        lo, hi = self.followup_days
+        if not 1 <= lo <= hi:
+            raise ValueError("followup_days must be [min, max] with 1 <= min <= max")
+        if len(self.wearable_intervals_min) != len(self.wearable_interval_weights):
+            raise ValueError(
+                "wearable_intervals_min and wearable_interval_weights differ in length"
+            )
+        if self.ward_fhir_fraction + self.ward_psv_fraction > 1:
+            raise ValueError("ward_fhir_fraction + ward_psv_fraction must be <= 1")
+        return self
+
+
+class WideColumn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    code: str
+    unit: str | None = None
+
+
+#: PhysioNet/CinC 2019 column names (the defaults for ``ingest.psv_columns``)
+PHYSIONET_COLUMNS = {
+    "HR": WideColumn(code="heart_rate", unit="/min"),
+    "O2Sat": WideColumn(code="spo2", unit="%"),
+    "Temp": WideColumn(code="body_temp", unit="Cel"),
+    "SBP": WideColumn(code="sbp", unit="mm[Hg]"),
+    "DBP": WideColumn(code="dbp", unit="mm[Hg]"),
+    "Resp": WideColumn(code="resp_rate", unit="/min"),
+    "FiO2": WideColumn(code="o2_support", unit="{FiO2}"),
+    "Creatinine": WideColumn(code="creatinine", unit="mg/dL"),
+    "Lactate": WideColumn(code="lactate", unit="mmol/L"),
+}
+
+
+class IngestConfig(BaseModel):
+    """How raw files map onto canonical observations, and who may be used for what."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: consent purpose the outputs are for; patients without that consent are excluded
+    purpose: Literal["care", "model_training", "research"] = "model_training"
+    #: patients with no consent record at all (no patients table row): exclude or include
+    missing_consent: Literal["exclude", "include"] = "exclude"
+    #: naive timestamps (no offset): assume UTC, or reject them to quarantine
+    naive_time: Literal["utc", "reject"] = "utc"
+    #: wide CSV (and cohort) column -> vocabulary code and unit; vocabulary keys work as-is
+    wide_columns: dict[str, WideColumn] = Field(default_factory=dict)
+    #: PhysioNet-style PSV column -> vocabulary code and unit
+    psv_columns: dict[str, WideColumn] = Field(default_factory=lambda: dict(PHYSIONET_COLUMNS))
+    #: PSV time anchor when a directory has no anchors.csv (ISO time, UTC); None -> error
+    psv_anchor: str | None = None
+    #: source label for rows that carry none, per reader format
+    default_source: dict[str, str] = Field(
+        default_factory=lambda: {
+            "long_csv": "unknown",
+            "long_parquet": "unknown",
+            "wide_csv": "wearable",
+            "fhir": "ward",
+            "psv": "ward",
+        }
+    )
+    #: regex of raw identifiers scrubbed (pseudonymised) from quarantined record text
+    identifier_pattern: str = r"MRN-\d+"
+    #: validate each FHIR resource with fhir.resources (R4B models) as well as our mapping
+    fhir_validate: bool = True

@@ -1,0 +1,94 @@
+"""File-level driver of the ``features`` stage: Parquet in, features + dictionary out.
+
+Kept out of ``build`` so the feature functions stay pure; the pipeline module, the Dask
+backend and the benchmark all call these.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from features.build import (
+    BuildReport,
+    build_feature_matrix_with_report,
+    feature_dictionary,
+    read_observations,
+    static_columns,
+    write_features,
+)
+from features.config import FeaturesConfig
+from features.vocabulary import Vocabulary
+
+log = logging.getLogger(__name__)
+
+FEATURES_FILE = "features.parquet"
+DICTIONARY_FILE = "feature_dictionary.json"
+REPORT_FILE = "features_report.json"
+
+
+def input_paths(observations_dir: str | Path) -> dict[str, Path]:
+    d = Path(observations_dir)
+    paths = {n: d / f"{n}.parquet" for n in ("observations", "patients", "outcomes")}
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"missing input file(s): {', '.join(missing)}")
+    return paths
+
+
+def read_side_tables(observations_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Patients and outcomes (small tables, read whole)."""
+    paths = input_paths(observations_dir)
+    return pd.read_parquet(paths["patients"]), pd.read_parquet(paths["outcomes"])
+
+
+def write_outputs(
+    frame: pd.DataFrame,
+    report: BuildReport,
+    patients: pd.DataFrame,
+    out_dir: str | Path,
+    config: FeaturesConfig,
+    vocab: Vocabulary,
+) -> dict[str, Any]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_features(frame, out / FEATURES_FILE)
+    doc = feature_dictionary(config, vocab, static_columns(config, patients.columns))
+    (out / DICTIONARY_FILE).write_text(json.dumps(doc, indent=2))
+    summary = {
+        "rows": report.rows,
+        "excluded": report.excluded,
+        "by_setting": report.by_setting,
+        "n_features": len(doc["features"]),
+        "backend": config.backend,
+    }
+    (out / REPORT_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_local(
+    observations_dir: str | Path, out_dir: str | Path, config: FeaturesConfig, vocab: Vocabulary
+) -> dict[str, Any]:
+    """Read, build (one process) and write; returns the summary."""
+    paths = input_paths(observations_dir)
+    patients, outcomes = read_side_tables(observations_dir)
+    obs = read_observations(paths["observations"])
+    log.info("read %d observations of %d patients", len(obs), len(patients))
+    frame, report = build_feature_matrix_with_report(obs, patients, outcomes, config, vocab)
+    del obs
+    return write_outputs(frame, report, patients, out_dir, config, vocab)
+
+
+def run(
+    observations_dir: str | Path, out_dir: str | Path, config: FeaturesConfig, vocab: Vocabulary
+) -> dict[str, Any]:
+    """The stage on the configured backend."""
+    if config.backend == "dask":
+        from features.dask_backend import run_dask
+
+        return run_dask(observations_dir, out_dir, config, vocab)
+    return run_local(observations_dir, out_dir, config, vocab)

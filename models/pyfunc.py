@@ -1,0 +1,142 @@
+"""The deployable model: LightGBM booster + probability calibrator as one MLflow pyfunc.
+
+Why a custom pyfunc: MLflow's LightGBM flavour of an ``LGBMClassifier`` predicts labels and
+knows nothing about calibration. Serving and monitoring need *calibrated probabilities* and
+per-feature contributions from the same object, so ``RiskModel.predict`` returns
+probabilities, and ``predict_proba`` / ``contributions`` are available after
+``mlflow.pyfunc.load_model(uri).unwrap_python_model()``.
+
+The booster is stored as LightGBM's own model text (artifact ``booster``), not pickled, so the
+artifact stays readable and survives Python upgrades; the calibrator (scikit-learn) and the
+feature list are pickled with the python model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+log = logging.getLogger(__name__)
+
+BOOSTER_ARTIFACT = "booster"
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+@dataclass
+class Calibrator:
+    """Maps the booster's raw margin to a calibrated probability (fitted on held-out data).
+
+    ``method='isotonic'`` uses ``sklearn.isotonic.IsotonicRegression`` on the raw margin;
+    ``method='sigmoid'`` is Platt scaling: ``LogisticRegression`` on the raw margin;
+    ``method='none'`` applies the plain logistic link (uncalibrated).
+    """
+
+    method: str = "isotonic"
+    model: Any = None
+
+    def fit(self, raw: np.ndarray, y: np.ndarray) -> Calibrator:
+        raw = np.asarray(raw, dtype=float).reshape(-1)
+        y = np.asarray(y, dtype=int).reshape(-1)
+        if self.method == "isotonic":
+            from sklearn.isotonic import IsotonicRegression
+
+            self.model = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(raw, y)
+        elif self.method == "sigmoid":
+            from sklearn.linear_model import LogisticRegression
+
+            self.model = LogisticRegression(C=1e6, max_iter=1000).fit(raw.reshape(-1, 1), y)
+        elif self.method == "none":
+            self.model = None
+        else:
+            raise ValueError(f"unknown calibration method {self.method!r}")
+        return self
+
+    def transform(self, raw: np.ndarray) -> np.ndarray:
+        raw = np.asarray(raw, dtype=float).reshape(-1)
+        if self.method == "isotonic":
+            out = self.model.predict(raw)
+        elif self.method == "sigmoid":
+            out = self.model.predict_proba(raw.reshape(-1, 1))[:, 1]
+        else:
+            out = 1.0 / (1.0 + np.exp(-raw))
+        return np.clip(np.asarray(out, dtype=float), 0.0, 1.0)
+
+
+@dataclass
+class RiskModel(PythonModel):
+    """Calibrated deterioration-risk model; ``predict`` returns probabilities in [0, 1].
+
+    ``categories`` maps each categorical feature to its category list; string inputs are
+    encoded to the category index LightGBM was trained on (unknown -> missing).
+    """
+
+    booster: Any = None
+    calibrator: Calibrator = field(default_factory=Calibrator)
+    feature_names: list[str] = field(default_factory=list)
+    categories: dict[str, list[str]] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    # -- pickling: the booster travels as model text in the ``booster`` artifact ----------
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["booster"] = None
+        return state
+
+    def __setstate__(self, state: Mapping[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def load_context(self, context: Any) -> None:
+        import lightgbm as lgb
+
+        path = context.artifacts.get(BOOSTER_ARTIFACT) if context is not None else None
+        if path:
+            self.booster = lgb.Booster(model_file=str(path))
+
+    # -- scoring ----------------------------------------------------------------------------
+    def prepare(self, X: pd.DataFrame | Mapping[str, Sequence[Any]]) -> pd.DataFrame:
+        """Select ``feature_names`` in training order as floats; fail clearly on missing columns."""
+        frame = X if isinstance(X, pd.DataFrame) else pd.DataFrame(X)
+        missing = [c for c in self.feature_names if c not in frame.columns]
+        if missing:
+            raise ValueError(f"input is missing feature column(s): {missing}")
+        out = pd.DataFrame(index=frame.index)
+        for name in self.feature_names:
+            col = frame[name]
+            cats = self.categories.get(name)
+            if cats is not None and not pd.api.types.is_numeric_dtype(col):
+                lookup = {c: float(i) for i, c in enumerate(cats)}
+                out[name] = col.astype("object").map(lookup).astype(float)
+            else:
+                out[name] = pd.to_numeric(col, errors="coerce").astype(float)
+        return out
+
+    def raw_score(self, X: pd.DataFrame) -> np.ndarray:
+        if self.booster is None:
+            raise RuntimeError("RiskModel has no booster loaded")
+        return np.asarray(self.booster.predict(self.prepare(X), raw_score=True), dtype=float)
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        """Calibrated probability of deterioration within the label horizon, one per row."""
+        return self.calibrator.transform(self.raw_score(X))
+
+    def contributions(self, X: pd.DataFrame) -> np.ndarray:
+        """Per-feature SHAP contributions on the raw margin (LightGBM ``pred_contrib``).
+
+        Shape ``(n_rows, len(feature_names) + 1)``; the last column is the bias (expected value).
+        """
+        if self.booster is None:
+            raise RuntimeError("RiskModel has no booster loaded")
+        return np.asarray(self.booster.predict(self.prepare(X), pred_contrib=True), dtype=float)
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> np.ndarray:
+        return self.predict_proba(model_input)

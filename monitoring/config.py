@@ -1,0 +1,135 @@
+"""Typed ``monitor`` section of ``params.yaml``.
+
+Thresholds are effect sizes, not p-values, by default: with tens of thousands of logged
+predictions every p-value test fires on clinically meaningless shifts, which is how monitors
+drown their readers in false alarms.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: Evidently stat tests whose score is a p-value (drift when score < threshold); every other
+#: method is a distance (drift when score >= threshold).
+P_VALUE_METHODS = frozenset(
+    {
+        "ks",
+        "chisquare",
+        "z",
+        "fisher_exact",
+        "g_test",
+        "t_test",
+        "mannw",
+        "anderson",
+        "cramer_von_mises",
+        "epps_singleton",
+        "empirical_mmd",
+    }
+)
+DISTANCE_METHODS = frozenset(
+    {"wasserstein", "jensenshannon", "kl_div", "psi", "hellinger", "energy_distance", "TVD"}
+)
+
+
+class DriftTest(BaseModel):
+    """One Evidently stat test and its threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    threshold: float = Field(gt=0)
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in P_VALUE_METHODS | DISTANCE_METHODS:
+            raise ValueError(
+                f"unknown drift method {v!r}: expected one of "
+                f"{sorted(P_VALUE_METHODS | DISTANCE_METHODS)}"
+            )
+        return v
+
+    def drifted(self, score: float) -> bool:
+        if self.method in P_VALUE_METHODS:
+            return score < self.threshold
+        return score >= self.threshold
+
+
+class DriftConfig(BaseModel):
+    """Drift test per column type; ``per_feature`` overrides by column name."""
+
+    model_config = ConfigDict(extra="forbid")
+    numerical: DriftTest = DriftTest(method="wasserstein", threshold=0.1)
+    binary: DriftTest = DriftTest(method="jensenshannon", threshold=0.1)
+    categorical: DriftTest = DriftTest(method="jensenshannon", threshold=0.1)
+    prediction: DriftTest = DriftTest(method="wasserstein", threshold=0.1)
+    per_feature: dict[str, DriftTest] = Field(default_factory=dict)
+
+
+class QualityConfig(BaseModel):
+    """Data-quality thresholds on the current window (shares are fractions of rows)."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: a feature whose missing share rises by more than this over the reference is flagged
+    max_missing_increase: float = Field(default=0.10, ge=0, le=1)
+    #: rise in the share of values outside the vocabulary's plausible range (vs the reference)
+    max_out_of_range_share: float = Field(default=0.01, ge=0, le=1)
+    #: share of rows whose categorical value never occurred in the reference
+    max_new_category_share: float = Field(default=0.01, ge=0, le=1)
+    #: feature-name tokens of level statistics, whose values live in the code's range
+    #: (``heart_rate_mean_4h`` yes, ``heart_rate_std_4h`` no)
+    range_stats: list[str] = Field(
+        default_factory=lambda: ["last", "mean", "min", "max", "median", "baseline"]
+    )
+
+
+class PerformanceConfig(BaseModel):
+    """Performance once outcomes have arrived; absolute floors on this model's metrics."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_labelled: int = Field(default=200, ge=10)
+    min_positives: int = Field(default=10, ge=1)
+    warn_auroc: float = Field(default=0.75, ge=0, le=1)
+    retrain_auroc: float = Field(default=0.70, ge=0, le=1)
+    #: expected calibration error (10 equal-width bins)
+    max_calibration_error: float = Field(default=0.05, ge=0, le=1)
+    #: pandas offset alias for the over-time table (``1D``, ``7D``)
+    period: str = "1D"
+    #: an event within this many hours after a prediction makes its label 1
+    label_horizon_hours: float = Field(default=24.0, gt=0)
+
+
+class VerdictConfig(BaseModel):
+    """How drift, quality and performance findings map to ok / warn / retrain."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: warn when at least this many features drift (value or missingness)
+    warn_drifted_features: int = Field(default=1, ge=1)
+    #: retrain when this share of monitored features drifts
+    retrain_drift_share: float = Field(default=0.3, gt=0, le=1)
+    #: retrain when the predicted risk drifts together with at least warn_drifted_features
+    retrain_on_prediction_drift: bool = True
+
+
+class MonitorConfig(BaseModel):
+    """``params.yaml: monitor``."""
+
+    model_config = ConfigDict(extra="forbid")
+    seed: int = 0
+    #: rows sampled from the training features as the reference
+    reference_size: int = Field(default=20000, ge=100)
+    #: rows sampled from the current window for the drift tests (quality shares use all rows)
+    current_size: int = Field(default=20000, ge=100)
+    #: the current window: the last ``window_days`` before the latest logged prediction
+    window_days: float = Field(default=7.0, gt=0)
+    #: rows read from the prediction log per chunk (bounds memory)
+    chunk_rows: int = Field(default=100000, ge=1000)
+    #: log role to monitor (shadow predictions are the challenger's)
+    role: str = "champion"
+    #: columns of the feature matrix that are not model inputs
+    exclude: list[str] = Field(default_factory=lambda: ["patient_id", "time", "label"])
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
+    verdict: VerdictConfig = Field(default_factory=VerdictConfig)
+    #: Evidently workspace project name
+    project: str = "vitalrisk-monitoring"

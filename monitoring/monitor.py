@@ -1,0 +1,543 @@
+"""Monitoring logic: reference vs current window -> findings -> verdict (ok / warn / retrain).
+
+The drift tests run in Evidently on samples (a few ten thousand rows say as much about a
+distribution as a million, and effect-size tests do not turn every trivial shift into an
+alarm at scale); the data-quality shares (missing, out of range, new categories) are exact,
+accumulated chunk by chunk over the whole window.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+
+from features.vocabulary import Vocabulary
+from monitoring import evidently_reports as er
+from monitoring.config import DriftTest, MonitorConfig
+
+logger = logging.getLogger(__name__)
+
+ColumnKind = Literal["numerical", "binary", "categorical"]
+VERDICTS = ("ok", "warn", "retrain")
+#: exit codes a scheduler can act on (2 stays "bad input", 1 an unexpected crash)
+EXIT_CODES = {"ok": 0, "warn": 10, "retrain": 20}
+PREDICTION = "probability"
+
+
+# --------------------------------------------------------------------------- columns
+def column_kinds(reference: pd.DataFrame, exclude: Iterable[str]) -> dict[str, ColumnKind]:
+    """Kind of each monitored column, which picks its drift test.
+
+    Text/categorical dtypes are categorical; numeric columns whose values are only 0/1 are
+    binary (a Wasserstein distance on a flag is meaningless); everything else numerical.
+    """
+    skip = set(exclude) | {PREDICTION}
+    kinds: dict[str, ColumnKind] = {}
+    for col in reference.columns:
+        if col in skip:
+            continue
+        s = reference[col]
+        if pd.api.types.is_bool_dtype(s):
+            kinds[col] = "binary"
+        elif pd.api.types.is_numeric_dtype(s):
+            values = pd.unique(s.dropna())
+            kinds[col] = "binary" if len(values) and set(values) <= {0, 1} else "numerical"
+        elif pd.api.types.is_datetime64_any_dtype(s):
+            continue
+        else:
+            kinds[col] = "categorical"
+    return kinds
+
+
+def feature_codes(
+    columns: Iterable[str], vocab: Vocabulary, dictionary: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """Vocabulary code behind each feature: from the feature dictionary, else the name prefix."""
+    by_dict: dict[str, str] = {}
+    for entry in (dictionary or {}).get("features", []):
+        code = entry.get("code")
+        if code and code in vocab.codes:
+            by_dict[entry["name"]] = code
+    keys = sorted(vocab.codes, key=len, reverse=True)
+    out: dict[str, str] = {}
+    for col in columns:
+        if col in by_dict:
+            out[col] = by_dict[col]
+            continue
+        for key in keys:
+            if col == key or col.startswith(key + "_"):
+                out[col] = key
+                break
+    return out
+
+
+def vocabulary_ranges(
+    codes: Mapping[str, str], vocab: Vocabulary, range_stats: Iterable[str]
+) -> dict[str, tuple[float, float]]:
+    """Plausible range of features that hold a code's value (level statistics, not spreads)."""
+    stats = set(range_stats)
+    out: dict[str, tuple[float, float]] = {}
+    for col, code in codes.items():
+        tokens = set(col[len(code) :].strip("_").split("_")) if col != code else {"last"}
+        if tokens & stats and not tokens & {"std", "slope", "delta", "diff", "dev", "z", "count"}:
+            lo, hi = vocab.codes[code].range
+            out[col] = (float(lo), float(hi))
+    return out
+
+
+def drift_tests(kinds: Mapping[str, ColumnKind], config: MonitorConfig) -> dict[str, DriftTest]:
+    d = config.drift
+    return {c: d.per_feature.get(c, getattr(d, kind)) for c, kind in kinds.items()}
+
+
+def sample_reference(features: pd.DataFrame, config: MonitorConfig) -> pd.DataFrame:
+    if len(features) <= config.reference_size:
+        return features.reset_index(drop=True)
+    return features.sample(config.reference_size, random_state=config.seed).reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- current window
+@dataclass
+class CurrentWindow:
+    """A uniform sample of the window for the drift tests plus exact quality counts."""
+
+    sample: pd.DataFrame
+    rows: int
+    missing: dict[str, int]
+    out_of_range: dict[str, int]
+    new_category: dict[str, int]
+    new_values: dict[str, list[str]]
+    probability_sum: float
+    probability_n: int
+    start: pd.Timestamp | None = None
+    end: pd.Timestamp | None = None
+    columns_absent: list[str] = field(default_factory=list)
+
+
+def collect_current(
+    chunks: Iterable[pd.DataFrame],
+    expected_rows: int,
+    kinds: Mapping[str, ColumnKind],
+    ranges: Mapping[str, tuple[float, float]],
+    ref_categories: Mapping[str, set[str]],
+    config: MonitorConfig,
+) -> CurrentWindow:
+    """Stream chunks once: exact counts over all rows, a Bernoulli sample of ~current_size."""
+    rng = np.random.default_rng(config.seed)
+    rate = min(1.0, config.current_size / max(expected_rows, 1))
+    cols = list(kinds)
+    missing = dict.fromkeys(cols, 0)
+    oor = dict.fromkeys(ranges, 0)
+    newcat = {c: 0 for c, k in kinds.items() if k == "categorical"}
+    newvals: dict[str, set[str]] = {c: set() for c in newcat}
+    parts = []
+    rows, psum, pn = 0, 0.0, 0
+    for chunk in chunks:
+        for c in cols:
+            if c not in chunk.columns:
+                chunk[c] = np.nan
+        rows += len(chunk)
+        na = chunk[cols].isna().sum()
+        for c in cols:
+            missing[c] += int(na[c])
+        for c, (lo, hi) in ranges.items():
+            v = chunk[c].to_numpy(dtype=float)
+            oor[c] += int(np.count_nonzero((v < lo) | (v > hi)))
+        for c in newcat:
+            s = chunk[c].dropna().astype(str)
+            fresh = s[~s.isin(ref_categories.get(c, set()))]
+            newcat[c] += len(fresh)
+            if len(newvals[c]) < 20:
+                newvals[c].update(fresh.unique()[:20].tolist())
+        if PREDICTION in chunk.columns:
+            p = chunk[PREDICTION].dropna()
+            psum += float(p.sum())
+            pn += len(p)
+        keep = chunk if rate >= 1 else chunk[rng.random(len(chunk)) < rate]
+        parts.append(keep)
+    sample = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
+    return CurrentWindow(
+        sample=sample,
+        rows=rows,
+        missing=missing,
+        out_of_range=oor,
+        new_category=newcat,
+        new_values={c: sorted(v) for c, v in newvals.items()},
+        probability_sum=psum,
+        probability_n=pn,
+    )
+
+
+def _as_category(s: pd.Series) -> pd.Series:
+    """Text categories; 0/1 floats become "0"/"1" so the log's floats match the reference."""
+
+    def one(v: Any) -> Any:
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return None
+        if isinstance(v, float | np.floating) and float(v).is_integer():
+            return str(int(v))
+        return str(v)
+
+    return s.map(one).astype(object)
+
+
+# --------------------------------------------------------------------------- performance
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            total += m.sum() * abs(float(y[m].mean()) - float(p[m].mean()))
+    return total / max(len(y), 1)
+
+
+def _perf(y: np.ndarray, p: np.ndarray) -> dict[str, float | int | None]:
+    both = 0 < y.sum() < len(y)
+    return {
+        "n": len(y),
+        "positives": int(y.sum()),
+        "auroc": float(roc_auc_score(y, p)) if both else None,
+        "auprc": float(average_precision_score(y, p)) if both else None,
+        "brier": float(brier_score_loss(y, p)) if len(y) else None,
+        "ece": expected_calibration_error(y, p) if len(y) else None,
+        "observed_rate": float(y.mean()) if len(y) else None,
+        "mean_predicted": float(p.mean()) if len(y) else None,
+    }
+
+
+def performance(labelled: pd.DataFrame, config: MonitorConfig) -> dict[str, Any]:
+    """Overall and per-period AUROC, AUPRC, Brier, calibration of fed-back outcomes."""
+    y = labelled["label"].to_numpy(dtype=int)
+    p = labelled[PREDICTION].to_numpy(dtype=float)
+    overall = _perf(y, p)
+    by_period = []
+    if len(labelled):
+        period = labelled["scored_at"].dt.floor(config.performance.period)
+        for start, grp in labelled.groupby(period):
+            row = _perf(grp["label"].to_numpy(dtype=int), grp[PREDICTION].to_numpy(dtype=float))
+            by_period.append({"period_start": pd.Timestamp(start).isoformat(), **row})
+    enough = (
+        overall["n"] >= config.performance.min_labelled  # type: ignore[operator]
+        and overall["positives"] >= config.performance.min_positives  # type: ignore[operator]
+    )
+    return {"evaluated": bool(enough), "overall": overall, "over_time": by_period}
+
+
+# --------------------------------------------------------------------------- verdict
+@dataclass
+class MonitorResult:
+    summary: dict[str, Any]
+    snapshots: dict[str, Any]
+
+    @property
+    def verdict(self) -> str:
+        return str(self.summary["verdict"])
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.verdict]
+
+
+def _fmt_list(items: list[str], limit: int = 12) -> str:
+    return ", ".join(items[:limit]) + (
+        f" and {len(items) - limit} more" if len(items) > limit else ""
+    )
+
+
+def evaluate(
+    reference: pd.DataFrame,
+    current: CurrentWindow,
+    kinds: Mapping[str, ColumnKind],
+    codes: Mapping[str, str],
+    ranges: Mapping[str, tuple[float, float]],
+    ref_categories: Mapping[str, set[str]],
+    config: MonitorConfig,
+    labelled: pd.DataFrame | None = None,
+    timestamp: datetime | None = None,
+    tags: Iterable[str] = (),
+) -> MonitorResult:
+    """Run the Evidently report(s) and turn the findings into a verdict with reasons."""
+    tests = drift_tests(kinds, config)
+    numerical = [c for c, k in kinds.items() if k == "numerical"]
+    categorical = [c for c, k in kinds.items() if k != "numerical"]
+    cur = current.sample.copy()
+    ref = reference.copy()
+    for c in categorical:  # one dtype per side so Evidently sees the same categories
+        ref[c] = _as_category(ref[c])
+        cur[c] = _as_category(cur[c])
+    has_pred = (
+        PREDICTION in ref.columns and PREDICTION in cur.columns and ref[PREDICTION].notna().any()
+    )
+    # Evidently needs at least one non-missing value per column on each side
+    usable = [c for c in kinds if cur[c].notna().any() and ref[c].notna().any()]
+    dropped = [c for c in kinds if c not in usable]
+    tags = list(tags)
+    meta = {
+        "window_start": str(current.start),
+        "window_end": str(current.end),
+        "rows": str(current.rows),
+    }
+    snap = er.drift_report(
+        ref,
+        cur,
+        numerical=[c for c in numerical if c in usable],
+        categorical=[c for c in categorical if c in usable],
+        tests={c: (t.method, t.threshold) for c, t in tests.items()},
+        ranges={c: r for c, r in ranges.items() if c in usable},
+        categories={
+            c: sorted(ref_categories.get(c, set()))
+            for c in categorical
+            if c in usable and kinds[c] == "categorical"
+        },
+        prediction=PREDICTION if has_pred else None,
+        prediction_test=(config.drift.prediction.method, config.drift.prediction.threshold),
+        timestamp=timestamp,
+        tags=tags,
+        metadata=meta,
+    )
+    scores = er.drift_scores(snap)
+
+    per_feature: dict[str, dict[str, Any]] = {}
+    value_drifted: list[str] = []
+    missing_drifted: list[str] = []
+    n_ref = max(len(reference), 1)
+    n_cur = max(current.rows, 1)
+    for c in kinds:
+        t = tests[c]
+        score = scores.get(c)
+        ref_miss = float(reference[c].isna().sum()) / n_ref
+        cur_miss = current.missing.get(c, 0) / n_cur
+        vd = score is not None and t.drifted(score)
+        md = cur_miss - ref_miss > config.quality.max_missing_increase
+        per_feature[c] = {
+            "kind": kinds[c],
+            "code": codes.get(c),
+            "method": t.method,
+            "threshold": t.threshold,
+            "score": score,
+            "value_drift": bool(vd),
+            "missing_share_reference": round(ref_miss, 4),
+            "missing_share_current": round(cur_miss, 4),
+            "missing_drift": bool(md),
+            "out_of_range_share": round(current.out_of_range[c] / n_cur, 4)
+            if c in current.out_of_range
+            else None,
+            "new_category_share": round(current.new_category[c] / n_cur, 4)
+            if c in current.new_category
+            else None,
+        }
+        if vd:
+            value_drifted.append(c)
+        if md:
+            missing_drifted.append(c)
+    drifted = sorted(set(value_drifted) | set(missing_drifted), key=lambda c: -(scores.get(c) or 0))
+    value_drifted.sort(key=lambda c: -(scores.get(c) or 0))
+    share = len(drifted) / max(len(kinds), 1)
+
+    level = 0
+    reasons: list[str] = []
+
+    def flag(lvl: int, reason: str) -> None:
+        nonlocal level
+        level = max(level, lvl)
+        reasons.append(f"[{VERDICTS[lvl]}] {reason}")
+
+    v = config.verdict
+    if value_drifted:
+        detail = [
+            f"{c} ({per_feature[c]['method']} {per_feature[c]['score']:.3g})" for c in value_drifted
+        ]
+        flag(
+            1 if len(drifted) >= v.warn_drifted_features else 0,
+            f"value drift in {len(value_drifted)} of {len(kinds)} features: {_fmt_list(detail)}",
+        )
+    if missing_drifted:
+        detail = [
+            f"{c} ({per_feature[c]['missing_share_reference']:.2f} -> {per_feature[c]['missing_share_current']:.2f})"
+            for c in missing_drifted
+        ]
+        flag(
+            1 if len(drifted) >= v.warn_drifted_features else 0,
+            f"missing share up in {len(missing_drifted)} features: {_fmt_list(detail)}",
+        )
+    signals: dict[str, int] = {}
+    for c in drifted:
+        if codes.get(c):
+            signals[codes[c]] = signals.get(codes[c], 0) + 1
+    if share >= v.retrain_drift_share:
+        flag(2, f"drift share {share:.2f} >= retrain threshold {v.retrain_drift_share:.2f}")
+    pred = None
+    if has_pred and PREDICTION in scores:
+        pt = config.drift.prediction
+        pd_flag = pt.drifted(scores[PREDICTION])
+        pred = {
+            "method": pt.method,
+            "threshold": pt.threshold,
+            "score": scores[PREDICTION],
+            "drift": bool(pd_flag),
+            "mean_reference": float(reference[PREDICTION].mean()),
+        }
+        if pd_flag:
+            both = v.retrain_on_prediction_drift and len(drifted) >= v.warn_drifted_features
+            flag(2 if both else 1, f"predicted risk drifted ({pt.method} {scores[PREDICTION]:.3g})")
+    risk_mean = current.probability_sum / current.probability_n if current.probability_n else None
+    q = config.quality
+    for c, n in current.out_of_range.items():
+        lo, hi = ranges[c]
+        ref_v = reference[c].to_numpy(dtype=float)
+        ref_share = float(np.count_nonzero((ref_v < lo) | (ref_v > hi))) / n_ref
+        if n / n_cur - ref_share > q.max_out_of_range_share:
+            flag(
+                1,
+                f"{c}: {n / n_cur:.1%} of values outside the plausible range [{lo:g}, {hi:g}] "
+                f"({ref_share:.1%} in the reference)",
+            )
+    for c, n in current.new_category.items():
+        if n / n_cur > q.max_new_category_share:
+            flag(
+                1,
+                f"{c}: {n / n_cur:.1%} of rows have categories unseen in training: {current.new_values[c]}",
+            )
+    if dropped:
+        reasons.append(f"[info] not assessed (no values on one side): {_fmt_list(dropped)}")
+    if current.columns_absent:
+        reasons.append(
+            f"[info] features not in the prediction log: {_fmt_list(current.columns_absent)}"
+        )
+
+    perf: dict[str, Any] = {"evaluated": False}
+    snapshots: dict[str, Any] = {"drift": snap}
+    if labelled is not None and len(labelled):
+        perf = performance(labelled, config)
+        o = perf["overall"]
+        pc = config.performance
+        if perf["evaluated"] and o["auroc"] is not None:
+            if o["auroc"] < pc.retrain_auroc:
+                flag(
+                    2,
+                    f"AUROC {o['auroc']:.3f} < retrain floor {pc.retrain_auroc:.2f} on {o['n']} labelled predictions",
+                )
+            elif o["auroc"] < pc.warn_auroc:
+                flag(
+                    1,
+                    f"AUROC {o['auroc']:.3f} < warn floor {pc.warn_auroc:.2f} on {o['n']} labelled predictions",
+                )
+            if o["ece"] is not None and o["ece"] > pc.max_calibration_error:
+                flag(1, f"calibration error {o['ece']:.3f} > {pc.max_calibration_error:.2f}")
+        if o["positives"] and 0 < o["positives"] < o["n"]:
+            snapshots["performance"] = er.performance_report(
+                labelled, timestamp=timestamp, tags=tags, metadata=meta
+            )
+
+    verdict = VERDICTS[level]
+    if not reasons:
+        reasons.append("[ok] no drift, quality or performance finding above its threshold")
+    summary: dict[str, Any] = {
+        "verdict": verdict,
+        "status": "monitored",
+        "exit_code": EXIT_CODES[verdict],
+        "created_at": pd.Timestamp.now(tz="UTC").isoformat(),
+        "reasons": reasons,
+        "drifted_features": drifted,
+        "drifted_signals": dict(sorted(signals.items(), key=lambda kv: -kv[1])),
+        "drift_share": round(share, 4),
+        "monitored_features": len(kinds),
+        "window": {
+            "start": None if current.start is None else current.start.isoformat(),
+            "end": None if current.end is None else current.end.isoformat(),
+            "rows": current.rows,
+            "sampled_rows": len(current.sample),
+        },
+        "reference_rows": len(reference),
+        "predicted_risk": {"mean_current": risk_mean, "drift": pred},
+        "performance": perf,
+        "features": per_feature,
+    }
+    values = {
+        "drift_share": share,
+        "drifted_features": float(len(drifted)),
+        "verdict_level": float(level),
+    }
+    if risk_mean is not None:
+        values["predicted_risk_mean"] = risk_mean
+    if perf.get("evaluated") and perf["overall"]["auroc"] is not None:
+        values["auroc"] = perf["overall"]["auroc"]
+    snapshots["summary"] = er.summary_snapshot(
+        values,
+        timestamp=timestamp,
+        tags=[f"verdict:{verdict}", *tags],
+        metadata={**meta, "verdict": verdict},
+    )
+    return MonitorResult(summary=summary, snapshots=snapshots)
+
+
+def reference_categories(
+    reference: pd.DataFrame, kinds: Mapping[str, ColumnKind]
+) -> dict[str, set[str]]:
+    return {
+        c: set(reference[c].dropna().astype(str).unique())
+        for c, k in kinds.items()
+        if k == "categorical"
+    }
+
+
+def monitor_log(
+    features: pd.DataFrame,
+    log_path: str,
+    config: MonitorConfig,
+    vocab: Vocabulary,
+    dictionary: Mapping[str, Any] | None = None,
+    window_end: datetime | None = None,
+    timestamp: datetime | None = None,
+    tags: Iterable[str] = (),
+) -> MonitorResult:
+    """Reference = sampled training features; current = the log window (read in chunks)."""
+    from monitoring import prediction_log as plog
+
+    reference = sample_reference(features, config)
+    kinds = column_kinds(reference, config.exclude)
+    window = plog.find_window(log_path, config.window_days, config.role, end=window_end)
+    if window.rows == 0:
+        raise ValueError(
+            f"{log_path}: no {config.role!r} predictions in the {config.window_days:g}-day window"
+        )
+    logged = plog.logged_feature_names(log_path, config.role)
+    absent = sorted(c for c in kinds if c not in logged)
+    kinds = {c: k for c, k in kinds.items() if c in logged}
+    if not kinds:
+        raise ValueError(f"{log_path}: the logged features share no column with the reference")
+    codes = feature_codes(kinds, vocab, dictionary)
+    ranges = vocabulary_ranges(codes, vocab, config.quality.range_stats)
+    cats = reference_categories(reference, kinds)
+    schema = {c: ("str" if k == "categorical" else "float") for c, k in kinds.items()}
+    chunks = plog.iter_window(log_path, window, config.role, schema, config.chunk_rows)
+    current = collect_current(chunks, window.rows, kinds, ranges, cats, config)
+    current.start, current.end, current.columns_absent = window.start, window.end, absent
+    labelled = plog.read_labelled(log_path, window, config.role)
+    logger.info(
+        "monitoring %d logged predictions (%d sampled) against %d reference rows, %d features",
+        current.rows,
+        len(current.sample),
+        len(reference),
+        len(kinds),
+    )
+    return evaluate(
+        reference,
+        current,
+        kinds,
+        codes,
+        ranges,
+        cats,
+        config,
+        labelled=labelled,
+        timestamp=timestamp or window.end.floor("s").to_pydatetime(),
+        tags=tags,
+    )

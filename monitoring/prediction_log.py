@@ -1,0 +1,277 @@
+"""Read (and, for tests and demos, write) the SQLite prediction log of docs/contracts.md.
+
+Serving writes the ``predictions`` table; monitoring reads a time window of it in chunks so
+that a million logged predictions never sit in memory at once, and writes fed-back outcomes
+to the ``outcomes`` table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import polars as pl
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = [
+    "request_id",
+    "scored_at",
+    "patient_id",
+    "model_name",
+    "model_version",
+    "role",
+    "probability",
+    "news2_total",
+    "features",
+]
+OUTCOME_COLUMNS = ["request_id", "patient_id", "event_time", "event", "label", "received_at"]
+
+PREDICTIONS_DDL = """
+CREATE TABLE IF NOT EXISTS predictions (
+    request_id TEXT, scored_at TEXT, patient_id TEXT, model_name TEXT, model_version TEXT,
+    role TEXT, probability REAL, news2_total REAL, features TEXT
+)"""
+OUTCOMES_DDL = """
+CREATE TABLE IF NOT EXISTS outcomes (
+    request_id TEXT, patient_id TEXT, event_time TEXT, event TEXT, label INTEGER,
+    received_at TEXT
+)"""
+
+
+def iso(ts: datetime | pd.Timestamp) -> str:
+    """ISO-8601 UTC with a ``T`` separator: the text form that sorts like the time."""
+    t = pd.Timestamp(ts)
+    t = t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+    return t.isoformat()
+
+
+def _bound(ts: pd.Timestamp, upper: bool = False) -> str:
+    """Text bound for comparing ISO-8601 strings whatever their UTC suffix (``Z``/``+00:00``)."""
+    key = pd.Timestamp(ts).tz_convert("UTC").strftime("%Y-%m-%dT%H:%M:%S")
+    return key + "~" if upper else key
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    con = sqlite3.connect(str(path), timeout=30)
+    con.execute("PRAGMA journal_mode=WAL")
+    return con
+
+
+def ensure_tables(path: str | Path) -> None:
+    """Create both tables if absent (serving creates them too; the DDL is the contract)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with closing(connect(path)) as con, con:
+        con.execute(PREDICTIONS_DDL)
+        con.execute(OUTCOMES_DDL)
+
+
+def write_predictions(path: str | Path, frame: pd.DataFrame) -> int:
+    """Append predictions (``features`` as dict or JSON text) in one transaction."""
+    ensure_tables(path)
+    df = frame.copy()
+    df["scored_at"] = [iso(t) for t in pd.to_datetime(df["scored_at"], utc=True)]
+    df["features"] = [
+        f if isinstance(f, str) else json.dumps(_json_safe(f)) for f in df["features"]
+    ]
+    for col in PREDICTION_COLUMNS:
+        if col not in df.columns:
+            df[col] = None
+    rows = df[PREDICTION_COLUMNS].astype(object).where(df[PREDICTION_COLUMNS].notna(), None)
+    with closing(connect(path)) as con, con:
+        con.executemany(
+            f"INSERT INTO predictions VALUES ({','.join('?' * len(PREDICTION_COLUMNS))})",
+            rows.itertuples(index=False, name=None),
+        )
+    return len(rows)
+
+
+def _json_safe(d: dict) -> dict:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, float | np.floating) and not np.isfinite(v):
+            out[k] = None
+        elif isinstance(v, np.generic):
+            out[k] = v.item()
+        else:
+            out[k] = v
+    return out
+
+
+def write_outcomes(path: str | Path, frame: pd.DataFrame) -> int:
+    """Append outcome rows (columns of the contract's ``outcomes`` table)."""
+    ensure_tables(path)
+    df = frame.copy()
+    if "received_at" not in df.columns:
+        df["received_at"] = iso(datetime.now(UTC))
+    for col in OUTCOME_COLUMNS:
+        if col not in df.columns:
+            df[col] = None
+    df["label"] = df["label"].astype("Int64")
+    rows = df[OUTCOME_COLUMNS].astype(object).where(df[OUTCOME_COLUMNS].notna(), None)
+    with closing(connect(path)) as con, con:
+        con.executemany(
+            f"INSERT INTO outcomes VALUES ({','.join('?' * len(OUTCOME_COLUMNS))})",
+            rows.itertuples(index=False, name=None),
+        )
+    return len(rows)
+
+
+@dataclass(frozen=True)
+class Window:
+    start: pd.Timestamp
+    end: pd.Timestamp
+    rows: int
+
+
+def find_window(
+    path: str | Path,
+    days: float,
+    role: str,
+    end: datetime | pd.Timestamp | None = None,
+) -> Window:
+    """The last ``days`` before ``end`` (default: the latest logged prediction of ``role``)."""
+    with closing(sqlite3.connect(str(path))) as con:
+        if end is None:
+            (last,) = con.execute(
+                "SELECT MAX(scored_at) FROM predictions WHERE role = ?", (role,)
+            ).fetchone()
+            if last is None:
+                return Window(pd.NaT, pd.NaT, 0)  # type: ignore[arg-type]
+            end_ts = pd.Timestamp(last)
+        else:
+            end_ts = pd.Timestamp(end)
+        end_ts = end_ts.tz_localize("UTC") if end_ts.tzinfo is None else end_ts.tz_convert("UTC")
+        start = end_ts - timedelta(days=days)
+        (n,) = con.execute(
+            "SELECT COUNT(*) FROM predictions WHERE role = ? AND scored_at > ? AND scored_at <= ?",
+            (role, _bound(start), _bound(end_ts, upper=True)),
+        ).fetchone()
+    return Window(start, end_ts, int(n))
+
+
+def iter_window(
+    path: str | Path,
+    window: Window,
+    role: str,
+    schema: dict[str, str],
+    chunk_rows: int,
+) -> Iterator[pd.DataFrame]:
+    """Chunks of the window, features parsed into columns typed by ``schema``.
+
+    ``schema`` maps feature name -> ``"float"`` or ``"str"``; features absent from a log row
+    become missing values, features not in ``schema`` are ignored. Keyset pagination on rowid
+    keeps each query cheap however far into the log it is.
+    """
+    dtype = pl.Struct(
+        [pl.Field(k, pl.Float64 if v == "float" else pl.String) for k, v in schema.items()]
+    )
+    last_rowid = -1
+    lo, hi = _bound(window.start), _bound(window.end, upper=True)
+    with closing(sqlite3.connect(str(path))) as con:
+        while True:
+            rows = con.execute(
+                "SELECT rowid, request_id, scored_at, patient_id, model_version, probability, "
+                "news2_total, features FROM predictions "
+                "WHERE rowid > ? AND role = ? AND scored_at > ? AND scored_at <= ? "
+                "ORDER BY rowid LIMIT ?",
+                (last_rowid, role, lo, hi, chunk_rows),
+            ).fetchall()
+            if not rows:
+                return
+            last_rowid = rows[-1][0]
+            yield _parse_chunk(rows, dtype)
+
+
+def _parse_chunk(rows: Sequence[tuple], dtype: pl.Struct) -> pd.DataFrame:
+    cols = list(zip(*rows, strict=True))
+    meta = pl.DataFrame(
+        {
+            "request_id": pl.Series(cols[1], dtype=pl.String),
+            "scored_at": pl.Series(cols[2], dtype=pl.String),
+            "patient_id": pl.Series(cols[3], dtype=pl.String),
+            "model_version": pl.Series(cols[4], dtype=pl.String),
+            "probability": pl.Series(cols[5], dtype=pl.Float64),
+            "_news2": pl.Series(cols[6], dtype=pl.Float64),
+        }
+    )
+    feats = (
+        pl.Series("f", cols[7], dtype=pl.String)
+        .fill_null("{}")
+        .str.json_decode(dtype)
+        .struct.unnest()
+    )
+    out = pl.concat([meta, feats], how="horizontal")
+    if "news2_total" in out.columns:
+        out = out.with_columns(pl.col("news2_total").fill_null(pl.col("_news2")))
+    else:
+        out = out.rename({"_news2": "news2_total"})
+    out = out.drop("_news2", strict=False)
+    df = out.to_pandas()
+    df["scored_at"] = pd.to_datetime(df["scored_at"], utc=True, format="ISO8601")
+    return df
+
+
+def logged_feature_names(path: str | Path, role: str, probe: int = 200) -> set[str]:
+    """Feature keys present in the latest ``probe`` log rows (which columns serving logs)."""
+    names: set[str] = set()
+    with closing(sqlite3.connect(str(path))) as con:
+        for (text,) in con.execute(
+            "SELECT features FROM predictions WHERE role = ? ORDER BY rowid DESC LIMIT ?",
+            (role, probe),
+        ):
+            if text:
+                names.update(json.loads(text).keys())
+    return names
+
+
+def read_labelled(path: str | Path, window: Window, role: str) -> pd.DataFrame:
+    """Predictions of the window that have a fed-back label (latest outcome per request)."""
+    q = """
+        SELECT p.request_id, p.scored_at, p.patient_id, p.probability, o.label, o.received_at
+        FROM predictions p JOIN outcomes o
+          ON o.request_id = p.request_id AND o.patient_id = p.patient_id
+        WHERE p.role = ? AND p.scored_at > ? AND p.scored_at <= ? AND o.label IS NOT NULL
+    """
+    with closing(sqlite3.connect(str(path))) as con:
+        have = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "outcomes" not in have:
+            return pd.DataFrame(columns=["request_id", "scored_at", "probability", "label"])
+        df = pd.read_sql_query(
+            q, con, params=(role, _bound(window.start), _bound(window.end, upper=True))
+        )
+    df = df.sort_values("received_at").drop_duplicates("request_id", keep="last")
+    df["scored_at"] = pd.to_datetime(df["scored_at"], utc=True, format="ISO8601")
+    df["label"] = df["label"].astype(int)
+    return df.reset_index(drop=True)
+
+
+def read_predictions_for(
+    path: str | Path,
+    request_ids: Sequence[str] | None = None,
+    patient_ids: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """``request_id, patient_id, scored_at`` of the given requests or patients (any role)."""
+    key, values = (
+        ("request_id", request_ids) if request_ids is not None else ("patient_id", patient_ids)
+    )
+    with closing(sqlite3.connect(str(path))) as con:
+        con.execute("CREATE TEMP TABLE wanted (v TEXT PRIMARY KEY)")
+        con.executemany(
+            "INSERT OR IGNORE INTO wanted VALUES (?)", ((str(v),) for v in values or [])
+        )
+        df = pd.read_sql_query(
+            f"SELECT request_id, patient_id, scored_at FROM predictions "
+            f"WHERE {key} IN (SELECT v FROM wanted)",
+            con,
+        )
+    df["scored_at"] = pd.to_datetime(df["scored_at"], utc=True, format="ISO8601")
+    return df.drop_duplicates("request_id")

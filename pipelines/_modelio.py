@@ -1,0 +1,50 @@
+"""Shared file IO of the model stages (train, evaluate, register, tune): read the feature
+matrix and dictionary with errors that name the file and what was expected."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipelines.errors import UserError
+
+
+def read_features(path: str | Path) -> pd.DataFrame:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: feature matrix not found (run `dvc repro features` first)")
+    try:
+        frame = pd.read_parquet(p)
+    except Exception as exc:
+        raise UserError(f"{p}: not a readable parquet file: {exc}") from None
+    missing = [c for c in ("patient_id", "time", "label") if c not in frame.columns]
+    if missing:
+        raise UserError(f"{p}: missing column(s) {missing}; expected the features contract")
+    if "news2_total" not in frame.columns:
+        raise UserError(f"{p}: missing column 'news2_total' (the NEWS2 baseline)")
+    frame["time"] = pd.to_datetime(frame["time"], utc=True)
+    return frame
+
+
+def read_json(path: str | Path | None, what: str) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: {what} not found")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise UserError(f"{p}: {what} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: {what} must be a JSON object")
+    return data
+
+
+def read_optional_parquet(path: str | Path | None) -> pd.DataFrame | None:
+    if path is None or not Path(path).is_file():
+        return None
+    return pd.read_parquet(path)

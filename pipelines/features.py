@@ -1,0 +1,74 @@
+"""``vitalrisk features``: prediction times, labels and point-in-time features (DVC stage)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pipelines.errors import UserError
+
+HELP = "build point-in-time features and labels from canonical observations (local or Dask)"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--observations",
+        required=True,
+        type=Path,
+        help="directory with observations.parquet, patients.parquet and outcomes.parquet",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output directory: features.parquet, feature_dictionary.json, features_report.json",
+    )
+    parser.add_argument("--params", default="params.yaml", type=Path, help="params file")
+    parser.add_argument(
+        "--vocabulary", default=None, type=Path, help="vocabulary YAML (default: config/vocabulary.yaml)"
+    )
+    parser.add_argument(
+        "--backend", choices=["local", "dask"], default=None, help="override features.backend"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from pydantic import ValidationError
+
+    from features.config import FeaturesConfig
+    from features.stage import run as run_stage
+    from features.vocabulary import load_vocabulary
+    from pipelines.params import load_section
+
+    config = load_section(FeaturesConfig, "features", args.params)
+    if args.backend:
+        config = config.model_copy(update={"backend": args.backend})
+    try:
+        vocab = load_vocabulary(args.vocabulary)
+    except (OSError, ValidationError) as exc:
+        raise UserError(f"{args.vocabulary or 'config/vocabulary.yaml'}: {exc}") from None
+    t0 = time.perf_counter()
+    try:
+        summary = run_stage(args.observations, args.out, config, vocab)
+    except FileNotFoundError as exc:
+        raise UserError(f"{exc} (expected the ingest stage's outputs)") from None
+    except ValueError as exc:
+        raise UserError(f"features: {exc}") from None
+    secs = time.perf_counter() - t0
+    print(
+        f"features ({config.backend}): {summary['rows']} rows x {summary['n_features']} features "
+        f"-> {args.out} in {secs:.1f}s"
+    )
+    for name, s in summary["by_setting"].items():
+        print(
+            f"  {name:<6} rows {int(s['rows']):>8}  positives {int(s['positives']):>6}  "
+            f"prevalence {s['prevalence']:.3%}"
+        )
+    excluded = ", ".join(f"{k} {v}" for k, v in summary["excluded"].items())
+    print(f"  excluded prediction times: {excluded}")
+    return 0

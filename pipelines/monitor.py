@@ -1,0 +1,379 @@
+"""``vitalrisk monitor``: drift, data quality and performance of the served model.
+
+Reference = the training features (sampled); current = a time window of the prediction log.
+Writes ``report.html`` (Evidently), ``performance.html`` (once outcomes exist) and
+``summary.json`` (verdict ``ok``/``warn``/``retrain`` with reasons) to ``--out``, adds the run
+to the Evidently workspace (``make monitor-ui``), and exits 0 / 10 / 20 for ok / warn /
+retrain so that a scheduler can act (``--exit-zero`` for DVC). ``--outcomes FILE`` feeds
+outcomes back first; ``--retrain`` closes the loop with ``dvc repro``; ``--drift-demo KIND``
+simulates a drifted cohort, scores it with the champion and monitors it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import UserError
+from pipelines.params import DEFAULT_PARAMS, load_section, read_params
+
+logger = logging.getLogger(__name__)
+
+HELP = "drift/quality/performance report of logged predictions vs training features (Evidently)"
+DEFAULT_LOG = "logs/predictions.sqlite"
+DEFAULT_WORKSPACE = "workspace"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--features",
+        default="artifacts/features/features.parquet",
+        help="training feature matrix: the reference (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dictionary",
+        default="artifacts/features/feature_dictionary.json",
+        help="feature dictionary, maps features to vocabulary codes (optional)",
+    )
+    parser.add_argument(
+        "--log",
+        default=None,
+        help=f"prediction log (default: $VITALRISK_PREDICTION_LOG or {DEFAULT_LOG})",
+    )
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file")
+    parser.add_argument("--out", default="reports/monitoring", help="report directory")
+    parser.add_argument(
+        "--workspace",
+        default=None,
+        help=f"Evidently workspace (default: $EVIDENTLY_WORKSPACE or {DEFAULT_WORKSPACE})",
+    )
+    parser.add_argument("--no-workspace", action="store_true", help="do not add to the workspace")
+    parser.add_argument(
+        "--window-end", default=None, help="end of the current window (ISO-8601; default: latest)"
+    )
+    parser.add_argument(
+        "--reference-model",
+        default="champion",
+        help="registry alias whose predictions on the reference give the reference risk "
+        "distribution, or 'none' (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--outcomes",
+        default=None,
+        help="CSV/Parquet of outcomes (request_id + label/event, or patient_id, time, event) "
+        "to join to logged predictions before monitoring",
+    )
+    parser.add_argument(
+        "--exit-zero", action="store_true", help="exit 0 whatever the verdict (DVC stage)"
+    )
+    parser.add_argument(
+        "--if-no-log",
+        choices=["fail", "skip"],
+        default="fail",
+        help="no prediction log yet: fail (exit 2) or write a no-data summary and exit 0",
+    )
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="when the verdict is 'retrain' (or with --force), add --new-data and run dvc repro",
+    )
+    parser.add_argument("--force", action="store_true", help="with --retrain: whatever the verdict")
+    parser.add_argument(
+        "--new-data", default=None, help="with --retrain: directory of newly labelled raw files"
+    )
+    parser.add_argument("--data-dir", default="data", help="with --retrain: raw data directory")
+    parser.add_argument("--repo", default=".", help="with --retrain: DVC repository root")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="with --retrain: show what dvc repro would run"
+    )
+    parser.add_argument(
+        "--drift-demo",
+        default=None,
+        choices=["none", "hr_offset", "older", "spo2_missing"],
+        help="simulate this drift, score it with the champion, log it and monitor it",
+    )
+    parser.add_argument(
+        "--demo-patients", type=int, default=150, help="with --drift-demo: cohort size"
+    )
+    parser.add_argument(
+        "--demo-out",
+        default="reports/monitoring_demo",
+        help="with --drift-demo: output root (a subfolder per drift kind)",
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+def _log_path(args: argparse.Namespace) -> Path:
+    return Path(args.log or os.environ.get("VITALRISK_PREDICTION_LOG") or DEFAULT_LOG)
+
+
+def _workspace(args: argparse.Namespace) -> Path:
+    return Path(args.workspace or os.environ.get("EVIDENTLY_WORKSPACE") or DEFAULT_WORKSPACE)
+
+
+def _load_config(params: str) -> Any:
+    from monitoring.config import MonitorConfig
+
+    return load_section(MonitorConfig, "monitor", params)
+
+
+def _model_name(params: str) -> str:
+    section = read_params(params).get("register") or {}
+    return str(section.get("model_name") or "vitalrisk-deterioration")
+
+
+def _read_features(path: str) -> Any:
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: reference feature matrix not found (run `vitalrisk features`)")
+    try:
+        return pd.read_parquet(p)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise UserError(f"{p}: not a readable Parquet feature matrix ({exc})") from None
+
+
+def _read_dictionary(path: str | None) -> dict | None:
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        return dict(json.loads(Path(path).read_text(encoding="utf-8")))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+
+
+def score_reference(reference: Any, model_name: str, alias: str) -> Any:
+    """Add the model's predicted risk on the reference rows (``probability``), if loadable."""
+    if alias.lower() == "none":
+        return reference
+    try:
+        from models import tracking
+
+        info, model = tracking.load_by_alias(model_name, alias)
+    except Exception as exc:  # no registry, no alias, unreadable artefact: monitor without it
+        logger.warning("no reference risk (%s@%s not loadable: %s)", model_name, alias, exc)
+        return reference
+    out = reference.copy()
+    out["probability"] = model.predict_proba(out)
+    logger.info("scored %d reference rows with %s v%s", len(out), model_name, info.version)
+    return out
+
+
+def ingest_outcomes(path: str, log: Path, horizon_hours: float) -> int:
+    """Join an outcome file to logged predictions and append to the ``outcomes`` table."""
+    from monitoring import outcomes as oc
+    from monitoring import prediction_log as plog
+
+    if not log.is_file():
+        raise UserError(f"{log}: prediction log not found; outcomes need logged predictions")
+    try:
+        raw = oc.read_outcome_file(path)
+        if "request_id" in raw.columns:
+            preds = plog.read_predictions_for(
+                log, request_ids=raw["request_id"].astype(str).tolist()
+            )
+        else:
+            preds = plog.read_predictions_for(
+                log, patient_ids=raw["patient_id"].astype(str).tolist()
+            )
+        rows = oc.outcome_rows(raw, preds, horizon_hours)
+    except oc.OutcomeFileError as exc:
+        msg = str(exc)
+        raise UserError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    n = plog.write_outcomes(log, rows)
+    logger.info("outcomes: %d file rows -> %d labelled predictions in %s", len(raw), n, log)
+    return n
+
+
+def write_outputs(result: Any, out: Path) -> dict[str, str]:
+    from monitoring import evidently_reports as er
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"html": str(out / "report.html"), "json": str(out / "summary.json")}
+    er.save_html(result.snapshots["drift"], files["html"])
+    if "performance" in result.snapshots:
+        files["performance_html"] = str(out / "performance.html")
+        er.save_html(result.snapshots["performance"], files["performance_html"])
+    else:
+        (out / "performance.html").unlink(missing_ok=True)
+    result.summary["files"] = files
+    Path(files["json"]).write_text(json.dumps(result.summary, indent=2, default=str) + "\n")
+    return files
+
+
+def retrain(
+    repo: Path, new_data: str | None, data_dir: str, dry_run: bool
+) -> subprocess.CompletedProcess:
+    """Copy newly labelled raw files into the data directory, re-record it, ``dvc repro``.
+
+    The register stage's promotion gate then decides whether the retrained model becomes
+    the champion; nothing here touches the registry.
+    """
+    dvc = [sys.executable, "-m", "dvc"]
+    if new_data:
+        src = Path(new_data)
+        if not src.is_dir():
+            raise UserError(f"{src}: --new-data must be a directory of raw files")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        dest = repo / data_dir / "feedback" / stamp
+        if dry_run:
+            logger.info("would copy %s -> %s", src, dest)
+        else:
+            shutil.copytree(src, dest)
+            logger.info("added new data %s -> %s", src, dest)
+            if (repo / f"{data_dir}.dvc").is_file():
+                subprocess.run([*dvc, "add", data_dir], cwd=repo, check=True)
+    cmd = [*dvc, "repro", *(["--dry"] if dry_run else [])]
+    logger.info("running %s in %s", " ".join(cmd[2:]), repo)
+    proc = subprocess.run(cmd, cwd=repo, text=True, capture_output=True)
+    sys.stderr.write(proc.stdout[-4000:])
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise UserError(f"dvc repro failed in {repo} (exit {proc.returncode})")
+    return proc
+
+
+def _no_data(out: Path, reason: str) -> int:
+    """Summary for a run with nothing to monitor: verdict ok, status no_data, stale files gone."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("report.html", "performance.html"):
+        (out / name).unlink(missing_ok=True)
+    summary = {
+        "verdict": "ok",
+        "status": "no_data",
+        "exit_code": 0,
+        "reasons": [f"[info] {reason}"],
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"monitor: {reason}; wrote {out / 'summary.json'}")
+    return 0
+
+
+# --------------------------------------------------------------------------- drift demo
+def drift_demo(args: argparse.Namespace, config: Any) -> Path:
+    """Simulate ``--drift-demo KIND``, build features, score with the champion, log them.
+
+    Returns the demo prediction log. Everything runs through the library functions the
+    pipeline and the service use: the simulator, ``features.build.compute_features`` and
+    the registered pyfunc.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from features import build
+    from features.config import FeaturesConfig
+    from features.data_config import SimulateConfig
+    from features.labels import prediction_times
+    from features.simulate import simulate_cohort
+    from features.vocabulary import load_vocabulary
+    from governance.pseudonym import get_key, pseudonymise_many
+    from models import tracking
+    from monitoring import prediction_log as plog
+
+    raw = read_params(args.params)
+    sim = SimulateConfig.model_validate(
+        {**(raw.get("simulate") or {}), "drift": args.drift_demo, "n_patients": args.demo_patients}
+    )
+    fcfg = load_section(FeaturesConfig, "features", args.params)
+    vocab = load_vocabulary()
+    cohort = simulate_cohort(sim)
+    ids = pseudonymise_many(cohort.patients["patient_id"], get_key())
+    patients = cohort.patients.assign(patient_id=cohort.patients["patient_id"].map(ids))
+    obs = cohort.observations.assign(patient_id=cohort.observations["patient_id"].map(ids))
+    times = prediction_times(patients, fcfg)  # type: ignore[call-arg]
+    feats = build.compute_features(obs, patients, times, fcfg, vocab)
+    info, model = tracking.load_by_alias(_model_name(args.params), "champion")
+    proba = model.predict_proba(feats)
+    log = Path(args.demo_out) / args.drift_demo / "predictions.sqlite"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.unlink(missing_ok=True)
+    feature_cols = [c for c in feats.columns if c not in {"patient_id", "time", "label"}]
+    n = len(feats)
+    frame = pd.DataFrame(
+        {
+            "request_id": [f"demo-{args.drift_demo}-{i}" for i in range(n)],
+            "scored_at": pd.to_datetime(feats["time"], utc=True),
+            "patient_id": feats["patient_id"].to_numpy(),
+            "model_name": info.name,
+            "model_version": info.version,
+            "role": "champion",
+            "probability": np.asarray(proba, dtype=float),
+            "news2_total": feats.get("news2_total"),
+            "features": feats[feature_cols].to_dict(orient="records"),
+        }
+    )
+    plog.write_predictions(log, frame)
+    logger.info("drift demo %s: %d scored prediction times -> %s", args.drift_demo, n, log)
+    return log
+
+
+# --------------------------------------------------------------------------- entry point
+def run(args: argparse.Namespace) -> int:
+    from features.vocabulary import load_vocabulary
+    from monitoring import evidently_reports as er
+    from monitoring import monitor as mon
+
+    config = _load_config(args.params)
+    log = _log_path(args)
+    if args.drift_demo:
+        log = drift_demo(args, config)
+        args.out = str(Path(args.demo_out) / args.drift_demo)
+        args.window_end = None
+        config = config.model_copy(update={"window_days": 3650.0})  # the whole simulated span
+    if args.outcomes:
+        ingest_outcomes(args.outcomes, log, config.performance.label_horizon_hours)
+    if not log.is_file():
+        if args.retrain and args.force:
+            retrain(Path(args.repo), args.new_data, args.data_dir, args.dry_run)
+            return 0
+        if args.if_no_log == "skip":
+            return _no_data(Path(args.out), f"{log}: no prediction log yet (nothing served)")
+        raise UserError(f"{log}: prediction log not found (serve the model or set --log)")
+
+    features = _read_features(args.features)
+    dictionary = _read_dictionary(args.dictionary)
+    reference = mon.sample_reference(features, config)
+    reference = score_reference(reference, _model_name(args.params), args.reference_model)
+    window_end = None
+    if args.window_end:
+        try:
+            window_end = datetime.fromisoformat(args.window_end)
+        except ValueError:
+            raise UserError(
+                f"--window-end {args.window_end!r}: expected an ISO-8601 time"
+            ) from None
+    tags = [f"drift-demo:{args.drift_demo}"] if args.drift_demo else []
+    try:
+        result = mon.monitor_log(
+            reference, str(log), config, load_vocabulary(), dictionary, window_end, tags=tags
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    files = write_outputs(result, Path(args.out))
+    if not args.no_workspace:
+        ws = _workspace(args)
+        runs = er.add_to_workspace(ws, config.project, list(result.snapshots.values()))
+        result.summary["workspace"] = {"path": str(ws), "project": config.project, **runs}
+        Path(files["json"]).write_text(json.dumps(result.summary, indent=2, default=str) + "\n")
+    s = result.summary
+    print(f"verdict: {s['verdict']} (exit code {s['exit_code']})")
+    for reason in s["reasons"]:
+        print(f"  {reason}")
+    print(f"report: {files['html']}  summary: {files['json']}")
+    if not args.no_workspace:
+        print(f"workspace: {s['workspace']['path']} project {config.project} (make monitor-ui)")
+    if args.retrain and (args.force or result.verdict == "retrain"):
+        retrain(Path(args.repo), args.new_data, args.data_dir, args.dry_run)
+    elif args.retrain:
+        print(f"retrain: skipped (verdict {result.verdict}; --force to retrain anyway)")
+    return 0 if args.exit_zero else result.exit_code

@@ -1,0 +1,219 @@
+"""ASGI middleware in front of every route: request ids, API keys, scopes, rate and size limits,
+strict JSON, and the audit trail.
+
+Pure ASGI (no BaseHTTPMiddleware) so the hot path adds microseconds, and so that the same
+checks cover both the FastAPI routes and BentoML's batchable ``/v1/score/features``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from functools import lru_cache
+from typing import Any
+
+import anyio.to_thread
+
+from serving.auth import bearer_token
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+#: (method, path) -> scope needed; paths outside /v1 are public (probes, metrics, OpenAPI)
+ROUTE_SCOPES: dict[tuple[str, str], str] = {
+    ("POST", "/v1/score"): "score",
+    ("POST", "/v1/score/features"): "score",
+    ("POST", "/v1/fhir/score"): "score",
+    ("POST", "/v1/observations"): "ingest",
+    ("GET", "/v1/model"): "read",
+}
+#: audit ``action`` per route (docs/contracts.md: ``predict`` is serving's data access)
+ROUTE_ACTIONS: dict[str, str] = {
+    "/v1/score": "predict",
+    "/v1/score/features": "predict",
+    "/v1/fhir/score": "predict",
+    "/v1/observations": "collect",
+    "/v1/model": "read_model",
+}
+FEATURES_PATH = "/v1/score/features"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed: numbers must be finite")
+
+
+def parse_json(body: bytes) -> Any:
+    """``json.loads`` that refuses NaN/Infinity (Python's default accepts them)."""
+    return json.loads(body, parse_constant=_reject_constant)
+
+
+@lru_cache(maxsize=100_000)
+def _pseudonym(pid: str) -> str:
+    from serving.scoring import pseudonym_of
+
+    return pseudonym_of(pid)
+
+
+async def send_json(send: Send, status: int, payload: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps(payload).encode("utf-8")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from serving.runtime import current_runtime
+
+        rid = uuid.uuid4().hex
+        rid_header = (b"x-request-id", rid.encode())
+        path = scope.get("path", "")
+        method = scope.get("method", "GET")
+        needed = ROUTE_SCOPES.get((method, path))
+        is_api = path.startswith("/v1/") or path == "/v1"
+
+        status_box = {"status": 500}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_box["status"] = int(message["status"])
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], rid_header]
+            await send(message)
+
+        if not is_api:
+            await self.app(scope, receive, send_with_id)
+            return
+        rt = current_runtime()
+        if rt is None:
+            await send_json(send, 503, {"error": "service is starting", "request_id": rid}, [rid_header])
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        token = bearer_token(headers.get("authorization"))
+        key = rt.keys.authenticate(token) if token else None
+        if key is None:
+            logger.warning("401 %s %s: %s", method, path, "no key" if token is None else "unknown key")
+            await send_json(
+                send,
+                401,
+                {"error": "missing or invalid API key: send 'Authorization: Bearer <key>'", "request_id": rid},
+                [rid_header, (b"www-authenticate", b'Bearer realm="vitalrisk"')],
+            )
+            return
+        if needed is not None and not key.allows(needed):
+            logger.warning("403 %s %s: key %s lacks scope %s", method, path, key.name, needed)
+            await send_json(
+                send, 403, {"error": f"API key {key.name!r} lacks the {needed!r} scope for {method} {path}", "request_id": rid}, [rid_header]
+            )
+            return
+        wait = rt.limiter.acquire(key.name, rate=key.rate)
+        if wait > 0:
+            await send_json(
+                send,
+                429,
+                {"error": f"rate limit for key {key.name!r} exceeded; retry in {wait:.2f} s", "request_id": rid},
+                [rid_header, (b"retry-after", str(max(1, round(wait + 0.5))).encode())],
+            )
+            return
+
+        body = b""
+        if method in ("POST", "PUT", "PATCH"):
+            limit = rt.config.max_body_bytes
+            declared = headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                await send_json(send, 413, {"error": f"request body of {declared} bytes exceeds the limit of {limit}", "request_id": rid}, [rid_header])
+                return
+            chunks: list[bytes] = []
+            size = 0
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    await send_json(send, 413, {"error": f"request body exceeds the limit of {limit} bytes", "request_id": rid}, [rid_header])
+                    return
+                chunks.append(chunk)
+                more = bool(message.get("more_body", False))
+            body = b"".join(chunks)
+            if not body.strip():
+                await send_json(send, 400, {"error": "request body is empty: expected a JSON object", "request_id": rid}, [rid_header])
+                return
+            try:
+                parsed = parse_json(body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                await send_json(send, 400, {"error": f"request body is not valid JSON: {exc}", "request_id": rid}, [rid_header])
+                return
+            if not isinstance(parsed, dict):
+                await send_json(send, 422, {"error": "request body must be a JSON object", "request_id": rid}, [rid_header])
+                return
+        ctx: dict[str, Any] = {"request_id": rid, "actor": key.name, "patients": [], "model_version": None}
+        if path == FEATURES_PATH and method == "POST":
+            problem = rt.check_feature_rows(parsed)
+            if problem is not None:
+                status, msg = problem
+                await send_json(send, status, {"error": msg, "request_id": rid}, [rid_header])
+                return
+            rows = parsed["rows"]
+            ctx["patients"] = sorted({_pseudonym(str(r["patient_id"])) for r in rows if r.get("patient_id")})
+            ctx["model_version"] = rt.champion.version
+            for r in rows:  # the prediction log records the HTTP request id per row
+                r["request_id"] = rid
+            body = json.dumps(parsed).encode("utf-8")
+        scope.setdefault("state", {})["vitalrisk"] = ctx
+        if method in ("POST", "PUT", "PATCH"):
+            # the body was parsed as JSON above: say so, whatever the client declared (this also
+            # keeps BentoML's pickle/arrow/form decoders away from untrusted input)
+            scope["headers"] = [
+                *((k, v) for k, v in scope.get("headers", []) if k.lower() not in (b"content-type", b"content-length")),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ]
+
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        try:
+            await self.app(scope, replay, send_with_id)
+        finally:
+            entry = {
+                "actor": key.name,
+                "action": ROUTE_ACTIONS.get(path, "request"),
+                "resource": f"{method} {path}",
+                "patients": list(ctx.get("patients") or []),
+                "model_version": ctx.get("model_version"),
+                "details": {"request_id": rid, "status": status_box["status"]},
+            }
+            try:
+                await anyio.to_thread.run_sync(lambda: rt.audit.append(**entry))
+            except Exception:  # the audit failure must be visible, not silent
+                logger.exception("audit append failed for request %s", rid)

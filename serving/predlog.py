@@ -1,0 +1,133 @@
+"""Durable prediction log in SQLite (the contract monitoring reads; see docs/contracts.md).
+
+WAL journal with ``synchronous=FULL`` and one transaction per request: a request's rows are
+either all on disk or none are, even if the process or machine dies mid-write.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sqlite3
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    request_id TEXT,
+    scored_at TEXT,
+    patient_id TEXT,
+    model_name TEXT,
+    model_version TEXT,
+    role TEXT,
+    probability REAL,
+    news2_total REAL,
+    features TEXT
+);
+CREATE TABLE IF NOT EXISTS outcomes (
+    request_id TEXT,
+    patient_id TEXT,
+    event_time TEXT,
+    event TEXT,
+    label INTEGER,
+    received_at TEXT
+);
+CREATE INDEX IF NOT EXISTS predictions_scored_at ON predictions (scored_at);
+"""
+
+COLUMNS = (
+    "request_id",
+    "scored_at",
+    "patient_id",
+    "model_name",
+    "model_version",
+    "role",
+    "probability",
+    "news2_total",
+    "features",
+)
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    request_id: str
+    scored_at: str
+    patient_id: str
+    model_name: str
+    model_version: str
+    role: str
+    probability: float
+    news2_total: float | None
+    features: Mapping[str, Any]
+
+    def row(self) -> tuple[Any, ...]:
+        return (
+            self.request_id,
+            self.scored_at,
+            self.patient_id,
+            self.model_name,
+            self.model_version,
+            self.role,
+            float(self.probability),
+            _clean(self.news2_total),
+            json.dumps({k: _clean(v) for k, v in self.features.items()}, allow_nan=False),
+        )
+
+
+def _clean(v: Any) -> Any:
+    """JSON/SQL-safe scalar: NaN and missing become None (null)."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return v
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) or math.isinf(f) else f
+
+
+class PredictionLog:
+    """Thread-safe appender; one connection per process, writes serialised by a lock."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(
+            str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
+        )
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        self._conn.executescript(SCHEMA)
+
+    def append(self, records: Iterable[PredictionRecord]) -> int:
+        rows = [r.row() for r in records]
+        if not rows:
+            return 0
+        sql = f"INSERT INTO predictions ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                cur.executemany(sql, rows)
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        return len(rows)
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

@@ -1,0 +1,402 @@
+"""Everything the API needs after start-up, built once per worker process.
+
+Kept apart from ``serving/service.py`` (the BentoML wrapper) so the logic is importable and
+testable without a server, and so a BentoML upgrade touches one file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from features.vocabulary import Vocabulary, load_vocabulary
+from governance.audit import AuditLog
+from serving.auth import KeyStore, RateLimiter
+from serving.config import ServeConfig, load_serve_config, model_name, params_path
+from serving.predlog import PredictionLog, PredictionRecord
+from serving.schemas import (
+    FeatureRow,
+    FeatureScore,
+    ModelInfo,
+    ModelRef,
+    ObservationsRequest,
+    ObservationsResponse,
+    PatientIn,
+    PatientScore,
+    ScoreRequest,
+    ScoreResponse,
+)
+from serving.scoring import (
+    FeatureText,
+    LoadedModel,
+    PreparedPatient,
+    explain,
+    frames_for,
+    load_feature_texts,
+    missing_warnings,
+    prepare_patients,
+    pseudonym_of,
+)
+
+logger = logging.getLogger(__name__)
+
+_RUNTIME: Runtime | None = None
+
+
+class StartupError(RuntimeError):
+    """The service cannot start (no champion, no API keys, bad params): the message says why."""
+
+
+def current_runtime() -> Runtime | None:
+    return _RUNTIME
+
+
+def set_runtime(rt: Runtime | None) -> None:
+    global _RUNTIME
+    _RUNTIME = rt
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Runtime:
+    config: ServeConfig
+    keys: KeyStore
+    vocab: Vocabulary
+    champion: LoadedModel
+    shadow: LoadedModel | None
+    audit: AuditLog
+    predlog: PredictionLog
+    feature_config: Any
+    texts: dict[str, FeatureText]
+    info: ModelInfo
+    limiter: RateLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limiter = RateLimiter(self.config.rate_limit_per_second, self.config.rate_limit_burst)
+        self._known = set(self.champion.feature_names) | {"news2_total"}
+        self._categorical = set(getattr(self.champion.model, "categories", None) or {})
+
+    # -- /v1/score/features ---------------------------------------------------------------
+    def check_feature_rows(self, body: dict[str, Any]) -> tuple[int, str] | None:
+        """Cheap checks before adaptive batching (a bad row must not fail a whole batch)."""
+        rows = body.get("rows")
+        if not isinstance(rows, list) or not rows:
+            return 422, "rows: expected a non-empty list of {patient_id?, features: {name: value}}"
+        if len(rows) > self.config.max_feature_rows:
+            return 413, f"rows: {len(rows)} rows; at most {self.config.max_feature_rows} per request"
+        for i, row in enumerate(rows):
+            feats = row.get("features") if isinstance(row, dict) else None
+            if not isinstance(feats, dict):
+                return 422, f"rows[{i}].features: expected an object of feature -> number or null"
+            bad = [k for k, v in feats.items() if isinstance(v, str) and k not in self._categorical]
+            if bad:
+                return 422, f"rows[{i}].features: {bad[:5]} must be numbers or null (text only for categorical features)"
+            unknown = [k for k in feats if k not in self._known]
+            if unknown:
+                return 422, (
+                    f"rows[{i}].features: unknown feature(s) {unknown[:5]}; "
+                    f"GET /v1/model lists the {len(self.champion.feature_names)} features"
+                )
+        return None
+
+    def score_rows(self, rows: list[FeatureRow]) -> list[FeatureScore]:
+        """Score a (batched) list of rows; one prediction-log transaction for the batch."""
+        feats = [r.features for r in rows]
+        X = self.champion.matrix(feats)
+        p = self.champion.predict_matrix(X)
+        ids = [pseudonym_of(r.patient_id) if r.patient_id else None for r in rows]
+        scored_at = _now_iso()
+        rids = [r.request_id or uuid.uuid4().hex for r in rows]
+        records = [
+            PredictionRecord(rid, scored_at, pid or "", self.champion.name, self.champion.version,
+                             "champion", float(pi), _num(f.get("news2_total")), f)
+            for rid, pid, pi, f in zip(rids, ids, p, feats, strict=True)
+        ]
+        if self.shadow is not None:
+            ps = self.shadow.predict_matrix(self.shadow.matrix(feats))
+            records += [
+                PredictionRecord(rid, scored_at, pid or "", self.shadow.name, self.shadow.version,
+                                 "shadow", float(pi), _num(f.get("news2_total")), f)
+                for rid, pid, pi, f in zip(rids, ids, ps, feats, strict=True)
+            ]
+        self.predlog.append(records)
+        bands = self.config.risk_bands
+        return [
+            FeatureScore(patient_id=pid, probability=float(pi), risk_band=bands.band(float(pi)),
+                         model_version=self.champion.version, request_id=rid)
+            for pid, pi, rid in zip(ids, p, rids, strict=True)
+        ]
+
+    # -- /v1/score ------------------------------------------------------------------------
+    def compute_features(self, prepared: list[PreparedPatient]) -> pd.DataFrame:
+        from features.build import compute_features
+
+        obs, patients, times = frames_for(prepared)
+        out = compute_features(obs, patients, times, self.feature_config, self.vocab)
+        out = out.set_index("patient_id").reindex([p.pseudonym for p in prepared])
+        return out.reset_index()
+
+    def score_patients(self, patients: list[PatientIn], request_id: str) -> tuple[ScoreResponse, list[str]]:
+        if len(patients) > self.config.max_patients:
+            from serving.scoring import InputError
+
+            raise InputError(
+                [("patients", f"{len(patients)} patients; at most {self.config.max_patients} per request")],
+                status=413,
+            )
+        prepared = prepare_patients(patients, self.vocab, self.config)
+        frame = self.compute_features(prepared)
+        names = self.champion.feature_names
+        rows = frame.reindex(columns=names).to_dict("records")
+        X = self.champion.matrix(rows)
+        p = self.champion.predict_matrix(X)
+        contrib = self.champion.contributions_matrix(X)
+        news2 = frame["news2_total"].to_numpy(dtype=float) if "news2_total" in frame else np.full(len(frame), np.nan)
+        scored_at = _now_iso()
+        logged_cols = list(dict.fromkeys([*names, "news2_total"]))
+        logged = frame.reindex(columns=logged_cols).to_dict("records")
+        records = [
+            PredictionRecord(request_id, scored_at, pp.pseudonym, self.champion.name, self.champion.version,
+                             "champion", float(p[i]), _num(news2[i]), logged[i])
+            for i, pp in enumerate(prepared)
+        ]
+        if self.shadow is not None:
+            srows = frame.reindex(columns=self.shadow.feature_names).to_dict("records")
+            ps = self.shadow.predict_matrix(self.shadow.matrix(srows))
+            records += [
+                PredictionRecord(request_id, scored_at, pp.pseudonym, self.shadow.name, self.shadow.version,
+                                 "shadow", float(ps[i]), _num(news2[i]), logged[i])
+                for i, pp in enumerate(prepared)
+            ]
+        self.predlog.append(records)
+        results = []
+        for i, pp in enumerate(prepared):
+            warnings = pp.warnings + missing_warnings(rows[i], self.vocab, pp)
+            results.append(
+                PatientScore(
+                    patient_id=pp.pseudonym,
+                    as_of=pp.as_of.isoformat().replace("+00:00", "Z"),
+                    probability=round(float(p[i]), 6),
+                    risk_band=self.config.risk_bands.band(float(p[i])),  # type: ignore[arg-type]
+                    news2_total=_num(news2[i]),
+                    top_features=explain(names, X[i], contrib[i], self.texts, self.config.top_features),
+                    warnings=warnings,
+                )
+            )
+        resp = ScoreResponse(
+            request_id=request_id,
+            model=ModelRef(name=self.champion.name, version=self.champion.version),
+            results=results,
+        )
+        return resp, [pp.pseudonym for pp in prepared]
+
+    def score_request(self, req: ScoreRequest, request_id: str) -> tuple[ScoreResponse, list[str]]:
+        return self.score_patients(req.patients, request_id)
+
+    # -- /v1/observations -----------------------------------------------------------------
+    def collect(self, req: ObservationsRequest, request_id: str) -> tuple[ObservationsResponse, list[str]]:
+        from serving.landing import validate_items, write_landing
+
+        if len(req.observations) > self.config.max_collect_observations:
+            from serving.scoring import InputError
+
+            raise InputError(
+                [("observations", f"{len(req.observations)} items; at most {self.config.max_collect_observations} per request")],
+                status=413,
+            )
+        rows, rejected = validate_items(
+            req.observations, self.vocab, pseudonym_of, self.config.future_tolerance_minutes
+        )
+        path = write_landing(rows, self.config.landing_path(), request_id) if rows else None
+        pats = sorted({r["patient_id"] for r in rows})
+        resp = ObservationsResponse(
+            request_id=request_id,
+            received=len(req.observations),
+            accepted=len(rows),
+            rejected=rejected,
+            landing_file=path.name if path else None,
+        )
+        return resp, pats
+
+
+def _num(v: Any) -> float | None:
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) or math.isinf(f) else f
+
+
+def _load_features_config(run_dict: dict[str, Any] | None, dictionary: Path) -> Any:
+    """Feature params the model was trained with: the run's dictionary ``params``, else the
+    dictionary file's, else the ``features`` section of params.yaml."""
+    from features.config import FeaturesConfig
+
+    docs: list[Any] = [run_dict]
+    if dictionary.is_file():
+        try:
+            docs.append(json.loads(dictionary.read_text(encoding="utf-8")))
+        except ValueError as exc:
+            logger.warning("%s: unreadable (%s)", dictionary, exc)
+    for doc in docs:
+        params = doc.get("params") if isinstance(doc, dict) else None
+        if isinstance(params, dict):
+            try:
+                return FeaturesConfig.model_validate(params)
+            except ValueError as exc:
+                logger.warning("feature params in the dictionary unusable (%s)", exc)
+    import yaml
+
+    p = params_path()
+    raw = yaml.safe_load(p.read_text(encoding="utf-8")) if p.is_file() else {}
+    return FeaturesConfig.model_validate((raw or {}).get("features") or {})
+
+
+def _dictionary(path: Path, fconf: Any, vocab: Vocabulary, names: list[str]) -> dict[str, Any]:
+    """The training feature dictionary if present, else the same document built in-process."""
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):
+                return data
+        except ValueError as exc:
+            logger.warning("%s: unreadable (%s); rebuilding the dictionary", path, exc)
+    from features.build import feature_dictionary
+
+    static = [n for n in names if n in ("age", "sex_f") or n.startswith("cm_")]
+    return feature_dictionary(fconf, vocab, static)
+
+
+#: where the training-data hash may be recorded on the run, most specific first
+DATA_HASH_KEYS = ("data_dvc_md5", "training_data_hash", "data_hash", "features_md5")
+
+
+def _run_dictionary(tracking: Any, run_id: str | None) -> dict[str, Any] | None:
+    """``feature_dictionary.json`` logged with the model's training run (any folder), if any."""
+    if not run_id:
+        return None
+    try:
+        c = tracking.client()
+        folders = [""]
+        while folders:
+            folder = folders.pop(0)
+            for item in c.list_artifacts(run_id, folder or None):
+                if item.is_dir and folder.count("/") < 2:
+                    folders.append(item.path)
+                elif item.path.rsplit("/", 1)[-1] == "feature_dictionary.json":
+                    local = c.download_artifacts(run_id, item.path)
+                    data = json.loads(Path(local).read_text(encoding="utf-8"))
+                    return data if isinstance(data, dict) else None
+    except Exception as exc:  # informative only: fall back to the dictionary on disk
+        logger.warning("no feature dictionary from run %s: %s", run_id, exc)
+    return None
+
+
+def _model_info(champion: LoadedModel, shadow: LoadedModel | None, tracking: Any) -> ModelInfo:
+    metrics: dict[str, float] = {}
+    data_hash: str | None = None
+    if champion.run_id:
+        try:
+            run = tracking.client().get_run(champion.run_id)
+            metrics = {k: float(v) for k, v in run.data.metrics.items()}
+            recorded = {**run.data.params, **run.data.tags}
+            data_hash = next((str(recorded[k]) for k in DATA_HASH_KEYS if recorded.get(k)), None)
+        except Exception as exc:  # metadata is informative; scoring must still start
+            logger.warning("could not read MLflow run %s: %s", champion.run_id, exc)
+    meta = getattr(champion.model, "metadata", None) or {}
+    if data_hash is None:
+        for k, v in meta.items():
+            if "hash" in str(k).lower():
+                data_hash = str(v)
+                break
+    return ModelInfo(
+        name=champion.name,
+        version=champion.version,
+        alias=champion.alias,
+        run_id=champion.run_id,
+        features=champion.feature_names,
+        training_data_hash=data_hash,
+        metrics=metrics,
+        shadow=ModelRef(name=shadow.name, version=shadow.version) if shadow else None,
+    )
+
+
+def build_runtime() -> Runtime:
+    """Load params, keys, vocabulary, the champion (and challenger for shadow scoring).
+
+    Raises ``StartupError`` with one clear sentence when something the service needs is missing.
+    """
+    from models import tracking
+
+    try:
+        config = load_serve_config()
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        keys = KeyStore.from_env()
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    if not keys.keys:
+        raise StartupError(
+            "no API keys configured: set VITALRISK_API_KEYS (name:scope1+scope2:secret, "
+            "comma-separated) or VITALRISK_API_KEYS_FILE"
+        )
+    name = model_name()
+    try:
+        info, model = tracking.load_by_alias(name, tracking.CHAMPION)
+    except LookupError:
+        raise StartupError(
+            f"no champion to serve: registered model {name!r} has no '{tracking.CHAMPION}' alias "
+            f"in {tracking.tracking_uri()} (run `dvc repro` / `vitalrisk register` first, or set "
+            "MLFLOW_TRACKING_URI / VITALRISK_MODEL_NAME)"
+        ) from None
+    champion = LoadedModel(info.name, info.version, info.alias, info.run_id, model)
+    shadow = None
+    if config.shadow_challenger:
+        try:
+            sinfo, smodel = tracking.load_by_alias(name, tracking.CHALLENGER)
+            if sinfo.version != info.version:
+                shadow = LoadedModel(sinfo.name, sinfo.version, sinfo.alias, sinfo.run_id, smodel)
+        except LookupError:
+            shadow = None
+    vocab = load_vocabulary()
+    # the feature params the champion was trained with: its run's feature dictionary first
+    run_dict = _run_dictionary(tracking, info.run_id)
+    path = config.feature_dictionary_path()
+    try:
+        fconf = _load_features_config(run_dict, path)
+    except Exception as exc:
+        raise StartupError(f"feature params unusable: {exc}") from None
+    doc = run_dict or _dictionary(path, fconf, vocab, champion.feature_names)
+    texts = load_feature_texts(doc, champion.feature_names, vocab)
+    rt = Runtime(
+        config=config,
+        keys=keys,
+        vocab=vocab,
+        champion=champion,
+        shadow=shadow,
+        audit=AuditLog(config.audit_log_path()),
+        predlog=PredictionLog(config.prediction_log_path()),
+        feature_config=fconf,
+        texts=texts,
+        info=_model_info(champion, shadow, tracking),
+    )
+    logger.info(
+        "serving %s version %s (%d features)%s", name, info.version, len(champion.feature_names),
+        f", shadow version {shadow.version}" if shadow else "",
+    )
+    return rt

@@ -1,0 +1,206 @@
+"""The BentoML 1.4 service: the one module that touches BentoML (see DESIGN.md).
+
+Routes (all under ``/v1`` need ``Authorization: Bearer <key>``; see ``serving/auth.py``):
+
+* ``POST /v1/score``           raw observations -> calibrated risk, band, NEWS2, reasons
+* ``POST /v1/score/features``  precomputed feature rows, BentoML adaptive batching
+* ``POST /v1/fhir/score``      FHIR R4 Bundle of Observations -> FHIR R4 RiskAssessment
+* ``POST /v1/observations``    data collection into the landing area for ``vitalrisk ingest``
+* ``GET  /v1/model``           served version, features, training-data hash, metrics
+* ``GET  /healthz``, ``/readyz`` (BentoML's probes; ready once the champion is loaded),
+  ``GET /docs.json`` (OpenAPI)
+
+Start with ``vitalrisk serve`` or ``bentoml serve serving.service:VitalRisk``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Annotated, Any
+
+import bentoml
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.fhir import bundle_to_patient, risk_assessment
+from serving.guard import GuardMiddleware
+from serving.runtime import Runtime, build_runtime, current_runtime, set_runtime
+from serving.schemas import (
+    ErrorResponse,
+    FeatureRow,
+    FeatureScore,
+    FhirBundle,
+    ModelInfo,
+    ObservationsRequest,
+    ObservationsResponse,
+    ScoreRequest,
+    ScoreResponse,
+)
+from serving.scoring import InputError
+
+logger = logging.getLogger(__name__)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "malformed JSON, NaN/Infinity or an empty body",
+        401: "missing or unknown API key",
+        403: "the key lacks the scope for this route",
+        413: "body, patients or rows above the configured limits",
+        422: "valid JSON that breaks the schema: every problem with its location",
+        429: "per-key rate limit exceeded (see Retry-After)",
+    }.items()
+}
+
+app = FastAPI(
+    title="vitalrisk",
+    version="1",
+    description="Deterioration-risk scoring and data collection (see README).",
+)
+
+
+def _rid(request: Request) -> str:
+    ctx = getattr(request.state, "vitalrisk", None) or {}
+    return str(ctx.get("request_id") or "")
+
+
+def _audit(request: Request, patients: list[str], model_version: str | None) -> None:
+    ctx = getattr(request.state, "vitalrisk", None)
+    if isinstance(ctx, dict):
+        ctx["patients"] = patients
+        ctx["model_version"] = model_version
+
+
+def _rt() -> Runtime:
+    rt = current_runtime()
+    if rt is None:  # pragma: no cover - the guard answers 503 before this
+        raise StarletteHTTPException(503, "service is starting")
+    return rt
+
+
+def _loc(parts: Any) -> str:
+    """``("body", "patients", 0, "time")`` -> ``patients[0].time`` (same style as our own errors)."""
+    out = ""
+    for x in parts:
+        if x == "body" and not out:
+            continue
+        out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
+    return out
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [
+        {"loc": _loc(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()[:50]
+    ]
+    status = 400 if any(e["type"] == "json_invalid" for e in errors) else 422
+    first = f"{errors[0]['loc']}: {errors[0]['msg']}" if errors else "invalid request"
+    return JSONResponse(
+        {"error": f"{len(exc.errors())} problem(s); first: {first}", "detail": errors, "request_id": _rid(request)},
+        status_code=status,
+    )
+
+
+@app.exception_handler(InputError)
+async def _input(request: Request, exc: InputError) -> JSONResponse:
+    detail = [{"loc": loc, "msg": msg, "type": "value_error"} for loc, msg in exc.problems[:50]]
+    return JSONResponse(
+        {"error": str(exc), "detail": detail, "request_id": _rid(request)}, status_code=exc.status
+    )
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(
+        {"error": str(exc.detail), "request_id": _rid(request)},
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error in request %s", _rid(request))
+    return JSONResponse(
+        {"error": "internal error; the server log has the details", "request_id": _rid(request)},
+        status_code=500,
+    )
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+@bentoml.service(
+    name="vitalrisk",
+    workers=_env_int("VITALRISK_SERVE_WORKERS", 1),
+    traffic={"timeout": 60},
+)
+@bentoml.asgi_app(app, path="/")
+class VitalRisk:
+    """Deterioration-risk scoring: the MLflow registry's champion behind versioned routes."""
+
+    def __init__(self) -> None:
+        # fail fast: without a champion, keys or valid params the worker must not start
+        set_runtime(build_runtime())
+
+    def __is_ready__(self) -> bool:
+        return current_runtime() is not None
+
+    @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS, tags=["scoring"])
+    def score(self, request: Request, body: ScoreRequest) -> ScoreResponse:
+        """Score patients from raw observations with the training feature code."""
+        rt = _rt()
+        resp, patients = rt.score_request(body, _rid(request))
+        _audit(request, patients, rt.champion.version)
+        return resp
+
+    @app.post("/v1/fhir/score", responses=_ERRORS, tags=["scoring"])
+    def fhir_score(self, request: Request, body: FhirBundle) -> JSONResponse:
+        """FHIR R4 Bundle (Observations, optional Patient) in; FHIR R4 RiskAssessment out."""
+        rt = _rt()
+        patient, warnings = bundle_to_patient(body.model_dump(exclude_none=True), rt.vocab)
+        resp, patients = rt.score_patients([patient], _rid(request))
+        _audit(request, patients, rt.champion.version)
+        score = resp.results[0]
+        score.warnings = warnings + score.warnings
+        ra = risk_assessment(score, resp.model.name, resp.model.version, resp.request_id)
+        return JSONResponse(ra, media_type="application/fhir+json")
+
+    @app.post("/v1/observations", response_model=ObservationsResponse, responses=_ERRORS, tags=["collection"])
+    def observations(self, request: Request, body: ObservationsRequest) -> ObservationsResponse:
+        """Validate observations and land the good ones for the next ``vitalrisk ingest``."""
+        rt = _rt()
+        resp, patients = rt.collect(body, _rid(request))
+        _audit(request, patients, None)
+        return resp
+
+    @app.get("/v1/model", response_model=ModelInfo, responses=_ERRORS, tags=["model"])
+    def model(self, request: Request) -> ModelInfo:
+        """The served model: version, feature list, training-data hash and metrics."""
+        rt = _rt()
+        _audit(request, [], rt.champion.version)
+        return rt.info
+
+    @bentoml.api(
+        batchable=True,
+        route="/v1/score/features",
+        max_batch_size=_env_int("VITALRISK_MAX_BATCH_SIZE", 5000),
+        max_latency_ms=_env_int("VITALRISK_MAX_LATENCY_MS", 1000),
+    )
+    def score_features(
+        self, rows: Annotated[list[FeatureRow], Field(min_length=1)]
+    ) -> list[FeatureScore]:
+        """Score precomputed feature rows (adaptive batching across concurrent requests)."""
+        return _rt().score_rows(rows)
+
+
+VitalRisk.add_asgi_middleware(GuardMiddleware)

@@ -1,0 +1,447 @@
+"""Every endpoint over HTTP against the real ``vitalrisk serve`` process."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.serving.conftest import KEYS, Server
+
+PSEUDONYM = re.compile(r"^p_[0-9a-f]{20}$")
+T0 = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat().replace("+00:00", "Z")
+
+
+def vitals(rr: float, hr: float, spo2: float, sbp: float, temp_c: float, hours: int = 6, **kw: Any) -> list[dict[str, Any]]:
+    out = []
+    for h in range(hours):
+        t = _iso(T0 - timedelta(hours=hours - 1 - h))
+        out += [
+            {"time": t, "code": "resp_rate", "value": rr, "unit": "/min"},
+            {"time": t, "code": "heart_rate", "value": hr, "unit": "/min"},
+            {"time": t, "code": "spo2", "value": spo2, "unit": "%"},
+            {"time": t, "code": "sbp", "value": sbp, "unit": "mm[Hg]"},
+            {"time": t, "code": "body_temp", "value": temp_c, "unit": "Cel"},
+            {"time": t, "code": "consciousness", "value": "A"},
+            {"time": t, "code": "o2_support", "value": kw.get("o2", "no")},
+        ]
+    return out
+
+
+def patient(pid: str, obs: list[dict[str, Any]], **cov: Any) -> dict[str, Any]:
+    return {"patient_id": pid, "covariates": {"age": 70, "sex": "F", **cov}, "observations": obs}
+
+
+SICK = vitals(28, 118, 89, 95, 38.6, o2="yes")
+WELL = vitals(14, 72, 98, 128, 36.8)
+
+
+# -- probes and OpenAPI --------------------------------------------------------------------
+def test_probes_and_openapi_are_public(server: Server) -> None:
+    with server.client(None) as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").status_code == 200
+        doc = c.get("/docs.json").json()
+    for path in ["/v1/score", "/v1/score/features", "/v1/fhir/score", "/v1/observations", "/v1/model"]:
+        assert path in doc["paths"], path
+
+
+# -- /v1/score -----------------------------------------------------------------------------
+def test_score_raw_vitals(server: Server) -> None:
+    body = {"patients": [patient("MRN-0001", SICK), patient("MRN-0002", WELL)]}
+    with server.client() as c:
+        r = c.post("/v1/score", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert r.headers["x-request-id"] == data["request_id"]
+    assert data["model"] == {"name": "vitalrisk-deterioration", "version": server.models["champion"][0]}
+    sick, well = data["results"]
+    for res in (sick, well):
+        assert PSEUDONYM.match(res["patient_id"])
+        assert 0.0 <= res["probability"] <= 1.0
+        assert res["risk_band"] in {"low", "medium", "high"}
+        assert res["as_of"] == _iso(T0)
+        assert res["top_features"], res
+        for c in res["top_features"]:
+            assert c["text"].endswith(("raised risk", "lowered risk"))
+    # directional: worse vitals must not lower risk; NEWS2 agrees
+    assert sick["probability"] > well["probability"]
+    assert sick["news2_total"] > well["news2_total"]
+    assert sick["news2_total"] >= 7
+    texts = " ".join(c["text"] for c in sick["top_features"])
+    assert re.search(r"\(\d[\d.]* ", texts), texts  # values with units in the reasons
+
+
+def test_units_and_loinc_give_the_same_score(server: Server) -> None:
+    base = vitals(24, 100, 93, 110, 38.0)
+    alt = []
+    for o in base:
+        o = dict(o)
+        if o["code"] == "body_temp":
+            o.update(value=38.0 * 9 / 5 + 32, unit="[degF]")
+        elif o["code"] == "resp_rate":
+            o.update(code="9279-1")
+        elif o["code"] == "spo2":
+            o.update(value=0.93, unit="1")
+        alt.append(o)
+    with server.client() as c:
+        a = c.post("/v1/score", json={"patients": [patient("u-1", base)]}).json()["results"][0]
+        b = c.post("/v1/score", json={"patients": [patient("u-1", alt)]}).json()["results"][0]
+    assert a["probability"] == pytest.approx(b["probability"], abs=1e-9)
+    assert a["news2_total"] == b["news2_total"]
+
+
+def test_warnings_for_implausible_and_missing(server: Server) -> None:
+    obs = [
+        {"time": _iso(T0), "code": "heart_rate", "value": 900, "unit": "/min"},
+        {"time": _iso(T0), "code": "resp_rate", "value": 18},
+    ]
+    with server.client() as c:
+        r = c.post("/v1/score", json={"patients": [{"patient_id": "w-1", "observations": obs}]})
+    assert r.status_code == 200, r.text
+    warnings = " | ".join(r.json()["results"][0]["warnings"])
+    assert "heart_rate value 900" in warnings and "outside plausible range" in warnings
+    assert "age missing" in warnings
+    assert "no recent oxygen saturation" in warnings.lower()
+
+
+OBS = {"time": "2026-01-01T08:00:00Z", "code": "heart_rate", "value": 80}
+
+
+def _p(**over: Any) -> dict[str, Any]:
+    return {"patients": [{"patient_id": "b-1", "observations": [{**OBS, **over}]}]}
+
+
+BAD_SCORE = [
+    ("malformed json", b"{bad json", 400, "not valid JSON"),
+    ("empty body", b"", 400, "empty"),
+    ("nan", b'{"patients":[{"patient_id":"x","observations":[{"time":"2026-01-01T08:00:00Z","code":"heart_rate","value":NaN}]}]}', 400, "finite"),
+    ("infinity", b'{"patients":[{"patient_id":"x","observations":[{"time":"2026-01-01T08:00:00Z","code":"heart_rate","value":-Infinity}]}]}', 400, "finite"),
+    ("array body", b"[1,2]", 422, "JSON object"),
+    ("no patients", json.dumps({"patients": []}).encode(), 422, "at least 1"),
+    ("wrong type", json.dumps({"patients": "x"}).encode(), 422, "patients"),
+    ("unknown field", json.dumps({"patients": [{"patient_id": "x", "observations": [], "ssn": 1}]}).encode(), 422, "ssn"),
+    ("unknown code", json.dumps(_p(code="blood_magic")).encode(), 422, "unknown code 'blood_magic'"),
+    ("unknown LOINC", json.dumps(_p(code="0000-0")).encode(), 422, "unknown code"),
+    ("bad unit", json.dumps(_p(unit="kg")).encode(), 422, "unit 'kg' for heart_rate"),
+    ("text value", json.dumps(_p(value="fast")).encode(), 422, "expected a number"),
+    ("far future", json.dumps(_p(time="2099-01-01T00:00:00Z")).encode(), 422, "in the future"),
+    ("naive time", json.dumps(_p(time="2026-01-01T08:00:00")).encode(), 422, "timezone"),
+    ("bad covariate", json.dumps({"patients": [{"patient_id": "x", "covariates": {"age": -3}, "observations": []}]}).encode(), 422, "age"),
+    ("duplicate patient", json.dumps({"patients": [{"patient_id": "x", "observations": []}] * 2}).encode(), 422, "twice"),
+    ("too many patients", json.dumps({"patients": [{"patient_id": f"x{i}", "observations": []} for i in range(6)]}).encode(), 413, "at most 5"),
+    ("enormous body", b'{"patients": [' + b" " * 400_000 + b"]}", 413, "exceeds"),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "status", "needle"), BAD_SCORE, ids=[b[0] for b in BAD_SCORE])
+def test_bad_score_input_is_a_clear_4xx(server: Server, name: str, body: bytes, status: int, needle: str) -> None:
+    with server.client() as c:
+        r = c.post("/v1/score", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert needle.lower() in json.dumps(err).lower(), err
+    assert err["request_id"]
+
+
+# -- /v1/score/features --------------------------------------------------------------------
+def _rows(frame: Any, names: list[str], n: int) -> list[dict[str, Any]]:
+    rows = []
+    for _, rec in frame.head(n).iterrows():
+        feats = {k: (None if np.isnan(rec[k]) else float(rec[k])) for k in names}
+        rows.append({"patient_id": rec["patient_id"], "features": feats})
+    return rows
+
+
+def test_feature_rows_match_the_model_in_process(server: Server) -> None:
+    frame = server.models["frame"]
+    model = server.models["champion"][1]
+    rows = _rows(frame, model.feature_names, 20)
+    with server.client() as c:
+        r = c.post("/v1/score/features", json={"rows": rows})
+    assert r.status_code == 200, r.text
+    got = np.array([x["probability"] for x in r.json()])
+    want = model.predict_proba(frame.head(20))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    assert {x["request_id"] for x in r.json()} == {r.headers["x-request-id"]}
+
+
+def test_concurrent_feature_requests_are_batched_correctly(server: Server) -> None:
+    frame = server.models["frame"]
+    model = server.models["champion"][1]
+    rows = _rows(frame, model.feature_names, 40)
+    want = model.predict_proba(frame.head(40))
+
+    def one(i: int) -> tuple[int, float, str]:
+        with server.client() as c:
+            r = c.post("/v1/score/features", json={"rows": [rows[i]]})
+        assert r.status_code == 200, r.text
+        return i, r.json()[0]["probability"], r.json()[0]["patient_id"]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(40)))
+    for i, p, pid in results:  # each answer belongs to its own request
+        assert p == pytest.approx(want[i], rel=1e-6)
+        assert pid == frame["patient_id"].iloc[i]
+
+
+def test_batch_of_1000_rows(server: Server) -> None:
+    names = server.models["champion"][1].feature_names
+    rows = [{"features": {names[0]: float(i % 50)}} for i in range(1000)]
+    with server.client() as c:
+        r = c.post("/v1/score/features", json={"rows": rows})
+    assert r.status_code == 200, r.text
+    assert len(r.json()) == 1000
+
+
+BAD_FEATURES = [
+    ("unknown feature", {"rows": [{"features": {"shoe_size": 1}}]}, 422, "unknown feature"),
+    ("text for numeric", {"rows": [{"features": {"heart_rate_last": "high"}}]}, 422, "must be numbers"),
+    ("empty rows", {"rows": []}, 422, "non-empty"),
+    ("rows not a list", {"rows": {"a": 1}}, 422, "non-empty"),
+    ("list value", {"rows": [{"features": {"heart_rate_last": [1]}}]}, 400, "valid number"),
+    ("extra field", {"rows": [{"features": {}, "mrn": "x"}]}, 400, "extra"),
+    ("too many rows", {"rows": [{"features": {}}] * 1501}, 413, "at most 1500"),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "status", "needle"), BAD_FEATURES, ids=[b[0] for b in BAD_FEATURES])
+def test_bad_feature_rows(server: Server, name: str, body: Any, status: int, needle: str) -> None:
+    with server.client() as c:
+        r = c.post("/v1/score/features", json=body)
+    assert r.status_code == status, r.text
+    assert needle.lower() in r.text.lower()
+
+
+# -- /v1/fhir/score ------------------------------------------------------------------------
+def bundle(pid: str, obs: list[dict[str, Any]]) -> dict[str, Any]:
+    from features.vocabulary import load_vocabulary
+
+    vocab = load_vocabulary()
+    entries: list[dict[str, Any]] = [{"resource": {"resourceType": "Patient", "id": pid, "gender": "female", "birthDate": "1955-06-01"}}]
+    for o in obs:
+        res: dict[str, Any] = {
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": vocab.codes[o["code"]].loinc[0]}]},
+            "subject": {"reference": f"Patient/{pid}"},
+            "effectiveDateTime": o["time"],
+        }
+        if isinstance(o["value"], str):
+            res["valueCodeableConcept"] = {"coding": [{"code": o["value"]}]}
+        else:
+            res["valueQuantity"] = {"value": o["value"], "system": "http://unitsofmeasure.org", "code": o.get("unit") or vocab.codes[o["code"]].unit}
+        entries.append({"resource": res})
+    return {"resourceType": "Bundle", "type": "collection", "entry": entries}
+
+
+def test_fhir_bundle_to_risk_assessment(server: Server) -> None:
+    from fhir.resources.R4B.riskassessment import RiskAssessment
+
+    with server.client() as c:
+        r = c.post("/v1/fhir/score", json=bundle("MRN-FHIR-1", SICK), headers={"content-type": "application/fhir+json"})
+        direct = c.post("/v1/score", json={"patients": [patient("MRN-FHIR-1", SICK)]}).json()["results"][0]
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/fhir+json")
+    ra = RiskAssessment.model_validate(r.json())
+    assert ra.subject.reference == f"Patient/{direct['patient_id']}"
+    assert float(ra.prediction[0].probabilityDecimal) == pytest.approx(direct["probability"], abs=1e-6)
+    assert ra.prediction[0].qualitativeRisk.coding[0].code in {"low", "moderate", "high"}
+    assert "MRN-FHIR-1" not in r.text
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"resourceType": "Patient"}, "Bundle"),
+        ({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": "Observation"}}]}, "required"),
+        ({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": "Observation", "status": "final", "code": {"coding": [{"code": "0000-0"}]}, "subject": {"reference": "Patient/a"}, "effectiveDateTime": "2026-01-01T08:00:00Z", "valueQuantity": {"value": 1}}}]}, "no known LOINC"),
+    ],
+)
+def test_bad_fhir_is_422(server: Server, body: dict[str, Any], needle: str) -> None:
+    with server.client() as c:
+        r = c.post("/v1/fhir/score", json=body)
+    assert r.status_code == 422, r.text
+    assert needle in r.text
+
+
+def test_fhir_two_patients_rejected(server: Server) -> None:
+    b = bundle("A-1", WELL[:3])
+    b["entry"] += bundle("B-2", WELL[:3])["entry"][1:]
+    with server.client() as c:
+        r = c.post("/v1/fhir/score", json=b)
+    assert r.status_code == 422 and "one Bundle per patient" in r.text
+
+
+# -- /v1/observations ----------------------------------------------------------------------
+def test_observations_land_for_ingest(server: Server) -> None:
+    items = [
+        {"patient_id": "DEV-9", "time": "2026-01-01T08:00:00Z", "code": "heart_rate", "value": 80, "source": "wearable"},
+        {"patient_id": "DEV-9", "time": "2026-01-01T08:00:00Z", "code": "8310-5", "value": 100.4, "unit": "[degF]"},
+        {"patient_id": "DEV-9", "time": "2026-01-01T08:00:00Z", "code": "heart_rate", "value": 999},
+        {"patient_id": "DEV-9", "time": "2026-01-01T08:00:00Z", "code": "mood", "value": 3},
+        {"patient_id": "DEV-9", "time": "2099-01-01T08:00:00Z", "code": "heart_rate", "value": 70},
+        {"time": "2026-01-01T08:00:00Z", "code": "heart_rate", "value": 70},
+        7,
+    ]
+    with server.client("device") as c:
+        r = c.post("/v1/observations", json={"observations": items})
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert (data["received"], data["accepted"]) == (7, 2)
+    reasons = {x["index"]: (x["field"], x["reason"]) for x in data["rejected"]}
+    assert set(reasons) == {2, 3, 4, 5, 6}
+    assert "outside plausible range" in reasons[2][1]
+    assert reasons[3][0] == "code" and reasons[5][0] == "patient_id"
+    landed = server.landing / data["landing_file"]
+    text = landed.read_text()
+    assert "DEV-9" not in text
+    import pandas as pd
+
+    df = pd.read_csv(landed)
+    assert list(df.columns) == ["patient_id", "time", "code", "value", "unit", "source"]
+    assert df["code"].tolist() == ["heart_rate", "body_temp"]
+    assert df["value"].iloc[1] == pytest.approx(38.0)
+    assert df["patient_id"].str.match(PSEUDONYM.pattern).all()
+
+
+def test_landing_file_is_readable_by_ingest(server: Server) -> None:
+    readers = pytest.importorskip("features.readers")
+    from features.data_config import IngestConfig
+
+    files = sorted(server.landing.glob("*.csv"))
+    if not files:
+        with server.client("device") as c:
+            c.post("/v1/observations", json={"observations": [{"patient_id": "z", "time": "2026-01-01T08:00:00Z", "code": "heart_rate", "value": 80}]})
+        files = sorted(server.landing.glob("*.csv"))
+    read = readers.read_long_csv(files[0], IngestConfig())
+    assert len(read.observations) >= 1 and not read.problems
+
+
+# -- /v1/model -----------------------------------------------------------------------------
+def test_model_info(server: Server) -> None:
+    with server.client("reader") as c:
+        r = c.get("/v1/model")
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert info["version"] == server.models["champion"][0]
+    assert info["features"] == server.models["champion"][1].feature_names
+    assert info["training_data_hash"] == "md5-test-0"
+    assert info["metrics"]["test_auroc"] == pytest.approx(0.9)
+    assert info["shadow"]["version"] == server.models["challenger"][0]
+
+
+# -- auth, rate and size limits -------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"Authorization": "Bearer nope-nope-nope"}, 401),
+        ({"Authorization": f"Basic {KEYS['admin']}"}, 401),
+        ({"Authorization": f"Bearer {KEYS['reader']}"}, 403),
+        ({"Authorization": f"Bearer {KEYS['device']}"}, 403),
+    ],
+)
+def test_auth(server: Server, headers: dict[str, str], status: int) -> None:
+    with server.client(None) as c:
+        r = c.post("/v1/score", json={"patients": [patient("a", WELL[:2])]}, headers=headers)
+    assert r.status_code == status, r.text
+    if status == 401:
+        assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_scopes_allow_their_routes(server: Server) -> None:
+    with server.client("reader") as c:
+        assert c.get("/v1/model").status_code == 200
+        assert c.post("/v1/observations", json={"observations": [1]}).status_code == 403
+    with server.client("device") as c:
+        assert c.get("/v1/model").status_code == 403
+
+
+def test_rate_limit_429(server: Server) -> None:
+    codes = []
+    with server.client("slow") as c:
+        for _ in range(6):
+            r = c.post("/v1/score/features", json={"rows": [{"features": {}}]})
+            codes.append(r.status_code)
+            if r.status_code == 429:
+                assert int(r.headers["retry-after"]) >= 1
+    assert codes[0] == 200 and 429 in codes, codes
+
+
+def test_unknown_route_and_method(server: Server) -> None:
+    with server.client() as c:
+        assert c.get("/v1/nothing").status_code == 404
+        r = c.put("/v1/model", json={})
+        assert r.status_code == 405 and "allow" in r.headers
+
+
+# -- logs ----------------------------------------------------------------------------------
+def test_prediction_log_contract(server: Server) -> None:
+    with server.client() as c:
+        r = c.post("/v1/score", json={"patients": [patient("LOG-1", SICK)]})
+    rid = r.json()["request_id"]
+    con = sqlite3.connect(server.prediction_log)
+    cols = [row[1] for row in con.execute("PRAGMA table_info(predictions)")]
+    assert cols == ["request_id", "scored_at", "patient_id", "model_name", "model_version", "role", "probability", "news2_total", "features"]
+    out_cols = [row[1] for row in con.execute("PRAGMA table_info(outcomes)")]
+    assert out_cols == ["request_id", "patient_id", "event_time", "event", "label", "received_at"]
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    rows = con.execute("SELECT role, model_version, patient_id, probability, news2_total, features, scored_at FROM predictions WHERE request_id=?", (rid,)).fetchall()
+    con.close()
+    roles = {r[0]: r for r in rows}
+    assert set(roles) == {"champion", "shadow"}
+    assert roles["champion"][1] == server.models["champion"][0]
+    assert roles["shadow"][1] == server.models["challenger"][0]
+    assert roles["champion"][3] == pytest.approx(r.json()["results"][0]["probability"], abs=1e-6)
+    feats = json.loads(roles["champion"][5])
+    assert set(server.models["champion"][1].feature_names) <= set(feats)
+    assert PSEUDONYM.match(roles["champion"][2])
+    assert datetime.fromisoformat(roles["champion"][6].replace("Z", "+00:00")).tzinfo is not None
+
+
+def test_audit_log_chain_and_no_raw_identifiers(server: Server) -> None:
+    from governance.audit import AuditLog
+
+    with server.client() as c:
+        c.post("/v1/score", json={"patients": [patient("MRN-AUDIT-7", WELL)]})
+    log = AuditLog(server.audit_log)
+    assert log.verify().ok
+    entries = list(log.entries())
+    actors = {e["actor"] for e in entries}
+    assert "admin" in actors
+    score = [e for e in entries if e["resource"] == "POST /v1/score" and e["details"]["status"] == 200]
+    assert {e["action"] for e in score} == {"predict"}
+    assert any(e["action"] == "collect" and e["actor"] == "device" for e in entries)
+    assert score and all(PSEUDONYM.match(p) for e in score for p in e["patients"])
+    assert score[-1]["model_version"] == server.models["champion"][0]
+    for path in [server.audit_log, server.prediction_log, *server.landing.glob("*.csv")]:
+        raw = Path(path).read_bytes()
+        for secret in ["MRN-", "DEV-9", *KEYS.values()]:
+            assert secret.encode() not in raw, (path, secret)
+
+
+def test_schemathesis_finds_no_server_error(server: Server) -> None:
+    exe = Path(sys.executable).with_name("schemathesis")
+    cmd = [
+        str(exe), "run", f"{server.url}/docs.json", "-c", "not_a_server_error", "-n", "8",
+        "--seed", "7", "-H", f"Authorization: Bearer {KEYS['admin']}", "--request-timeout", "20",
+    ]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=240, cwd=server.root,
+        env={**server.env, "SCHEMATHESIS_TELEMETRY": "false"},
+    )
+    assert res.returncode == 0, res.stdout[-4000:]

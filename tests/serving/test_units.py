@@ -1,0 +1,138 @@
+"""Serving pieces in-process: keys, rate limits, prediction log, fast matrix path, config."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.auth import AuthConfigError, KeyStore, RateLimiter, bearer_token, hash_secret, parse_key_spec
+from serving.config import RiskBands, load_serve_config
+from serving.predlog import PredictionLog, PredictionRecord
+
+
+def test_keys_from_env_and_file(tmp_path: Path) -> None:
+    f = tmp_path / "keys.txt"
+    f.write_text(f"# comment\nhub:ingest:sha256:{hash_secret('hub-secret-1')}\n\n")
+    store = KeyStore.from_env({"VITALRISK_API_KEYS": "app:score+read:app-secret-1", "VITALRISK_API_KEYS_FILE": str(f)})
+    app = store.authenticate("app-secret-1")
+    hub = store.authenticate("hub-secret-1")
+    assert app is not None and app.name == "app" and app.allows("score") and not app.allows("ingest")
+    assert hub is not None and hub.name == "hub" and hub.allows("ingest") and not hub.allows("score")
+    assert store.authenticate("app-secret-2") is None
+    # only digests are kept
+    assert all(k.digest == hashlib.sha256(s.encode()).digest() for k, s in [(app, "app-secret-1"), (hub, "hub-secret-1")])
+    assert "app-secret-1" not in repr(store)
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("nocolons", "NAME:SCOPES:SECRET"),
+        ("a:write:secret-123", "scope"),
+        ("a:score:short", "at least 8"),
+        ("a:score:sha256:xyz", "64 hex"),
+        ("a:score+rate=0:secret-123", "rate="),
+    ],
+)
+def test_bad_key_specs(spec: str, needle: str) -> None:
+    with pytest.raises(AuthConfigError, match=needle):
+        parse_key_spec(spec)
+
+
+def test_duplicate_key_names() -> None:
+    with pytest.raises(AuthConfigError, match="unique"):
+        KeyStore.from_env({"VITALRISK_API_KEYS": "a:*:secret-123,a:*:secret-456"})
+
+
+def test_bearer_token() -> None:
+    assert bearer_token("Bearer abc") == "abc"
+    assert bearer_token("bearer  abc ") == "abc"
+    assert bearer_token("Basic abc") is None
+    assert bearer_token("Bearer ") is None
+    assert bearer_token(None) is None
+
+
+def test_token_bucket() -> None:
+    lim = RateLimiter(rate=2.0, burst=3)
+    assert [lim.acquire("k", now=0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert lim.acquire("k", now=0.0) == pytest.approx(0.5)
+    assert lim.acquire("other", now=0.0) == 0.0  # buckets are per key
+    assert lim.acquire("k", now=0.6) == 0.0  # refilled
+    assert lim.acquire("fast", now=0.0, rate=100.0) == 0.0
+
+
+def test_risk_bands_and_config_errors(tmp_path: Path) -> None:
+    bands = RiskBands(low=0.1, high=0.3)
+    assert [bands.band(p) for p in (0.05, 0.1, 0.29, 0.3)] == ["low", "medium", "medium", "high"]
+    p = tmp_path / "params.yaml"
+    p.write_text("serve:\n  risk_band: {low: 0.1}\n")
+    with pytest.raises(ValueError, match=r"serve\.risk_band: unknown key"):
+        load_serve_config(p)
+    p.write_text("serve:\n  risk_bands: {low: 0.5, high: 0.2}\n")
+    with pytest.raises(ValueError, match="must be below"):
+        load_serve_config(p)
+    assert load_serve_config(tmp_path / "missing.yaml").port == 3000
+
+
+def _rec(i: int, role: str = "champion") -> PredictionRecord:
+    return PredictionRecord(f"r{i}", "2026-01-01T00:00:00Z", "p_" + "0" * 20, "m", "1", role, 0.5, None, {"a": float("nan"), "b": 1.0})
+
+
+def test_prediction_log_is_all_or_nothing(tmp_path: Path) -> None:
+    log = PredictionLog(tmp_path / "p.sqlite")
+    assert log.append([_rec(1), _rec(1, "shadow")]) == 2
+
+    class Boom(PredictionRecord):
+        def row(self) -> tuple:  # type: ignore[override]
+            return (*super().row()[:-1], object())  # not bindable -> the insert fails mid-request
+
+    bad = Boom(*[getattr(_rec(2), f) for f in _rec(2).__dataclass_fields__])
+    with pytest.raises(sqlite3.Error):
+        log.append([_rec(2), bad])
+    assert log.count() == 2  # the good row of the failed request was rolled back too
+    con = sqlite3.connect(tmp_path / "p.sqlite")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("SELECT features FROM predictions LIMIT 1").fetchone()[0] == '{"a": null, "b": 1.0}'
+
+
+def test_fast_matrix_matches_risk_model(tmp_path: Path) -> None:
+    """Serving's numpy path must give RiskModel.predict_proba's numbers (incl. categories)."""
+    import lightgbm as lgb
+    import pandas as pd
+
+    from models.pyfunc import Calibrator, RiskModel
+    from serving.scoring import LoadedModel
+
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame({"a": rng.normal(size=300), "b": rng.normal(size=300), "c": rng.integers(0, 3, 300).astype(float)})
+    X.loc[::7, "a"] = np.nan
+    y = (X["b"] + (X["c"] == 2) + rng.normal(0, 0.5, 300) > 0.8).astype(int)
+    booster = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 7}, lgb.Dataset(X, y, categorical_feature=["c"]), 20)
+    model = RiskModel(booster=booster, feature_names=["a", "b", "c"], categories={"c": ["x", "y", "z"]})
+    model.calibrator = Calibrator("isotonic").fit(booster.predict(X, raw_score=True), y)
+    frame = X.copy()
+    frame["c"] = frame["c"].map({0.0: "x", 1.0: "y", 2.0: "z"})
+    lm = LoadedModel("m", "1", "champion", None, model)
+    rows = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()} for r in frame.to_dict("records")]
+    np.testing.assert_allclose(lm.predict_matrix(lm.matrix(rows)), model.predict_proba(frame), rtol=1e-12)
+    contrib = lm.contributions_matrix(lm.matrix(rows))
+    np.testing.assert_allclose(contrib, model.contributions(frame), rtol=1e-9)
+    assert contrib.shape == (300, 4)
+
+
+def test_serve_fails_fast_without_champion_or_keys(tmp_path: Path) -> None:
+    exe = str(Path(sys.executable).with_name("vitalrisk"))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/empty.db", "VITALRISK_API_KEYS": "a:*:aaaaaaaaaa"}
+    env.pop("VITALRISK_API_KEYS_FILE", None)
+    r = subprocess.run([exe, "serve", "--port", "1", "--params", str(tmp_path / "none.yaml")], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no 'champion' alias" in r.stderr and "Traceback" not in r.stderr
+    env["VITALRISK_API_KEYS"] = ""
+    r = subprocess.run([exe, "serve", "--params", str(tmp_path / "none.yaml")], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no API keys" in r.stderr
