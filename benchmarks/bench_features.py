@@ -178,7 +178,7 @@ def _config() -> Any:
 
         return load_section(FeaturesConfig, "features", params)
     except Exception:  # params not written yet or invalid: the defaults
-        return FeaturesConfig()
+        return FeaturesConfig.model_validate({})
 
 
 def pandas_rolling(obs: pd.DataFrame, times: pd.DataFrame, config: Any, vocab: Any) -> pd.DataFrame:
@@ -243,7 +243,10 @@ def main() -> dict[str, Any]:
         sub_pat = frames["patients"][frames["patients"]["patient_id"].isin(sub_ids)]
         del frames, obs_all
         times, _ = label_times(
-            prediction_times(sub_pat, config), sub_pat, pd.DataFrame(columns=["patient_id", "time", "event"]), config
+            prediction_times(sub_pat, config),
+            sub_pat,
+            pd.DataFrame(columns=["patient_id", "time", "event"]),
+            config,
         )
         t = time.perf_counter()
         pandas_rolling(sub_obs, times, config, vocab)
@@ -269,7 +272,9 @@ def main() -> dict[str, Any]:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
-        child = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))[6:])
+        child = json.loads(
+            next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))[6:]
+        )
         out_bytes = (d / "out" / "features.parquet").stat().st_size
 
     secs = child["seconds"]

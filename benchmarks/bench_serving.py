@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 CONCURRENCY = (1, 8, 32)
 REQUESTS = {1: 300, 8: 800, 32: 1200}
 SCORE_REQUESTS = {1: 100, 8: 200, 32: 300}
+#: mlflow serve is an order of magnitude slower: fewer requests keep the run to minutes
+MLFLOW_REQUESTS = {1: 60, 8: 120, 32: 160}
 KEY = "bench-secret-000001"
 
 
@@ -60,9 +62,18 @@ def _wait(url: str, proc: subprocess.Popen[bytes], logfile: Path, timeout: float
     raise RuntimeError(f"{url} not ready after {timeout}s: {logfile.read_text()[-2000:]}")
 
 
-def _start(cmd: list[str], env: dict[str, str], cwd: Path, name: str) -> tuple[subprocess.Popen[bytes], Path]:
+def _start(
+    cmd: list[str], env: dict[str, str], cwd: Path, name: str
+) -> tuple[subprocess.Popen[bytes], Path]:
     logfile = cwd / f"{name}.log"
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=logfile.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=cwd,
+        stdout=logfile.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     return proc, logfile
 
 
@@ -76,16 +87,25 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=10)
 
 
-async def _load(url: str, bodies: list[bytes], concurrency: int, headers: dict[str, str]) -> dict[str, Any]:
+async def _load(
+    url: str, bodies: list[bytes], concurrency: int, headers: dict[str, str]
+) -> dict[str, Any]:
     import httpx
 
     latencies: list[float] = []
     errors: dict[int, int] = {}
     it = iter(bodies)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60.0, limits=limits, headers={**headers, "content-type": "application/json"}) as client:
+    async with httpx.AsyncClient(
+        timeout=60.0, limits=limits, headers={**headers, "content-type": "application/json"}
+    ) as client:
         # warm-up (connections, batching optimiser)
-        await asyncio.gather(*(client.post(url, content=bodies[i % len(bodies)]) for i in range(min(concurrency * 2, 40))))
+        await asyncio.gather(
+            *(
+                client.post(url, content=bodies[i % len(bodies)])
+                for i in range(min(concurrency * 2, 40))
+            )
+        )
 
         async def worker() -> None:
             for body in it:
@@ -110,10 +130,14 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, headers: dict[s
 
 
 def main() -> dict[str, Any]:
+    # per-request client logging would cost the load generator CPU on a 2-core machine
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # a terminated benchmark still stops the servers it started (finally blocks run)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.serving.factory import END, register_models, synthetic_cohort
+    from tests.serving.factory import register_models, synthetic_cohort
 
     out: dict[str, Any] = {"host": "127.0.0.1", "workers": 1, "cpu_count": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
@@ -141,32 +165,85 @@ def main() -> dict[str, Any]:
         )
         vr_port, ml_port = _free_port(), _free_port()
         exe = Path(sys.executable).parent
-        vr, vr_log = _start([str(exe / "vitalrisk"), "serve", "--port", str(vr_port), "--params", str(root / "params.yaml")], env, root, "vitalrisk")
+        vr, vr_log = _start(
+            [
+                str(exe / "vitalrisk"),
+                "serve",
+                "--port",
+                str(vr_port),
+                "--params",
+                str(root / "params.yaml"),
+            ],
+            env,
+            root,
+            "vitalrisk",
+        )
         ml, ml_log = _start(
-            [str(exe / "mlflow"), "models", "serve", "-m", f"models:/vitalrisk-deterioration/{version}", "--env-manager", "local",
-             "-p", str(ml_port), "-h", "127.0.0.1", "-w", "1"],
-            env, root, "mlflow",
+            [
+                str(exe / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                f"models:/vitalrisk-deterioration/{version}",
+                "--env-manager",
+                "local",
+                "-p",
+                str(ml_port),
+                "-h",
+                "127.0.0.1",
+                "-w",
+                "1",
+            ],
+            env,
+            root,
+            "mlflow",
         )
         try:
             _wait(f"http://127.0.0.1:{vr_port}/readyz", vr, vr_log)
             _wait(f"http://127.0.0.1:{ml_port}/ping", ml, ml_log)
             rows = frame[names].astype(float)
-            recs = [{k: (None if np.isnan(v) else float(v)) for k, v in r.items()} for r in rows.to_dict("records")]
+            recs = [
+                {k: (None if np.isnan(v) else float(v)) for k, v in r.items()}
+                for r in rows.to_dict("records")
+            ]
             pids = frame["patient_id"].tolist()
-            feat_bodies = [json.dumps({"rows": [{"patient_id": pids[i], "features": recs[i]}]}).encode() for i in range(len(recs))]
+            feat_bodies = [
+                json.dumps({"rows": [{"patient_id": pids[i], "features": recs[i]}]}).encode()
+                for i in range(len(recs))
+            ]
             ml_bodies = [
-                json.dumps({"dataframe_split": {"columns": names, "data": [[r[k] for k in names]]}}).encode() for r in recs
+                json.dumps(
+                    {"dataframe_split": {"columns": names, "data": [[r[k] for k in names]]}}
+                ).encode()
+                for r in recs
             ]
             obs, _, _, _ = synthetic_cohort(n=40, seed=5)
             score_bodies = []
             for pid, g in obs.groupby("patient_id"):
-                items = [{"time": t.isoformat().replace("+00:00", "Z"), "code": c, "value": float(v)} for t, c, v in zip(g["time"], g["code"], g["value"], strict=True)]
-                score_bodies.append(json.dumps({"patients": [{"patient_id": str(pid), "covariates": {"age": 70, "sex": "F"}, "observations": items}]}).encode())
+                items = [
+                    {"time": t.isoformat().replace("+00:00", "Z"), "code": c, "value": float(v)}
+                    for t, c, v in zip(g["time"], g["code"], g["value"], strict=True)
+                ]
+                score_bodies.append(
+                    json.dumps(
+                        {
+                            "patients": [
+                                {
+                                    "patient_id": str(pid),
+                                    "covariates": {"age": 70, "sex": "F"},
+                                    "observations": items,
+                                }
+                            ]
+                        }
+                    ).encode()
+                )
             auth = {"Authorization": f"Bearer {KEY}"}
             vr_url = f"http://127.0.0.1:{vr_port}"
             ml_url = f"http://127.0.0.1:{ml_port}/invocations"
 
-            def run(url: str, bodies: list[bytes], counts: dict[int, int], headers: dict[str, str]) -> list[dict[str, Any]]:
+            def run(
+                url: str, bodies: list[bytes], counts: dict[int, int], headers: dict[str, str]
+            ) -> list[dict[str, Any]]:
                 res = []
                 for c in CONCURRENCY:
                     reps = (bodies * (counts[c] // len(bodies) + 1))[: counts[c]]
@@ -175,13 +252,28 @@ def main() -> dict[str, Any]:
                     res.append(r)
                 return res
 
-            out["vitalrisk_features_row"] = run(f"{vr_url}/v1/score/features", feat_bodies, REQUESTS, auth)
-            out["mlflow_serve_row"] = run(ml_url, ml_bodies, REQUESTS, {})
-            out["vitalrisk_score_raw_patient"] = run(f"{vr_url}/v1/score", score_bodies, SCORE_REQUESTS, auth)
+            out["vitalrisk_features_row"] = run(
+                f"{vr_url}/v1/score/features", feat_bodies, REQUESTS, auth
+            )
+            out["mlflow_serve_row"] = run(ml_url, ml_bodies, MLFLOW_REQUESTS, {})
+            out["vitalrisk_score_raw_patient"] = run(
+                f"{vr_url}/v1/score", score_bodies, SCORE_REQUESTS, auth
+            )
             big = (recs * (1000 // len(recs) + 1))[:1000]
             vr_big = [json.dumps({"rows": [{"features": r} for r in big]}).encode()] * 10
-            ml_big = [json.dumps({"dataframe_split": {"columns": names, "data": [[r[k] for k in names] for r in big]}}).encode()] * 10
-            out["vitalrisk_features_1000_rows"] = asyncio.run(_load(f"{vr_url}/v1/score/features", vr_big, 1, auth))
+            ml_big = [
+                json.dumps(
+                    {
+                        "dataframe_split": {
+                            "columns": names,
+                            "data": [[r[k] for k in names] for r in big],
+                        }
+                    }
+                ).encode()
+            ] * 10
+            out["vitalrisk_features_1000_rows"] = asyncio.run(
+                _load(f"{vr_url}/v1/score/features", vr_big, 1, auth)
+            )
             out["mlflow_serve_1000_rows"] = asyncio.run(_load(ml_url, ml_big, 1, {}))
         finally:
             _stop(vr)

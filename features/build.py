@@ -33,9 +33,10 @@ from features.windows import CodeSeries, moments_to_stats, range_reduce
 log = logging.getLogger(__name__)
 
 ID_COLUMNS = ["patient_id", "time", "setting"]
-#: integer time resolution of the search keys: 1 ms, coarser only for extreme spans. Fixed
-#: (not chosen per batch) so a patient's features do not depend on who else is in the batch.
-_UNITS_NS = (1_000_000, 1_000_000_000, 60_000_000_000)
+#: integer time resolution of the search keys: nanoseconds (exact), coarser only when one
+#: patient's time range exceeds ~70 years
+_UNITS_NS = (1, 1_000, 1_000_000, 1_000_000_000)
+_KEY_LIMIT = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,9 @@ def static_columns(config: FeaturesConfig, available: Iterable[str]) -> list[str
 
 
 def _window_stats(config: FeaturesConfig, spec: CodeSpec) -> tuple[list[float], list[str]]:
+    """Windows of the code's group and statistics of its kind."""
     ws = sorted(config.windows.hours.get(spec.group, []))
-    st = list(config.windows.stats.get(spec.kind, []))
+    st: list[str] = [str(x) for x in config.windows.stats.get(spec.kind, [])]
     return ws, st
 
 
@@ -303,11 +305,12 @@ def _category_index(col: pd.Series, categories: np.ndarray) -> np.ndarray:
     return pd.Categorical(col.astype(str), categories=categories).codes.astype(np.int32)
 
 
-def _time_unit(n_patients: int, span_ns: int) -> int:
+def _time_unit(span_ns: int) -> int:
+    """Finest unit in which one patient's time range fits the key space several times over."""
     for u in _UNITS_NS:
-        if (n_patients + 1) * (span_ns // u + 4) < (1 << 62):
+        if 16 * (span_ns // u + 4) < _KEY_LIMIT:
             return u
-    raise ValueError("prediction times span too long for the integer time keys")
+    raise ValueError("observation and prediction times span too long for the time keys")
 
 
 def _static_values(
@@ -351,7 +354,7 @@ def _moments_needed(
     spec = vocab.codes[code]
     fam = config.families
     stats: set[str] = set(config.windows.stats.get(spec.kind, [])) if fam.windows else set()
-    if fam.baseline and spec.kind == "continuous" or fam.sleep and spec.group == "sleep":
+    if (fam.baseline and spec.kind == "continuous") or (fam.sleep and spec.group == "sleep"):
         stats |= {"mean", "std"}
     if fam.activity and spec.group == "activity":
         stats |= {"sum"}
@@ -371,9 +374,14 @@ def _moments_needed(
 
 @dataclass
 class _Keys:
-    """Integer time keys shared by all chunks of one call."""
+    """Integer time keys: ``patient * span + (t - origin[patient]) / unit``.
 
-    t0: int
+    ``origin`` is per patient, so ``span`` only has to cover one patient's time range. With
+    the default unit (1 ns) keys are exact: an observation at the prediction time is used, one
+    1 ns later is not. A coarser unit rounds observations up and prediction times down, so
+    it can leave a sub-unit observation out but never let a later one in.
+    """
+
     unit: int
     span: int
 
@@ -391,6 +399,7 @@ def _chunk_features(
     vocab: Vocabulary,
     all_codes: list[str],
     fcodes: list[str],
+    origin: np.ndarray,
     p_idx: np.ndarray,
     c_idx: np.ndarray,
     t_ns: np.ndarray,
@@ -403,12 +412,13 @@ def _chunk_features(
     """Every time-dependent feature for the queries of one chunk of patients.
 
     ``p_idx`` (local patient index, 0..n_pat-1), ``c_idx`` (index into ``all_codes``),
-    ``t_ns``, ``val``: this chunk's observation rows; ``qp``/``qt``: its queries, sorted.
+    ``t_ns``, ``val``: this chunk's observation rows; ``qp``/``qt``: its queries, sorted;
+    ``origin``: per local patient, ns, a multiple of the unit, before all of its times.
     """
     res: dict[str, np.ndarray] = {}
     m = len(qp)
     span, unit, hpu = ctx.span, ctx.unit, ctx.hpu
-    qt_u = (qt - ctx.t0) // unit
+    qt_u = (qt - origin[qp]) // unit
     qkey = qp * span + qt_u
     order = np.argsort(c_idx, kind="stable")  # radix sort: rows grouped by code
     bounds = np.concatenate([[0], np.cumsum(np.bincount(c_idx, minlength=len(all_codes)))])
@@ -418,7 +428,9 @@ def _chunk_features(
     latest: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for ci, c in enumerate(all_codes):
         r = order[bounds[ci] : bounds[ci + 1]]
-        t_u = -((ctx.t0 - t_ns[r]) // unit)  # ceil: an observation never moves earlier
+        t_u = t_ns[r] - origin[p_idx[r]]
+        if unit > 1:
+            t_u = -(-t_u // unit)  # ceil: an observation never moves earlier
         series = CodeSeries.build(
             p_idx[r], t_u, val[r], n_pat, span, hpu, _moments_needed(config, vocab, c, fcodes)
         )
@@ -585,23 +597,30 @@ def compute_features(
         t_ns = np.zeros(0, dtype=np.int64)
         val = np.zeros(0)
 
-    # -- integer time keys ------------------------------------------------------------------
+    # -- integer time keys: per-patient origin and range ----------------------------------------
     lookback_ns = round(config.lookback_hours * HOUR_NS)
-    obs_min = int(t_ns.min()) if len(t_ns) else (int(qt.min()) if m else 0)
-    t0 = min(int(qt.min()) - lookback_ns, obs_min) - 1 if m else 0
-    unit = _time_unit(n_pat, (int(qt.max()) if m else 0) - t0 + 2 * _UNITS_NS[-1])
-    # Align the origin to the unit: an observation's integer time is then ceil(t / unit) minus
-    # a constant, the same whatever the batch. Observations are rounded up and prediction
-    # times down, so sub-unit rounding can only drop an observation, never leak one.
-    t0 = (t0 // unit) * unit - unit
-    ctx = _Keys(t0=t0, unit=unit, span=((int(qt.max()) if m else 0) - t0) // unit + 4)
+    cum = np.searchsorted(row_p, np.arange(1, n_pat + 1))  # rows of patients < p+1
+    first_q = np.searchsorted(qp, np.arange(n_pat))
+    lo_p = qt[first_q] - lookback_ns if m else np.zeros(0, dtype=np.int64)
+    hi_p = qt[np.searchsorted(qp, np.arange(1, n_pat + 1)) - 1] if m else lo_p
+    if len(t_ns):
+        starts = np.concatenate([[0], cum[:-1]])
+        has = cum > starts
+        lo_p, hi_p = lo_p.copy(), hi_p.copy()
+        lo_p[has] = np.minimum(lo_p[has], np.minimum.reduceat(t_ns, starts[has]))
+        hi_p[has] = np.maximum(hi_p[has], np.maximum.reduceat(t_ns, starts[has]))
+    range_ns = int((hi_p - lo_p).max()) + 2 if m else 2
+    unit = _time_unit(range_ns)
+    origin = (lo_p // unit) * unit - unit  # aligned: rounding does not depend on the batch
+    ctx = _Keys(unit=unit, span=range_ns // unit + 4)
+    max_pat = max(1, _KEY_LIMIT // ctx.span - 1)
 
     # -- chunks of whole patients, processed on threads ----------------------------------------
-    cum = np.searchsorted(row_p, np.arange(1, n_pat + 1))  # rows of patients < p+1
     cuts = [0]
     while cuts[-1] < n_pat:
         target = (cum[cuts[-1] - 1] if cuts[-1] else 0) + CHUNK_OBSERVATIONS
-        cuts.append(max(cuts[-1] + 1, min(int(np.searchsorted(cum, target, "right")), n_pat)))
+        nxt = max(cuts[-1] + 1, min(int(np.searchsorted(cum, target, "right")), n_pat))
+        cuts.append(min(nxt, cuts[-1] + max_pat))
     p_bounds = np.searchsorted(row_p, cuts) if len(row_p) else np.zeros(len(cuts), int)
     q_bounds = np.searchsorted(qp, cuts)
     scale2 = _scale2(patients, pids, config.news2.scale2_flags)
@@ -622,6 +641,7 @@ def compute_features(
             vocab,
             all_codes,
             fcodes,
+            origin[p_lo:p_hi],
             row_p[o_lo:o_hi].astype(np.int64) - p_lo,
             row_c[o_lo:o_hi],
             t_ns[o_lo:o_hi],

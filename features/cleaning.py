@@ -24,10 +24,15 @@ TRUE_TEXT = {"true", "1", "yes", "y", "t"}
 FALSE_TEXT = {"false", "0", "no", "n", "f"}
 
 
+def _clean(v: object) -> str:
+    return "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip()
+
+
 def _text(s: pd.Series) -> pd.Series:
-    return s.map(
-        lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
-    ).str.strip()
+    """Stripped text, missing -> "". Works on the distinct values only (columns repeat a lot)."""
+    codes, uniq = pd.factorize(s, use_na_sentinel=True)
+    clean = np.array([*(_clean(v) for v in uniq), ""], dtype=object)  # code -1 -> ""
+    return pd.Series(clean[codes], index=s.index, dtype=object)
 
 
 def parse_times(text: pd.Series, naive: str) -> tuple[pd.Series, pd.Series, pd.Series]:
@@ -37,9 +42,18 @@ def parse_times(text: pd.Series, naive: str) -> tuple[pd.Series, pd.Series, pd.S
     ``naive == "utc"`` and rejected when ``naive == "reject"``.
     """
     t = _text(text)
-    times = pd.to_datetime(t.where(t != ""), format="ISO8601", errors="coerce", utc=True)
+    codes, uniq = pd.factorize(t)
+    u = pd.Series(uniq, dtype=object)
+    u_offset = u.str.contains(_OFFSET).to_numpy(dtype=bool)
+    # parse naive and offset strings separately: pandas 2.3 gives a naive string that follows
+    # an offset string in the same array that earlier string's offset
+    u_times = pd.Series(pd.NaT, index=u.index, dtype="datetime64[ns, UTC]")
+    for m in (u_offset, ~u_offset & (u != "").to_numpy()):
+        if m.any():
+            u_times[m] = pd.to_datetime(u[m], format="ISO8601", errors="coerce", utc=True)
+    times = pd.Series(u_times.array.take(codes), index=t.index)
     unparseable = times.isna() & (t != "")
-    has_offset = t.str.contains(_OFFSET)
+    has_offset = pd.Series(u_offset[codes], index=t.index)
     naive_bad = (
         (~has_offset) & ~unparseable & (t != "")
         if naive == "reject"
@@ -121,13 +135,12 @@ def normalise_observations(
             value.loc[tidx] = cat.astype(float)
             expected = f"one of {sorted(spec.categories)}" if spec.categories else "a number"
             bad = cat.isna().to_numpy()
-            reject(
-                mask_of(tidx[bad]),
-                "value",
-                lambda at, key=key, expected=expected: (
-                    "unparseable value " + vtext[at].map(repr) + f" for {key}: expected {expected}"
-                ),
-            )
+            tail = f" for {key}: expected {expected}"
+
+            def why_text(at: pd.Index, tail: str = tail) -> pd.Series:
+                return "unparseable value " + vtext[at].map(repr) + tail
+
+            reject(mask_of(tidx[bad]), "value", why_text)
         nidx = knum.index[~is_text]
         if len(nidx):
             units = unit.loc[nidx].where(unit.loc[nidx] != "", spec.unit)
@@ -150,17 +163,14 @@ def normalise_observations(
         out = (kv < lo) | (kv > hi) | ~np.isfinite(kv)
         out &= kv.notna()
         if out.any():
-            reject(
-                mask_of(out.index[out.to_numpy()]),
-                "value",
-                lambda at, key=key, spec=spec, lo=lo, hi=hi: (
-                    "out-of-range value "
-                    + vtext[at].map(repr)
-                    + f" for {key}: "
-                    + value[at].map(lambda x: f"{x:g}")
-                    + f" {spec.unit} outside plausible range [{lo:g}, {hi:g}]"
-                ),
-            )
+            head = f" for {key}: "
+            tail = f" {spec.unit} outside plausible range [{lo:g}, {hi:g}]"
+
+            def why_range(at: pd.Index, head: str = head, tail: str = tail) -> pd.Series:
+                shown = value[at].map(lambda x: f"{x:g}")
+                return "out-of-range value " + vtext[at].map(repr) + head + shown + tail
+
+            reject(mask_of(out.index[out.to_numpy()]), "value", why_range)
     ok = reason == ""
     src = _text(raw["source"]).where(lambda s: s != "", default_source)
     accepted = pd.DataFrame(

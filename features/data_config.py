@@ -35,7 +35,7 @@ class SimulateConfig(BaseModel):
     home_wide_fraction: float = Field(0.6, ge=0, le=1)
     #: wearable sampling interval in minutes: each patient's device gets one of these
     wearable_intervals_min: list[int] = Field(default_factory=lambda: [1, 5, 10, 15])
-    wearable_interval_weights: list[float] = Field(default_factory=lambda: [0.02, 0.18, 0.4, 0.4])
+    wearable_interval_weights: list[float] = Field(default_factory=lambda: [0.02, 0.13, 0.4, 0.45])
     #: fraction of raw records turned into bad records (quarantine material) per file
     bad_record_rate: float = Field(0.002, ge=0, le=0.2)
     duplicate_rate: float = Field(0.003, ge=0, le=0.2)

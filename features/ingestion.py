@@ -243,7 +243,11 @@ def ingest(
             return
         rej = rej.copy()
         if "record" not in rej:
-            rej["record"] = [rr.record_text(int(ln)) for ln in rej["line"]]
+            rej["record"] = ""
+        rej["record"] = [
+            r if r else rr.record_text(int(ln))
+            for r, ln in zip(rej["record"], rej["line"], strict=True)
+        ]
         rej["record"] = [scrub(r, s) for r, s in zip(rej["record"], rej["source_id"], strict=True)]
         rej["file"] = rr.file
         q_parts.append(rej)
@@ -313,29 +317,40 @@ def ingest(
         if pat_parts
         else pd.DataFrame(columns=["source_id", "line", "_file", "_order"])
     )
-    dup_pat = patients.duplicated("source_id", keep="first")
+    # consent, duplicates and joins work on pseudonyms, so raw ids and already-pseudonymised
+    # ids (e.g. the service's landing files) of the same patient meet
+    patients["_pid"] = pseudo.series(patients["source_id"])
+    dup_pat = patients.duplicated("_pid", keep="first")
     for f, n in patients.loc[dup_pat, "_file"].value_counts().items():
         count_rows.append(
             {"file": f, "format": "patients", "code": PATIENT_KEY, "duplicates": int(n)}
         )
     patients = patients[~dup_pat].reset_index(drop=True)
     if fhir_pat:
-        fp = pd.concat(fhir_pat, ignore_index=True).drop_duplicates("source_id")
-        fp = fp[~fp["source_id"].isin(patients["source_id"])]
+        fp = pd.concat(fhir_pat, ignore_index=True)
+        fp["_pid"] = pseudo.series(fp["source_id"])
+        fp = fp.drop_duplicates("_pid")
+        fp = fp[~fp["_pid"].isin(patients["_pid"])]
         if len(fp):
-            add = pd.DataFrame({"source_id": fp["source_id"], "sex": fp.get("sex")})
+            add = pd.DataFrame(
+                {"source_id": fp["source_id"], "_pid": fp["_pid"], "sex": fp.get("sex")}
+            )
             patients = pd.concat([patients, add], ignore_index=True)
     consent_col = f"consent_{cfg.purpose}"
     if consent_col not in patients:
         patients[consent_col] = pd.Series(pd.NA, index=patients.index, dtype="boolean")
-    consent = patients.set_index("source_id")[consent_col]
+    consent = patients.set_index("_pid")[consent_col]
     allowed_ids = set(consent.index[consent.fillna(False).astype(bool)])
     denied_ids = set(consent.index[~consent.fillna(True).astype(bool)])
 
     def allowed(s: pd.Series) -> pd.Series:
+        pid = pseudo.series(s)
         if cfg.missing_consent == "include":
-            return ~s.isin(denied_ids)
-        return s.isin(allowed_ids)
+            return ~pid.isin(denied_ids)
+        return pid.isin(allowed_ids)
+
+    def seen(s: pd.Series) -> set[str]:
+        return set(pseudo.series(pd.Series(pd.unique(s.astype(str)))))
 
     all_seen: set[str] = set()
     # -- observations: consent, then exact duplicates
@@ -346,7 +361,7 @@ def ingest(
             columns=[*OBSERVATION_COLUMNS, "source_id", "line", "_file", "_order", "format"]
         )
     )
-    all_seen |= set(obs["source_id"].unique())
+    all_seen |= seen(obs["source_id"])
     ok = allowed(obs["source_id"])
     for (f, fmt, c), n in obs.loc[~ok].groupby(["_file", "format", "code"]).size().items():
         count_rows.append({"file": f, "format": fmt, "code": c, "consent_excluded": int(n)})
@@ -371,7 +386,7 @@ def ingest(
         if out_parts
         else pd.DataFrame(columns=["source_id", "time", "event", "line", "_file"])
     )
-    all_seen |= set(outcomes["source_id"])
+    all_seen |= seen(outcomes["source_id"])
     ok = allowed(outcomes["source_id"])
     for f, n in outcomes.loc[~ok, "_file"].value_counts().items():
         count_rows.append(
@@ -406,7 +421,7 @@ def ingest(
     if cohort_parts:
         cohort = pd.concat(cohort_parts, ignore_index=True)
         cobs = pd.concat(cohort_obs, ignore_index=True)
-        all_seen |= set(cohort["patient_id"])
+        all_seen |= seen(cohort["patient_id"])
         ok_cells = allowed(cobs["source_id"])
         for (f, fmt, c), n in (
             cobs.loc[~ok_cells].groupby(["_file", "format", "code"]).size().items()
@@ -425,7 +440,7 @@ def ingest(
             count_rows.append({"file": f, "format": fmt, "code": c, "accepted": int(n)})
 
     # -- patients output
-    all_seen |= set(patients["source_id"])
+    all_seen |= set(patients["_pid"])
     n_pat = len(patients)
     ok = allowed(patients["source_id"])
     pat_excl = patients.loc[~ok]
@@ -440,7 +455,7 @@ def ingest(
     patients_out = patients[ok.to_numpy()].copy()
     patients_out.insert(0, "patient_id", pseudo.series(patients_out["source_id"]))
     patients_out = patients_out.drop(
-        columns=[c for c in ("source_id", "line", "_file", "_order") if c in patients_out]
+        columns=[c for c in ("source_id", "_pid", "line", "_file", "_order") if c in patients_out]
     )
     for c in patients_out.columns:
         if c.startswith("consent_"):

@@ -103,8 +103,8 @@ def prediction_times(
         else:  # each_observation
             if observations is None:
                 raise ValueError("prediction_times mode each_observation needs observations")
-            keep = set(pid[sel])
-            o = observations[observations["patient_id"].astype(str).isin(keep)]
+            wanted = set(pid[sel])
+            o = observations[observations["patient_id"].astype(str).isin(wanted)]
             ot = pd.DataFrame({"patient_id": o["patient_id"].astype(str), "_t": _ns(o["time"])})
             ot = ot.drop_duplicates()
             bounds = pd.DataFrame({"patient_id": pid[sel], "_s": start[sel], "_e": end[sel]})

@@ -172,8 +172,8 @@ def header_columns(path: Path, sep: str = ",") -> list[str]:
 
 def classify_table(columns: list[str], cfg: IngestConfig, vocab: Vocabulary) -> str | None:
     cols = set(columns)
-    if {"code", "value"} <= cols:
-        return "long"
+    if {"code", "value"} <= cols or ({"code", "value"} & cols and "time" in cols):
+        return "long"  # a long table missing one of code/value gets a required-column error
     if {"patient_file", "anchor_time"} <= cols:
         return "psv_anchors"
     if "index_time" in cols:
@@ -212,6 +212,8 @@ def detect_format(path: Path, cfg: IngestConfig, vocab: Vocabulary) -> str:
             raise StructuralError(f"{path}: unknown format; expected one of: {EXPECTED_FORMATS}")
         return f"{kind}_parquet"
     if suffix in CSV_SUFFIXES:
+        if path.stat().st_size == 0:
+            raise StructuralError(f"{path}: empty file (expected a header line)")
         kind = classify_table(header_columns(path, "\t" if suffix == ".tsv" else ","), cfg, vocab)
         if kind is None:
             raise StructuralError(
@@ -436,7 +438,7 @@ def fhir_resource_rows(
     res: Any, line: int, vocab: Vocabulary, cfg: IngestConfig, validate: bool
 ) -> tuple[list[dict], list[Problem], dict | None]:
     """Raw candidate rows, problems and a patient row (for Patient resources) of one resource."""
-    text = json.dumps(res, separators=(",", ":"))[:2000] if isinstance(res, dict) else str(res)
+    text = ""  # the caller shows the raw line / entry (RawRead.record_text)
     if not isinstance(res, dict) or "resourceType" not in res:
         return (
             [],
@@ -479,12 +481,14 @@ def fhir_resource_rows(
             [],
             {"patient_id": str(pid), "sex": sex, "birth_date": str(res.get("birthDate", ""))},
         )
-    ref = str((res.get("subject") or {}).get("reference", ""))
+    subject = res.get("subject")
+    ref = str(subject.get("reference", "")) if isinstance(subject, dict) else ""
     sid = ref.rsplit("/", 1)[-1] if ref else ""
+    period = res.get("effectivePeriod")
     time = (
         res.get("effectiveDateTime")
         or res.get("effectiveInstant")
-        or (res.get("effectivePeriod") or {}).get("start")
+        or (period.get("start") if isinstance(period, dict) else None)
         or res.get("issued")
         or ""
     )
@@ -495,8 +499,12 @@ def fhir_resource_rows(
     base = {"source_id": sid, "time": str(time), "source": src, "line": line}
     code = _resolve_codes(_codings(res.get("code")), vocab)
     rows: list[dict] = []
-    if code in vocab.panels and res.get("component"):
-        for comp in res["component"]:
+    if code in vocab.panels:
+        comps = res.get("component")
+        if not isinstance(comps, list) or not comps:
+            why = f"missing field: component (panel {code} without components)"
+            return [], [Problem(line, "component", why, text, code)], None
+        for comp in comps:
             ccode = (
                 _resolve_codes(_codings(comp.get("code")), vocab) if isinstance(comp, dict) else ""
             )

@@ -90,6 +90,7 @@ PSV_COLUMNS = (
 )
 WIDE_COLUMNS = ("HR", "SpO2", "Steps", "SleepMin", "SBP", "DBP", "TempF")
 TIME_FMT = "%Y-%m-%dT%H:%M:%SZ"
+WIDE_TIME_FMT = "%Y-%m-%d %H:%M:%S"  # the wearable export writes naive UTC times
 
 
 @dataclass
@@ -258,9 +259,9 @@ def _ward_obs(p: _Patient) -> list[tuple[np.ndarray, str, np.ndarray]]:
     base = rng.uniform(3, 7)
     while t < p.duration_h:
         times.append(t)
-        sev = float(p.severity(np.array([t]))[0])
+        sev_now = float(p.severity(np.array([t]))[0])
         # escalation: sicker patients are checked more often (informative sampling)
-        t += rng.uniform(0.75, 2.0) if sev > 0.4 else rng.uniform(base - 1, base + 1)
+        t += rng.uniform(0.75, 2.0) if sev_now > 0.4 else rng.uniform(base - 1, base + 1)
     th = np.array(times)
     n = len(th)
     s = p.state(th)
@@ -525,7 +526,16 @@ def simulate_cohort(cfg: SimulateConfig) -> Cohort:
 
 
 def _fmt_time(t: pd.Series, fmt: str = TIME_FMT) -> pd.Series:
-    return t.dt.strftime(fmt)
+    """ISO text, vectorised in numpy (``dt.strftime`` is the simulator's slowest step)."""
+    if fmt not in (TIME_FMT, WIDE_TIME_FMT):
+        return t.dt.strftime(fmt)
+    naive = t.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy().astype("datetime64[s]")
+    text = np.datetime_as_string(naive, unit="s").astype(object)
+    if len(text) == 0:
+        return pd.Series([], index=t.index, dtype=object)
+    if fmt == TIME_FMT:
+        return pd.Series(text + "Z", index=t.index)
+    return pd.Series(np.char.replace(text.astype(str), "T", " ").astype(object), index=t.index)
 
 
 def _fmt_values(values: pd.Series, codes: pd.Series) -> pd.Series:
@@ -533,8 +543,15 @@ def _fmt_values(values: pd.Series, codes: pd.Series) -> pd.Series:
     out = pd.Series("", index=values.index, dtype=object)
     for code, idx in codes.groupby(codes, sort=True).groups.items():
         d = DECIMALS.get(str(code), 2)
-        out.loc[idx] = values.loc[idx].map(lambda v, d=d: f"{v:.{d}f}")
+        out.loc[idx] = _fmt_fixed(values.loc[idx].to_numpy(dtype=float), d)
     return out
+
+
+def _fmt_fixed(v: np.ndarray, d: int) -> np.ndarray:
+    """Same text as ``f"{x:.{d}f}"``, vectorised (whole numbers via int64)."""
+    if d == 0:
+        return np.round(v).astype(np.int64).astype(str).astype(object)
+    return np.char.mod(f"%.{d}f", v).astype(object)
 
 
 def _inject_long(
@@ -654,7 +671,7 @@ def _wide_frame(obs: pd.DataFrame, rng: np.random.Generator, rate: float) -> pd.
     o["col"] = o["code"].map(col)
     wide = o.pivot_table(index=["patient_id", "time"], columns="col", values="text", aggfunc="last")
     wide = wide.reindex(columns=list(WIDE_COLUMNS)).fillna("").reset_index()
-    wide["time"] = _fmt_time(wide["time"], "%Y-%m-%d %H:%M:%S")
+    wide["time"] = _fmt_time(wide["time"], WIDE_TIME_FMT)
     wide.columns.name = None
     n = len(wide)
     k = max(int(n * rate), 4)
@@ -719,7 +736,6 @@ def _fhir_resources(
     lines: list[str] = []
     o = obs.copy()
     o["t"] = _fmt_time(o["time"])
-    n_obs = 0
     bp = o[o["code"].isin(["sbp", "dbp"])].pivot_table(
         index=["patient_id", "t"], columns="code", values="value", aggfunc="last"
     )
@@ -758,7 +774,7 @@ def _fhir_resources(
         else:
             d = DECIMALS[code]
             res["valueQuantity"] = {
-                "value": round(v, d) if d else int(round(v)),
+                "value": round(v, d) if d else round(v),
                 "unit": UNITS[code],
                 "system": ucum,
                 "code": UNITS[code],
@@ -772,7 +788,7 @@ def _fhir_resources(
                     {
                         "code": {"coding": [{"system": "http://loinc.org", "code": LOINC[c]}]},
                         "valueQuantity": {
-                            "value": int(round(row[c])),
+                            "value": round(row[c]),
                             "unit": "mm[Hg]",
                             "system": ucum,
                             "code": "mm[Hg]",
@@ -805,10 +821,9 @@ def _fhir_resources(
         else set()
     )
     for j, (_, _, _, res) in enumerate(items):
-        n_obs += 1
         res = {
             "resourceType": "Observation",
-            "id": f"obs-{n_obs:07d}",
+            "id": f"obs-{j + 1:07d}",
             **{k: v for k, v in res.items() if k != "resourceType"},
         }
         line = json.dumps(res, separators=(",", ":"))
@@ -854,7 +869,7 @@ def _write_psv(
     for pid, g in obs.groupby("patient_id", sort=True):
         start = info.loc[pid, "followup_start"]
         anchor = start.floor("h")
-        end_h = int(math.ceil((info.loc[pid, "followup_end"] - anchor) / pd.Timedelta(hours=1)))
+        end_h = math.ceil((info.loc[pid, "followup_end"] - anchor) / pd.Timedelta(hours=1))
         g = g[g["code"].isin(list(col))]
         hour = np.maximum(np.round((g["time"] - anchor) / pd.Timedelta(hours=1)).astype(int), 1)
         grid = pd.DataFrame(
@@ -979,7 +994,7 @@ def write_cohort(cohort: Cohort, out: Path, cfg: SimulateConfig) -> dict[str, in
     snap = snap[cols]
     for c in ("resp_rate", "creatinine", "lactate"):
         snap[c] = snap[c].map(
-            lambda v: (
+            lambda v, c=c: (
                 ""
                 if v is None or (isinstance(v, float) and math.isnan(v))
                 else (

@@ -115,16 +115,15 @@ class CodeSeries:
     ) -> CodeSeries:
         key = pidx.astype(np.int64, copy=False) * span
         key += t
+        tie = False
         if len(key) > 1:
             d = np.diff(key)
-            unsorted = bool(d.min() < 0)
+            if d.min() < 0:
+                order = np.argsort(key, kind="stable")
+                key, t, v = key[order], t[order], v[order]
+                d = np.diff(key)
             tie = bool((d == 0).any())
             del d
-        else:
-            unsorted = tie = False
-        if unsorted:
-            order = np.argsort(key, kind="stable")
-            key, t, v = key[order], t[order], v[order]
         if tie:
             # Ties at one timestamp: order by value so "last" does not depend on row order,
             # then drop exact duplicates (same patient, code, time and value).

@@ -192,6 +192,12 @@ class AuditLog:
         with self._locked() as fh:
             last_raw = _read_last_line(fh)
             if last_raw:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    raise AuditLogError(
+                        f"{self.path}: last line is incomplete (torn write or edit); "
+                        "run `vitalrisk audit verify` before appending"
+                    )
                 try:
                     last = json.loads(last_raw)
                     seq, prev = int(last["seq"]) + 1, str(last["hash"])
@@ -226,11 +232,10 @@ class AuditLog:
         return entry
 
     def _write_head(self, seq: int, digest: str) -> None:
+        """Atomic replace, without fsync: after a crash the head may lag the (fsynced) log by
+        an entry, which ``verify`` reports as a warning; a head AHEAD of the log is an error."""
         tmp = self.head_path.with_name(self.head_path.name + f".{os.getpid()}.tmp")
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.write(canonical_json({"seq": seq, "hash": digest}) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        tmp.write_text(canonical_json({"seq": seq, "hash": digest}) + "\n", encoding="utf-8")
         os.replace(tmp, self.head_path)
 
     def entries(self) -> Iterator[dict[str, Any]]:

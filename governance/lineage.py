@@ -107,7 +107,9 @@ def collect_lineage(
     ``params``: the params sections the training used (e.g. ``{"features": ..., "train": ...}``);
     ``consent``: the consent filter applied to the training data, e.g.
     :meth:`governance.consent.ConsentFilterResult.as_dict` (purpose and excluded counts);
-    ``key_fingerprint``: :func:`governance.pseudonym.key_fingerprint` of the pseudonym key.
+    ``key_fingerprint``: :func:`governance.pseudonym.key_fingerprint` of the pseudonym key;
+    ``extra``: more fields, e.g. ``{"ingest_consent": report["consent"]}`` from
+    ``reports/ingest.json`` when ingestion already filtered by consent (then shown too).
     """
     commit, dirty = git_commit(repo)
     return {
@@ -180,6 +182,12 @@ def format_lineage(info: Mapping[str, Any]) -> str:
         if not consent
         else f"{consent.get('patients_kept')} / {consent.get('patients_excluded')}",
     )
+    ingest = info.get("ingest_consent") or {}
+    if ingest:
+        lines.append(
+            f"  {'at ingestion':<26} purpose {ingest.get('purpose')}: "
+            f"{ingest.get('patients_excluded')} patients excluded"
+        )
     lines.append("params")
     show("params hash", info.get("params_hash"))
     params = info.get("params") or {}

@@ -84,14 +84,15 @@ def render_model_card(
         )
     lines += [
         "",
-        "## Subgroups (point estimates; NEWS2 alerts at the first NEWS2 threshold)",
+        "## Subgroups (AUROC with 95% patient-bootstrap CI within the subgroup; NEWS2 alerts at "
+        "the first NEWS2 threshold)",
         "| subgroup | patients | events | prevalence | model AUROC | NEWS2 AUROC | model Brier | model sens. | NEWS2 sens. |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for g, s in metrics.get("subgroups", {}).items():
         lines.append(
             f"| {g} | {int(s['n_patients'])} | {int(s['n_event_patients'])} | {_f(s.get('prevalence'))} | "
-            f"{_f(s['model'].get('auroc'))} | {_f(s['news2'].get('auroc'))} | {_f(s['model'].get('brier'), 4)} | "
+            f"{_ci(s['model'], 'auroc')} | {_ci(s['news2'], 'auroc')} | {_f(s['model'].get('brier'), 4)} | "
             f"{_f(s['model'].get('sensitivity'))} | {_f(s['news2'].get('sensitivity'))} |"
         )
     if importance:
@@ -107,7 +108,7 @@ def render_model_card(
         "- Lead time is measured from the first alert within the horizon before the event; when "
         "outcome times are unavailable it is a lower bound.",
         "- Subgroups with few events have unstable estimates (AUROC omitted below "
-        "the configured minimum number of event patients).",
+        "the configured minimum number of event patients; note the interval widths).",
         "- Calibration is fitted on the validation patients of this cohort; recalibrate before "
         "use at a site with a different event rate.",
         "",

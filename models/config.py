@@ -88,6 +88,9 @@ class EvaluateConfig(_Strict):
         description="edges of the age bands used for subgroup metrics",
     )
     calibration_bins: int = Field(default=10, ge=2)
+    subgroup_bootstrap_reps: int = Field(
+        default=100, ge=0, description="patient bootstrap reps for subgroup AUROC/AUPRC CIs"
+    )
     subgroup_min_events: int = Field(
         default=5, ge=0, description="below this, subgroup AUROC is null"
     )

@@ -116,6 +116,16 @@ def _subgroup_metrics(
         ("news2", g["news2_prob"].to_numpy(), g["news2_total"].to_numpy()),
     ):
         m = discrimination_calibration(y, p, rank) if enough else {"brier": brier(y, p)}
+        if enough and config.subgroup_bootstrap_reps:
+            r = p if rank is None else rank
+
+            def stat(idx: np.ndarray, r: np.ndarray = r) -> dict[str, float | None]:
+                return {"auroc": auroc(y[idx], r[idx]), "auprc": auprc(y[idx], r[idx])}
+
+            samples = PatientBootstrap(
+                g["patient_id"].to_numpy(), config.subgroup_bootstrap_reps, config.seed
+            ).indices()
+            m = with_ci(m, bootstrap_ci(stat, samples))
         if name == "model":
             alert = g["prob"].to_numpy() >= model_thr
         else:  # the first NEWS2 trigger threshold (5 by default)
@@ -142,7 +152,9 @@ def evaluate_predictions(
     mapping = News2Mapping().fit(train["news2_total"].to_numpy(float), train["label"].to_numpy())
     pred["news2_prob"] = mapping(pred["news2_total"].to_numpy(float))
 
-    val = pred[(pred["split"] == "val") & pred["news2_total"].notna()]
+    # NEWS2 is not fitted, so its equal-budget threshold may use all non-test rows (more
+    # patients, less noise); the model's threshold comes from validation patients only
+    val = pred[(pred["split"] != "test") & pred["news2_total"].notna()]
     test_all = pred[pred["split"] == "test"]
     test = test_all[test_all["news2_total"].notna()].reset_index(drop=True)
     if test.empty or test["label"].nunique() < 2:

@@ -178,7 +178,6 @@ def _fit_dask(
         client=client,
         n_estimators=num_rounds,
         random_state=config.seed,
-        n_jobs=config.num_threads,
         verbose=-1,
         **p,
     )

@@ -93,8 +93,9 @@ def train_and_log(
             tracking.log_dict(dict(feature_dictionary), "feature_dictionary.json")
         if lineage_record:
             tracking.log_dict(dict(lineage_record), "lineage.json")
-        prepared = result.model.prepare(frame)
-        example = prepared[result.split.to_numpy() == "train"].head(5)
+        # input example: the training medians, so no individual's values leave in the artifact
+        prepared = result.model.prepare(frame[result.split.to_numpy() == "train"])
+        example = prepared.median().fillna(0.0).to_frame().T.reset_index(drop=True)
         with tempfile.TemporaryDirectory() as tmp:
             model_uri = tracking.log_risk_model(result.model, example, tmp)
         preds = result.predictions(frame)

@@ -53,6 +53,12 @@ class DriftTest(BaseModel):
             return score < self.threshold
         return score >= self.threshold
 
+    def severity(self, score: float) -> float:
+        """How far past the threshold (> 1 = drifted), comparable across methods for ranking."""
+        if self.method in P_VALUE_METHODS:
+            return self.threshold / max(score, 1e-300)
+        return score / self.threshold
+
 
 class DriftConfig(BaseModel):
     """Drift test per column type; ``per_feature`` overrides by column name."""
@@ -122,9 +128,15 @@ class MonitorConfig(BaseModel):
     #: the current window: the last ``window_days`` before the latest logged prediction
     window_days: float = Field(default=7.0, gt=0)
     #: rows read from the prediction log per chunk (bounds memory)
-    chunk_rows: int = Field(default=100000, ge=1000)
+    chunk_rows: int = Field(default=25000, ge=1000)
+    #: quality shares (missing, out of range, new categories) over every row of the window
+    #: instead of the ``current_size`` sample: exact, but parses every logged row's JSON
+    exact_quality: bool = False
     #: log role to monitor (shadow predictions are the challenger's)
     role: str = "champion"
+    #: features shown with a drift widget in the HTML report (drifted first, then the closest
+    #: to their threshold); every feature's test result is in the JSON summary
+    report_columns: int = Field(default=30, ge=1)
     #: columns of the feature matrix that are not model inputs
     exclude: list[str] = Field(default_factory=lambda: ["patient_id", "time", "label"])
     drift: DriftConfig = Field(default_factory=DriftConfig)

@@ -119,6 +119,8 @@ class CurrentWindow:
     start: pd.Timestamp | None = None
     end: pd.Timestamp | None = None
     columns_absent: list[str] = field(default_factory=list)
+    #: predictions in the window (``rows`` is what the quality counts were taken over)
+    window_rows: int | None = None
 
 
 def collect_current(
@@ -283,14 +285,31 @@ def evaluate(
     meta = {
         "window_start": str(current.start),
         "window_end": str(current.end),
-        "rows": str(current.rows),
+        "rows": str(current.window_rows or current.rows),
     }
+    pt = config.drift.prediction
+    to_test = {
+        c: (t.method, t.threshold, "num" if kinds[c] == "numerical" else "cat")
+        for c, t in tests.items()
+        if c in usable
+    }
+    if has_pred:
+        to_test[PREDICTION] = (pt.method, pt.threshold, "num")
+    results = er.stat_test_scores(ref, cur, to_test)
+    scores = {c: r[0] for c, r in results.items()}
+    flags = {c: r[1] for c, r in results.items()}
+
+    def severity(c: str) -> float:
+        return tests[c].severity(scores[c]) if c in scores else 0.0
+
+    shown = sorted((c for c in kinds if c in scores), key=severity, reverse=True)
+    shown = shown[: config.report_columns]
     snap = er.drift_report(
         ref,
         cur,
         numerical=[c for c in numerical if c in usable],
         categorical=[c for c in categorical if c in usable],
-        tests={c: (t.method, t.threshold) for c, t in tests.items()},
+        tests={c: (tests[c].method, tests[c].threshold) for c in shown},
         ranges={c: r for c, r in ranges.items() if c in usable},
         categories={
             c: sorted(ref_categories.get(c, set()))
@@ -298,12 +317,11 @@ def evaluate(
             if c in usable and kinds[c] == "categorical"
         },
         prediction=PREDICTION if has_pred else None,
-        prediction_test=(config.drift.prediction.method, config.drift.prediction.threshold),
+        prediction_test=(pt.method, pt.threshold),
         timestamp=timestamp,
         tags=tags,
         metadata=meta,
     )
-    scores = er.drift_scores(snap)
 
     per_feature: dict[str, dict[str, Any]] = {}
     value_drifted: list[str] = []
@@ -315,7 +333,7 @@ def evaluate(
         score = scores.get(c)
         ref_miss = float(reference[c].isna().sum()) / n_ref
         cur_miss = current.missing.get(c, 0) / n_cur
-        vd = score is not None and t.drifted(score)
+        vd = flags.get(c, False)
         md = cur_miss - ref_miss > config.quality.max_missing_increase
         per_feature[c] = {
             "kind": kinds[c],
@@ -338,8 +356,14 @@ def evaluate(
             value_drifted.append(c)
         if md:
             missing_drifted.append(c)
-    drifted = sorted(set(value_drifted) | set(missing_drifted), key=lambda c: -(scores.get(c) or 0))
-    value_drifted.sort(key=lambda c: -(scores.get(c) or 0))
+
+    def overall(c: str) -> float:  # value or missingness, whichever is further past its bar
+        f = per_feature[c]
+        rise = f["missing_share_current"] - f["missing_share_reference"]
+        return max(severity(c), rise / max(config.quality.max_missing_increase, 1e-9))
+
+    drifted = sorted(set(value_drifted) | set(missing_drifted), key=overall, reverse=True)
+    value_drifted.sort(key=severity, reverse=True)
     share = len(drifted) / max(len(kinds), 1)
 
     level = 0
@@ -376,8 +400,7 @@ def evaluate(
         flag(2, f"drift share {share:.2f} >= retrain threshold {v.retrain_drift_share:.2f}")
     pred = None
     if has_pred and PREDICTION in scores:
-        pt = config.drift.prediction
-        pd_flag = pt.drifted(scores[PREDICTION])
+        pd_flag = flags[PREDICTION]
         pred = {
             "method": pt.method,
             "threshold": pt.threshold,
@@ -453,8 +476,10 @@ def evaluate(
         "window": {
             "start": None if current.start is None else current.start.isoformat(),
             "end": None if current.end is None else current.end.isoformat(),
-            "rows": current.rows,
+            "rows": current.window_rows if current.window_rows is not None else current.rows,
             "sampled_rows": len(current.sample),
+            "quality_rows": current.rows,
+            "quality_exact": current.rows == (current.window_rows or current.rows),
         },
         "reference_rows": len(reference),
         "predicted_risk": {"mean_current": risk_mean, "drift": pred},
@@ -518,9 +543,24 @@ def monitor_log(
     ranges = vocabulary_ranges(codes, vocab, config.quality.range_stats)
     cats = reference_categories(reference, kinds)
     schema = {c: ("str" if k == "categorical" else "float") for c, k in kinds.items()}
-    chunks = plog.iter_window(log_path, window, config.role, schema, config.chunk_rows)
-    current = collect_current(chunks, window.rows, kinds, ranges, cats, config)
+    if config.exact_quality:
+        chunks = plog.iter_window(log_path, window, config.role, schema, config.chunk_rows)
+        expected = window.rows
+    else:
+        chunks = plog.sample_window(
+            log_path,
+            window,
+            config.role,
+            schema,
+            config.current_size,
+            config.seed,
+            config.chunk_rows,
+        )
+        expected = min(window.rows, config.current_size)
+    current = collect_current(chunks, expected, kinds, ranges, cats, config)
     current.start, current.end, current.columns_absent = window.start, window.end, absent
+    current.window_rows = window.rows
+    current.probability_sum, current.probability_n = plog.window_risk(log_path, window, config.role)
     labelled = plog.read_labelled(log_path, window, config.role)
     logger.info(
         "monitoring %d logged predictions (%d sampled) against %d reference rows, %d features",

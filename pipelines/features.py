@@ -28,10 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--params", default="params.yaml", type=Path, help="params file")
     parser.add_argument(
-        "--vocabulary", default=None, type=Path, help="vocabulary YAML (default: config/vocabulary.yaml)"
+        "--vocabulary",
+        default=None,
+        type=Path,
+        help="vocabulary YAML (default: config/vocabulary.yaml)",
     )
     parser.add_argument(
         "--backend", choices=["local", "dask"], default=None, help="override features.backend"
+    )
+    parser.add_argument(
+        "--verbose-dask", action="store_true", help="show the Dask scheduler/worker log"
     )
 
 
@@ -52,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         vocab = load_vocabulary(args.vocabulary)
     except (OSError, ValidationError) as exc:
         raise UserError(f"{args.vocabulary or 'config/vocabulary.yaml'}: {exc}") from None
+    if config.backend == "dask" and not args.verbose_dask:
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     try:
         summary = run_stage(args.observations, args.out, config, vocab)

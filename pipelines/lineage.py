@@ -161,6 +161,7 @@ def model_lineage(name: str, version: str, audit_log: str | None = None) -> dict
                 else None
             ),
             "consent": consent,
+            "ingest_consent": record.get("ingest_consent"),
             "pseudonym_key_fingerprint": record.get("pseudonym_key_fingerprint")
             or tags.get(L.TAG_KEY_FINGERPRINT),
             "features_md5": record.get("features_md5") or tags.get(L.TAG_FEATURES_MD5),

@@ -101,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="simulate this drift, score it with the champion, log it and monitor it",
     )
     parser.add_argument(
-        "--demo-patients", type=int, default=150, help="with --drift-demo: cohort size"
+        "--demo-patients", type=int, default=300, help="with --drift-demo: cohort size"
     )
     parser.add_argument(
         "--demo-out",
@@ -260,60 +260,91 @@ def _no_data(out: Path, reason: str) -> int:
 
 
 # --------------------------------------------------------------------------- drift demo
-def drift_demo(args: argparse.Namespace, config: Any) -> Path:
-    """Simulate ``--drift-demo KIND``, build features, score with the champion, log them.
+def drift_demo(args: argparse.Namespace) -> Path:
+    """Simulate ``--drift-demo KIND``, ingest, build features, score with the champion, log.
 
-    Returns the demo prediction log. Everything runs through the library functions the
-    pipeline and the service use: the simulator, ``features.build.compute_features`` and
-    the registered pyfunc.
+    Everything runs through the functions the pipeline and the service use: the simulator's
+    raw files, ``features.ingestion.ingest``, ``features.build.build_feature_matrix`` and the
+    registered pyfunc. The simulated outcomes are fed back as labels, so the demo report has
+    a performance section too. Returns the demo prediction log.
     """
     import numpy as np
     import pandas as pd
 
-    from features import build
+    from features.build import build_feature_matrix
     from features.config import FeaturesConfig
-    from features.data_config import SimulateConfig
-    from features.labels import prediction_times
-    from features.simulate import simulate_cohort
+    from features.data_config import IngestConfig, SimulateConfig
+    from features.ingestion import ingest
+    from features.simulate import simulate_cohort, write_cohort
     from features.vocabulary import load_vocabulary
-    from governance.pseudonym import get_key, pseudonymise_many
+    from governance.pseudonym import get_key
     from models import tracking
     from monitoring import prediction_log as plog
 
     raw = read_params(args.params)
     sim = SimulateConfig.model_validate(
-        {**(raw.get("simulate") or {}), "drift": args.drift_demo, "n_patients": args.demo_patients}
-    )
-    fcfg = load_section(FeaturesConfig, "features", args.params)
-    vocab = load_vocabulary()
-    cohort = simulate_cohort(sim)
-    ids = pseudonymise_many(cohort.patients["patient_id"], get_key())
-    patients = cohort.patients.assign(patient_id=cohort.patients["patient_id"].map(ids))
-    obs = cohort.observations.assign(patient_id=cohort.observations["patient_id"].map(ids))
-    times = prediction_times(patients, fcfg)  # type: ignore[call-arg]
-    feats = build.compute_features(obs, patients, times, fcfg, vocab)
-    info, model = tracking.load_by_alias(_model_name(args.params), "champion")
-    proba = model.predict_proba(feats)
-    log = Path(args.demo_out) / args.drift_demo / "predictions.sqlite"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.unlink(missing_ok=True)
-    feature_cols = [c for c in feats.columns if c not in {"patient_id", "time", "label"}]
-    n = len(feats)
-    frame = pd.DataFrame(
         {
-            "request_id": [f"demo-{args.drift_demo}-{i}" for i in range(n)],
-            "scored_at": pd.to_datetime(feats["time"], utc=True),
-            "patient_id": feats["patient_id"].to_numpy(),
-            "model_name": info.name,
-            "model_version": info.version,
-            "role": "champion",
-            "probability": np.asarray(proba, dtype=float),
-            "news2_total": feats.get("news2_total"),
-            "features": feats[feature_cols].to_dict(orient="records"),
+            **(raw.get("simulate") or {}),
+            "drift": args.drift_demo,
+            "n_patients": args.demo_patients,
+            "seed": int((raw.get("simulate") or {}).get("seed", 42)) + 1000,  # new patients
         }
     )
-    plog.write_predictions(log, frame)
-    logger.info("drift demo %s: %d scored prediction times -> %s", args.drift_demo, n, log)
+    # serving scores for care: the care consent applies, not the training one
+    ing = IngestConfig.model_validate({**(raw.get("ingest") or {}), "purpose": "care"})
+    fcfg = load_section(FeaturesConfig, "features", args.params)
+    vocab = load_vocabulary()
+    base = Path(args.demo_out) / args.drift_demo
+    raw_dir = base / "raw"
+    if raw_dir.exists():
+        shutil.rmtree(raw_dir)
+    write_cohort(simulate_cohort(sim), raw_dir, sim)
+    result = ingest([raw_dir], ing, vocab, get_key())
+    feats = build_feature_matrix(result.observations, result.patients, result.outcomes, fcfg, vocab)
+    try:
+        info, model = tracking.load_by_alias(_model_name(args.params), "champion")
+    except LookupError as exc:
+        raise UserError(f"--drift-demo needs a champion model: {exc} (run dvc repro)") from None
+    proba = np.asarray(model.predict_proba(feats), dtype=float)
+    log = base / "predictions.sqlite"
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(log) + suffix).unlink(missing_ok=True)
+    feature_cols = [c for c in feats.columns if c not in {"patient_id", "time", "label"}]
+    n = len(feats)
+    request_ids = [f"demo-{args.drift_demo}-{i}" for i in range(n)]
+    plog.write_predictions(
+        log,
+        pd.DataFrame(
+            {
+                "request_id": request_ids,
+                "scored_at": pd.to_datetime(feats["time"], utc=True),
+                "patient_id": feats["patient_id"].astype(str).to_numpy(),
+                "model_name": info.name,
+                "model_version": info.version,
+                "role": "champion",
+                "probability": proba,
+                "news2_total": feats.get("news2_total"),
+                "features": feats[feature_cols].to_dict(orient="records"),
+            }
+        ),
+    )
+    plog.write_outcomes(
+        log,
+        pd.DataFrame(
+            {
+                "request_id": request_ids,
+                "patient_id": feats["patient_id"].astype(str).to_numpy(),
+                "label": feats["label"].to_numpy(dtype=int),
+            }
+        ),
+    )
+    logger.info(
+        "drift demo %s: %d patients, %d scored prediction times -> %s",
+        args.drift_demo,
+        sim.n_patients,
+        n,
+        log,
+    )
     return log
 
 
@@ -326,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
     config = _load_config(args.params)
     log = _log_path(args)
     if args.drift_demo:
-        log = drift_demo(args, config)
+        log = drift_demo(args)
         args.out = str(Path(args.demo_out) / args.drift_demo)
         args.window_end = None
         config = config.model_copy(update={"window_days": 3650.0})  # the whole simulated span

@@ -26,9 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=None, help="bind address (default serve.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default serve.port, 3000)")
     parser.add_argument("--params", default="params.yaml", help="params file (section serve)")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default serve.workers)")
     parser.add_argument(
-        "--no-check", action="store_true", help="skip the registry pre-check (the service still fails fast)"
+        "--workers", type=int, default=None, help="worker processes (default serve.workers)"
+    )
+    parser.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the registry pre-check (the service itself still stops without a champion)",
     )
 
 
@@ -42,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     from serving.auth import AuthConfigError, KeyStore
     from serving.config import PARAMS_ENV, load_serve_config, model_name
 
-    os.environ[PARAMS_ENV] = str(Path(args.params).resolve()) if Path(args.params).is_file() else args.params
+    os.environ[PARAMS_ENV] = (
+        str(Path(args.params).resolve()) if Path(args.params).is_file() else args.params
+    )
     try:
         config = load_serve_config(args.params)
     except ValueError as exc:

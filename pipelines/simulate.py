@@ -12,16 +12,31 @@ HELP = "generate the synthetic ward + wearable cohort (CSV, wide CSV, FHIR ndjso
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=None, help="output directory (default: data, or artifacts/drift/KIND with --drift)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: params simulate.seed)")
-    parser.add_argument("--n-patients", type=int, default=None, help="number of patients (default: params simulate.n_patients)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: data, or artifacts/drift/KIND with --drift)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="random seed (default: params simulate.seed)"
+    )
+    parser.add_argument(
+        "--n-patients",
+        type=int,
+        default=None,
+        help="number of patients (default: params simulate.n_patients)",
+    )
     parser.add_argument(
         "--drift",
         default=None,
         choices=["none", "hr_offset", "older", "spo2_missing"],
         help="write a shifted variant: hr_offset (wearable HR +3 bpm), older (+12 years), spo2_missing (60%% of wearable SpO2 lost)",
     )
-    parser.add_argument("--params", default="params.yaml", help="params file (section simulate); missing file -> defaults")
+    parser.add_argument(
+        "--params",
+        default="params.yaml",
+        help="params file (section simulate); missing file -> defaults",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,8 +57,14 @@ def run(args: argparse.Namespace) -> int:
     if args.drift is not None:
         overrides["drift"] = args.drift
     if overrides:
-        cfg = validate_section(SimulateConfig, "simulate", {**cfg.model_dump(), **overrides}, source="command line")
-    out = Path(args.out) if args.out else (Path("artifacts/drift") / cfg.drift if cfg.drift != "none" else Path("data"))
+        cfg = validate_section(
+            SimulateConfig, "simulate", {**cfg.model_dump(), **overrides}, source="command line"
+        )
+    out = (
+        Path(args.out)
+        if args.out
+        else (Path("artifacts/drift") / cfg.drift if cfg.drift != "none" else Path("data"))
+    )
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory (expected an output directory)")
     t0 = time.perf_counter()

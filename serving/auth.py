@@ -66,7 +66,9 @@ def parse_key_spec(spec: str, where: str = KEYS_ENV) -> ApiKey:
         except ValueError:
             rate = -1.0
         if not rate > 0:
-            raise AuthConfigError(f"{where}: key {name!r}: {tok!r} must be rate=<requests per second>")
+            raise AuthConfigError(
+                f"{where}: key {name!r}: {tok!r} must be rate=<requests per second>"
+            )
     scopes = frozenset(tokens)
     unknown = scopes - SCOPES - {"*"}
     if unknown or not scopes:

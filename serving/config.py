@@ -26,8 +26,8 @@ class RiskBands(BaseModel):
     """Probability thresholds: ``p < low`` is low, ``p < high`` is medium, else high."""
 
     model_config = ConfigDict(extra="forbid")
-    low: float = Field(0.05, gt=0, lt=1)
-    high: float = Field(0.20, gt=0, lt=1)
+    low: float = Field(default=0.05, gt=0, lt=1)
+    high: float = Field(default=0.20, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> RiskBands:
@@ -48,7 +48,7 @@ class ServeConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=16)
-    risk_bands: RiskBands = Field(default_factory=RiskBands)
+    risk_bands: RiskBands = Field(default_factory=lambda: RiskBands())
     top_features: int = Field(5, ge=0, le=50)
     shadow_challenger: bool = True
     # limits: everything above them is a 4xx answer, never a crash

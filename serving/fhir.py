@@ -7,7 +7,7 @@ the output, so what we emit is a valid resource by construction.
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -77,7 +77,7 @@ def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[Patie
     gender: str | None = None
     birth: date | None = None
     for i, entry in enumerate(bundle.entry or []):
-        res = entry.resource
+        res: Any = entry.resource
         loc = f"entry[{i}]"
         kind = getattr(res, "__resource_type__", type(res).__name__)
         if kind == "Patient":
@@ -109,7 +109,9 @@ def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[Patie
         else:
             parts.append((loc, res))
         for where, item in parts:
-            key = next((vocab.resolve_code(c) for c in _codes(item.code) if vocab.resolve_code(c)), None)
+            key = next(
+                (vocab.resolve_code(c) for c in _codes(item.code) if vocab.resolve_code(c)), None
+            )
             if key is None:
                 problems.append((f"{where}.code", f"no known LOINC code among {_codes(item.code)}"))
                 continue
@@ -118,16 +120,27 @@ def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[Patie
                 problems.append((f"{where}.value[x]", "no value"))
                 continue
             try:
-                observations.append(ObservationIn(time=t, code=key, value=value, unit=unit, source="fhir"))
+                observations.append(
+                    ObservationIn(time=t, code=key, value=value, unit=unit, source="fhir")
+                )
             except ValidationError as exc:
                 problems.extend(_errors(exc, f"{where}."))
     if len(subjects) > 1:
-        problems.append(("Bundle", f"observations of {len(subjects)} different patients; send one Bundle per patient"))
+        problems.append(
+            (
+                "Bundle",
+                f"observations of {len(subjects)} different patients; send one Bundle per patient",
+            )
+        )
     if not observations and not problems:
         problems.append(("Bundle.entry", "no Observation to score"))
     if problems:
         raise InputError(problems)
-    sex = {"female": "F", "male": "M"}.get(str(gender)) if gender else None
+    sex: Literal["F", "M"] | None = None
+    if gender == "female":
+        sex = "F"
+    elif gender == "male":
+        sex = "M"
     age = None
     if birth is not None:
         latest = max(o.time for o in observations).astimezone(UTC).date()
@@ -136,6 +149,7 @@ def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[Patie
         patient_id=next(iter(subjects)),
         covariates=Covariates(age=age, sex=sex),
         observations=observations,
+        as_of=None,
     )
     return patient, warnings
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import lru_cache
 from typing import Any
 
 import anyio.to_thread
+import orjson
 
 from serving.auth import bearer_token
 
@@ -44,13 +46,17 @@ ROUTE_ACTIONS: dict[str, str] = {
 FEATURES_PATH = "/v1/score/features"
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed: numbers must be finite")
+_NON_FINITE = re.compile(rb"-?\b(NaN|Infinity)\b")
 
 
 def parse_json(body: bytes) -> Any:
-    """``json.loads`` that refuses NaN/Infinity (Python's default accepts them)."""
-    return json.loads(body, parse_constant=_reject_constant)
+    """Strict RFC 8259 JSON (orjson): NaN/Infinity are refused, unlike ``json.loads``."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if _NON_FINITE.search(body):
+            raise ValueError("NaN/Infinity are not allowed: numbers must be finite") from None
+        raise ValueError(str(exc)) from None
 
 
 @lru_cache(maxsize=100_000)
@@ -60,7 +66,12 @@ def _pseudonym(pid: str) -> str:
     return pseudonym_of(pid)
 
 
-async def send_json(send: Send, status: int, payload: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_json(
+    send: Send,
+    status: int,
+    payload: dict[str, Any],
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     body = json.dumps(payload).encode("utf-8")
     await send(
         {
@@ -107,24 +118,39 @@ class GuardMiddleware:
             return
         rt = current_runtime()
         if rt is None:
-            await send_json(send, 503, {"error": "service is starting", "request_id": rid}, [rid_header])
+            await send_json(
+                send, 503, {"error": "service is starting", "request_id": rid}, [rid_header]
+            )
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
+        }
         token = bearer_token(headers.get("authorization"))
         key = rt.keys.authenticate(token) if token else None
         if key is None:
-            logger.warning("401 %s %s: %s", method, path, "no key" if token is None else "unknown key")
+            logger.warning(
+                "401 %s %s: %s", method, path, "no key" if token is None else "unknown key"
+            )
             await send_json(
                 send,
                 401,
-                {"error": "missing or invalid API key: send 'Authorization: Bearer <key>'", "request_id": rid},
+                {
+                    "error": "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                    "request_id": rid,
+                },
                 [rid_header, (b"www-authenticate", b'Bearer realm="vitalrisk"')],
             )
             return
         if needed is not None and not key.allows(needed):
             logger.warning("403 %s %s: key %s lacks scope %s", method, path, key.name, needed)
             await send_json(
-                send, 403, {"error": f"API key {key.name!r} lacks the {needed!r} scope for {method} {path}", "request_id": rid}, [rid_header]
+                send,
+                403,
+                {
+                    "error": f"API key {key.name!r} lacks the {needed!r} scope for {method} {path}",
+                    "request_id": rid,
+                },
+                [rid_header],
             )
             return
         wait = rt.limiter.acquire(key.name, rate=key.rate)
@@ -132,7 +158,10 @@ class GuardMiddleware:
             await send_json(
                 send,
                 429,
-                {"error": f"rate limit for key {key.name!r} exceeded; retry in {wait:.2f} s", "request_id": rid},
+                {
+                    "error": f"rate limit for key {key.name!r} exceeded; retry in {wait:.2f} s",
+                    "request_id": rid,
+                },
                 [rid_header, (b"retry-after", str(max(1, round(wait + 0.5))).encode())],
             )
             return
@@ -142,7 +171,15 @@ class GuardMiddleware:
             limit = rt.config.max_body_bytes
             declared = headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
-                await send_json(send, 413, {"error": f"request body of {declared} bytes exceeds the limit of {limit}", "request_id": rid}, [rid_header])
+                await send_json(
+                    send,
+                    413,
+                    {
+                        "error": f"request body of {declared} bytes exceeds the limit of {limit}",
+                        "request_id": rid,
+                    },
+                    [rid_header],
+                )
                 return
             chunks: list[bytes] = []
             size = 0
@@ -154,23 +191,51 @@ class GuardMiddleware:
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
-                    await send_json(send, 413, {"error": f"request body exceeds the limit of {limit} bytes", "request_id": rid}, [rid_header])
+                    await send_json(
+                        send,
+                        413,
+                        {
+                            "error": f"request body exceeds the limit of {limit} bytes",
+                            "request_id": rid,
+                        },
+                        [rid_header],
+                    )
                     return
                 chunks.append(chunk)
                 more = bool(message.get("more_body", False))
             body = b"".join(chunks)
             if not body.strip():
-                await send_json(send, 400, {"error": "request body is empty: expected a JSON object", "request_id": rid}, [rid_header])
+                await send_json(
+                    send,
+                    400,
+                    {"error": "request body is empty: expected a JSON object", "request_id": rid},
+                    [rid_header],
+                )
                 return
             try:
                 parsed = parse_json(body)
-            except (ValueError, UnicodeDecodeError) as exc:
-                await send_json(send, 400, {"error": f"request body is not valid JSON: {exc}", "request_id": rid}, [rid_header])
+            except ValueError as exc:
+                await send_json(
+                    send,
+                    400,
+                    {"error": f"request body is not valid JSON: {exc}", "request_id": rid},
+                    [rid_header],
+                )
                 return
             if not isinstance(parsed, dict):
-                await send_json(send, 422, {"error": "request body must be a JSON object", "request_id": rid}, [rid_header])
+                await send_json(
+                    send,
+                    422,
+                    {"error": "request body must be a JSON object", "request_id": rid},
+                    [rid_header],
+                )
                 return
-        ctx: dict[str, Any] = {"request_id": rid, "actor": key.name, "patients": [], "model_version": None}
+        ctx: dict[str, Any] = {
+            "request_id": rid,
+            "actor": key.name,
+            "patients": [],
+            "model_version": None,
+        }
         if path == FEATURES_PATH and method == "POST":
             problem = rt.check_feature_rows(parsed)
             if problem is not None:
@@ -178,17 +243,23 @@ class GuardMiddleware:
                 await send_json(send, status, {"error": msg, "request_id": rid}, [rid_header])
                 return
             rows = parsed["rows"]
-            ctx["patients"] = sorted({_pseudonym(str(r["patient_id"])) for r in rows if r.get("patient_id")})
+            ctx["patients"] = sorted(
+                {_pseudonym(str(r["patient_id"])) for r in rows if r.get("patient_id")}
+            )
             ctx["model_version"] = rt.champion.version
             for r in rows:  # the prediction log records the HTTP request id per row
                 r["request_id"] = rid
-            body = json.dumps(parsed).encode("utf-8")
+            body = orjson.dumps(parsed)
         scope.setdefault("state", {})["vitalrisk"] = ctx
         if method in ("POST", "PUT", "PATCH"):
             # the body was parsed as JSON above: say so, whatever the client declared (this also
             # keeps BentoML's pickle/arrow/form decoders away from untrusted input)
             scope["headers"] = [
-                *((k, v) for k, v in scope.get("headers", []) if k.lower() not in (b"content-type", b"content-length")),
+                *(
+                    (k, v)
+                    for k, v in scope.get("headers", [])
+                    if k.lower() not in (b"content-type", b"content-length")
+                ),
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
             ]
@@ -205,15 +276,21 @@ class GuardMiddleware:
         try:
             await self.app(scope, replay, send_with_id)
         finally:
-            entry = {
-                "actor": key.name,
-                "action": ROUTE_ACTIONS.get(path, "request"),
-                "resource": f"{method} {path}",
-                "patients": list(ctx.get("patients") or []),
-                "model_version": ctx.get("model_version"),
-                "details": {"request_id": rid, "status": status_box["status"]},
-            }
+            patients = [str(p) for p in ctx.get("patients") or []]
+            version = ctx.get("model_version")
+            details = {"request_id": rid, "status": status_box["status"]}
+
+            def write() -> None:
+                rt.audit.append(
+                    actor=key.name,
+                    action=ROUTE_ACTIONS.get(path, "request"),
+                    resource=f"{method} {path}",
+                    patients=patients,
+                    model_version=None if version is None else str(version),
+                    details=details,
+                )
+
             try:
-                await anyio.to_thread.run_sync(lambda: rt.audit.append(**entry))
+                await anyio.to_thread.run_sync(write)
             except Exception:  # the audit failure must be visible, not silent
                 logger.exception("audit append failed for request %s", rid)

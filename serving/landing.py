@@ -49,11 +49,19 @@ def validate_items(
             continue
         key = vocab.resolve_code(obs.code)
         if key is None:
-            rejected.append(Rejected(index=i, field="code", reason=f"unknown code {obs.code!r}: expected a vocabulary key or LOINC code"))
+            rejected.append(
+                Rejected(
+                    index=i,
+                    field="code",
+                    reason=f"unknown code {obs.code!r}: expected a vocabulary key or LOINC code",
+                )
+            )
             continue
         t = obs.time.astimezone(UTC)
         if t > latest:
-            rejected.append(Rejected(index=i, field="time", reason=f"{obs.time.isoformat()} is in the future"))
+            rejected.append(
+                Rejected(index=i, field="time", reason=f"{obs.time.isoformat()} is in the future")
+            )
             continue
         try:
             value = vocab.to_canonical(key, obs.value, obs.unit)

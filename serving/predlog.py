@@ -6,7 +6,6 @@ either all on disk or none are, even if the process or machine dies mid-write.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sqlite3
@@ -15,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,10 @@ class PredictionRecord:
     role: str
     probability: float
     news2_total: float | None
-    features: Mapping[str, Any]
+    features: Mapping[str, Any] | str  # mapping, or its JSON text when already serialised
 
     def row(self) -> tuple[Any, ...]:
+        feats = self.features if isinstance(self.features, str) else features_json(self.features)
         return (
             self.request_id,
             self.scored_at,
@@ -76,8 +78,13 @@ class PredictionRecord:
             self.role,
             float(self.probability),
             _clean(self.news2_total),
-            json.dumps({k: _clean(v) for k, v in self.features.items()}, allow_nan=False),
+            feats,
         )
+
+
+def features_json(features: Mapping[str, Any]) -> str:
+    """JSON object feature -> value; NaN/inf become null (orjson does this natively)."""
+    return orjson.dumps(dict(features), option=orjson.OPT_SERIALIZE_NUMPY).decode("utf-8")
 
 
 def _clean(v: Any) -> Any:

@@ -95,14 +95,20 @@ class Runtime:
         if not isinstance(rows, list) or not rows:
             return 422, "rows: expected a non-empty list of {patient_id?, features: {name: value}}"
         if len(rows) > self.config.max_feature_rows:
-            return 413, f"rows: {len(rows)} rows; at most {self.config.max_feature_rows} per request"
+            return (
+                413,
+                f"rows: {len(rows)} rows; at most {self.config.max_feature_rows} per request",
+            )
         for i, row in enumerate(rows):
             feats = row.get("features") if isinstance(row, dict) else None
             if not isinstance(feats, dict):
                 return 422, f"rows[{i}].features: expected an object of feature -> number or null"
             bad = [k for k, v in feats.items() if isinstance(v, str) and k not in self._categorical]
             if bad:
-                return 422, f"rows[{i}].features: {bad[:5]} must be numbers or null (text only for categorical features)"
+                return (
+                    422,
+                    f"rows[{i}].features: {bad[:5]} must be numbers or null (text only for categorical features)",
+                )
             unknown = [k for k in feats if k not in self._known]
             if unknown:
                 return 422, (
@@ -120,22 +126,45 @@ class Runtime:
         scored_at = _now_iso()
         rids = [r.request_id or uuid.uuid4().hex for r in rows]
         records = [
-            PredictionRecord(rid, scored_at, pid or "", self.champion.name, self.champion.version,
-                             "champion", float(pi), _num(f.get("news2_total")), f)
+            PredictionRecord(
+                rid,
+                scored_at,
+                pid or "",
+                self.champion.name,
+                self.champion.version,
+                "champion",
+                float(pi),
+                _num(f.get("news2_total")),
+                f,
+            )
             for rid, pid, pi, f in zip(rids, ids, p, feats, strict=True)
         ]
         if self.shadow is not None:
             ps = self.shadow.predict_matrix(self.shadow.matrix(feats))
             records += [
-                PredictionRecord(rid, scored_at, pid or "", self.shadow.name, self.shadow.version,
-                                 "shadow", float(pi), _num(f.get("news2_total")), f)
+                PredictionRecord(
+                    rid,
+                    scored_at,
+                    pid or "",
+                    self.shadow.name,
+                    self.shadow.version,
+                    "shadow",
+                    float(pi),
+                    _num(f.get("news2_total")),
+                    f,
+                )
                 for rid, pid, pi, f in zip(rids, ids, ps, feats, strict=True)
             ]
         self.predlog.append(records)
         bands = self.config.risk_bands
         return [
-            FeatureScore(patient_id=pid, probability=float(pi), risk_band=bands.band(float(pi)),
-                         model_version=self.champion.version, request_id=rid)
+            FeatureScore(
+                patient_id=pid,
+                probability=float(pi),
+                risk_band=bands.band(float(pi)),
+                model_version=self.champion.version,
+                request_id=rid,
+            )
             for pid, pi, rid in zip(ids, p, rids, strict=True)
         ]
 
@@ -148,12 +177,19 @@ class Runtime:
         out = out.set_index("patient_id").reindex([p.pseudonym for p in prepared])
         return out.reset_index()
 
-    def score_patients(self, patients: list[PatientIn], request_id: str) -> tuple[ScoreResponse, list[str]]:
+    def score_patients(
+        self, patients: list[PatientIn], request_id: str
+    ) -> tuple[ScoreResponse, list[str]]:
         if len(patients) > self.config.max_patients:
             from serving.scoring import InputError
 
             raise InputError(
-                [("patients", f"{len(patients)} patients; at most {self.config.max_patients} per request")],
+                [
+                    (
+                        "patients",
+                        f"{len(patients)} patients; at most {self.config.max_patients} per request",
+                    )
+                ],
                 status=413,
             )
         prepared = prepare_patients(patients, self.vocab, self.config)
@@ -163,21 +199,43 @@ class Runtime:
         X = self.champion.matrix(rows)
         p = self.champion.predict_matrix(X)
         contrib = self.champion.contributions_matrix(X)
-        news2 = frame["news2_total"].to_numpy(dtype=float) if "news2_total" in frame else np.full(len(frame), np.nan)
+        news2 = (
+            frame["news2_total"].to_numpy(dtype=float)
+            if "news2_total" in frame
+            else np.full(len(frame), np.nan)
+        )
         scored_at = _now_iso()
         logged_cols = list(dict.fromkeys([*names, "news2_total"]))
         logged = frame.reindex(columns=logged_cols).to_dict("records")
         records = [
-            PredictionRecord(request_id, scored_at, pp.pseudonym, self.champion.name, self.champion.version,
-                             "champion", float(p[i]), _num(news2[i]), logged[i])
+            PredictionRecord(
+                request_id,
+                scored_at,
+                pp.pseudonym,
+                self.champion.name,
+                self.champion.version,
+                "champion",
+                float(p[i]),
+                _num(news2[i]),
+                logged[i],
+            )
             for i, pp in enumerate(prepared)
         ]
         if self.shadow is not None:
             srows = frame.reindex(columns=self.shadow.feature_names).to_dict("records")
             ps = self.shadow.predict_matrix(self.shadow.matrix(srows))
             records += [
-                PredictionRecord(request_id, scored_at, pp.pseudonym, self.shadow.name, self.shadow.version,
-                                 "shadow", float(ps[i]), _num(news2[i]), logged[i])
+                PredictionRecord(
+                    request_id,
+                    scored_at,
+                    pp.pseudonym,
+                    self.shadow.name,
+                    self.shadow.version,
+                    "shadow",
+                    float(ps[i]),
+                    _num(news2[i]),
+                    logged[i],
+                )
                 for i, pp in enumerate(prepared)
             ]
         self.predlog.append(records)
@@ -191,7 +249,9 @@ class Runtime:
                     probability=round(float(p[i]), 6),
                     risk_band=self.config.risk_bands.band(float(p[i])),  # type: ignore[arg-type]
                     news2_total=_num(news2[i]),
-                    top_features=explain(names, X[i], contrib[i], self.texts, self.config.top_features),
+                    top_features=explain(
+                        names, X[i], contrib[i], self.texts, self.config.top_features
+                    ),
                     warnings=warnings,
                 )
             )
@@ -206,14 +266,21 @@ class Runtime:
         return self.score_patients(req.patients, request_id)
 
     # -- /v1/observations -----------------------------------------------------------------
-    def collect(self, req: ObservationsRequest, request_id: str) -> tuple[ObservationsResponse, list[str]]:
+    def collect(
+        self, req: ObservationsRequest, request_id: str
+    ) -> tuple[ObservationsResponse, list[str]]:
         from serving.landing import validate_items, write_landing
 
         if len(req.observations) > self.config.max_collect_observations:
             from serving.scoring import InputError
 
             raise InputError(
-                [("observations", f"{len(req.observations)} items; at most {self.config.max_collect_observations} per request")],
+                [
+                    (
+                        "observations",
+                        f"{len(req.observations)} items; at most {self.config.max_collect_observations} per request",
+                    )
+                ],
                 status=413,
             )
         rows, rejected = validate_items(
@@ -396,7 +463,10 @@ def build_runtime() -> Runtime:
         info=_model_info(champion, shadow, tracking),
     )
     logger.info(
-        "serving %s version %s (%d features)%s", name, info.version, len(champion.feature_names),
+        "serving %s version %s (%d features)%s",
+        name,
+        info.version,
+        len(champion.feature_names),
         f", shadow version {shadow.version}" if shadow else "",
     )
     return rt

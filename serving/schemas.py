@@ -38,7 +38,7 @@ class Covariates(BaseModel):
     """Static covariates; comorbidities and other flags as ``cm_<name>`` (or e.g. ``spo2_scale2``) = 0/1."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    age: float | None = Field(None, ge=0, le=130)
+    age: float | None = Field(default=None, ge=0, le=130)
     sex: Literal["F", "M"] | None = None
     setting: Literal["ward", "home"] | None = None
 
@@ -59,7 +59,7 @@ class Covariates(BaseModel):
 class PatientIn(BaseModel):
     model_config = _STRICT
     patient_id: str = Field(min_length=1, max_length=128)
-    covariates: Covariates = Field(default_factory=Covariates)
+    covariates: Covariates = Field(default_factory=lambda: Covariates())
     observations: list[ObservationIn] = Field(max_length=100_000)
     as_of: AwareDatetime | None = Field(
         None, description="prediction time; default the latest observation time"

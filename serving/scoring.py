@@ -7,13 +7,12 @@ Raw observations are validated and converted with the vocabulary, turned into fe
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -62,15 +61,19 @@ class LoadedModel:
 
         Encodes categorical strings exactly like ``RiskModel.prepare`` (unknown -> NaN).
         """
-        X = np.full((len(rows), len(self.feature_names)), np.nan, dtype=float)
-        idx, cats = self._index, self._cats
-        for r, row in enumerate(rows):
-            for k, v in row.items():
-                j = idx.get(k)
-                if j is None or v is None:
+        names, cats = self.feature_names, self._cats
+        table = [[row.get(n) for n in names] for row in rows]
+        try:
+            return np.array(table, dtype=float).reshape(len(rows), len(names))  # None -> NaN
+        except (TypeError, ValueError):
+            pass  # text (categorical) values: encode cell by cell
+        X = np.full((len(rows), len(names)), np.nan, dtype=float)
+        for r, values in enumerate(table):
+            for j, v in enumerate(values):
+                if v is None:
                     continue
                 if isinstance(v, str):
-                    lookup = cats.get(k)
+                    lookup = cats.get(names[j])
                     if lookup is not None:
                         X[r, j] = lookup.get(v, np.nan)
                     else:
@@ -188,8 +191,16 @@ class PreparedPatient:
     warnings: list[str]
 
 
+@lru_cache(maxsize=1)
+def _key() -> bytes:
+    """The pseudonym key, read once per process (``get_key`` warns when it is the demo key)."""
+    return get_key()
+
+
+@lru_cache(maxsize=200_000)
 def pseudonym_of(patient_id: str) -> str:
-    return pseudonymise(patient_id, get_key())
+    """Pseudonym of an incoming id (ids that already are pseudonyms pass through)."""
+    return pseudonymise(patient_id, _key())
 
 
 def canonical_observation(
@@ -199,11 +210,18 @@ def canonical_observation(
     errors: list[tuple[str, str]] = []
     key = vocab.resolve_code(obs.code)
     if key is None:
-        errors.append(("code", f"unknown code {obs.code!r}: expected a vocabulary key or LOINC code"))
+        errors.append(
+            ("code", f"unknown code {obs.code!r}: expected a vocabulary key or LOINC code")
+        )
         return None, errors, None
     t = obs.time.astimezone(UTC)
     if t > latest:
-        errors.append(("time", f"{obs.time.isoformat()} is in the future (server time {latest:%Y-%m-%dT%H:%M}Z + tolerance)"))
+        errors.append(
+            (
+                "time",
+                f"{obs.time.isoformat()} is in the future (server time {latest:%Y-%m-%dT%H:%M}Z + tolerance)",
+            )
+        )
     try:
         value = vocab.to_canonical(key, obs.value, obs.unit)
     except ValueError as exc:
@@ -220,7 +238,10 @@ def canonical_observation(
 
 
 def prepare_patients(
-    patients: Sequence[PatientIn], vocab: Vocabulary, config: ServeConfig, now: datetime | None = None
+    patients: Sequence[PatientIn],
+    vocab: Vocabulary,
+    config: ServeConfig,
+    now: datetime | None = None,
 ) -> list[PreparedPatient]:
     """Validate and canonicalise every patient; raise ``InputError`` listing all problems."""
     now = now or datetime.now(UTC)
@@ -232,7 +253,12 @@ def prepare_patients(
         loc = f"patients[{i}]"
         if len(p.observations) > config.max_observations_per_patient:
             raise InputError(
-                [(f"{loc}.observations", f"{len(p.observations)} observations; at most {config.max_observations_per_patient} per patient")],
+                [
+                    (
+                        f"{loc}.observations",
+                        f"{len(p.observations)} observations; at most {config.max_observations_per_patient} per patient",
+                    )
+                ],
                 status=413,
             )
         try:
@@ -268,7 +294,12 @@ def prepare_patients(
             pseud = pseudonym_of(p.patient_id)
         except RuntimeError as exc:  # production mode without a pseudonym key
             raise InputError([("server", str(exc))]) from None
-        cov = {"age": p.covariates.age, "sex": p.covariates.sex, "setting": p.covariates.setting, **cms}
+        cov = {
+            "age": p.covariates.age,
+            "sex": p.covariates.sex,
+            "setting": p.covariates.setting,
+            **cms,
+        }
         if pseud in seen:
             problems.append((f"{loc}.patient_id", "the same patient appears twice in one request"))
             continue
@@ -279,10 +310,15 @@ def prepare_patients(
     return out
 
 
-def frames_for(prepared: Sequence[PreparedPatient]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def frames_for(
+    prepared: Sequence[PreparedPatient],
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(observations, patients, times) in the data-contract shapes for ``compute_features``."""
     obs_rows = [
-        {"patient_id": p.pseudonym, **r} for p in prepared for r in p.observations if r["time"] <= p.as_of
+        {"patient_id": p.pseudonym, **r}
+        for p in prepared
+        for r in p.observations
+        if r["time"] <= p.as_of
     ]
     obs = pd.DataFrame(obs_rows, columns=["patient_id", "time", "code", "value", "source"])
     obs["time"] = pd.to_datetime(obs["time"], utc=True)
@@ -308,7 +344,9 @@ def frames_for(prepared: Sequence[PreparedPatient]) -> tuple[pd.DataFrame, pd.Da
     patients = pd.DataFrame(pats)
     for col in ("followup_start", "followup_end"):
         patients[col] = pd.to_datetime(patients[col], utc=True)
-    times = pd.DataFrame({"patient_id": [p.pseudonym for p in prepared], "time": [p.as_of for p in prepared]})
+    times = pd.DataFrame(
+        {"patient_id": [p.pseudonym for p in prepared], "time": [p.as_of for p in prepared]}
+    )
     times["time"] = pd.to_datetime(times["time"], utc=True)
     return obs, patients, times
 
@@ -318,9 +356,13 @@ def _guess_setting(rows: Sequence[Mapping[str, Any]]) -> str:
     return "home" if sources & {"home", "wearable"} else "ward"
 
 
-def missing_warnings(feature_row: Mapping[str, Any], vocab: Vocabulary, prepared: PreparedPatient) -> list[str]:
+def missing_warnings(
+    feature_row: Mapping[str, Any], vocab: Vocabulary, prepared: PreparedPatient
+) -> list[str]:
     """Warn about core vitals with no observation at all (the score leans on the others)."""
     have = {r["code"] for r in prepared.observations}
     core = ["resp_rate", "spo2", "sbp", "heart_rate", "body_temp", "consciousness"]
-    missing = [vocab.codes[c].display.split(" (")[0] for c in core if c in vocab.codes and c not in have]
+    missing = [
+        vocab.codes[c].display.split(" (")[0] for c in core if c in vocab.codes and c not in have
+    ]
     return [f"no recent {m.lower()}: treated as missing" for m in missing]

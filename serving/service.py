@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from typing import Annotated, Any
 
 import bentoml
@@ -28,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.fhir import bundle_to_patient, risk_assessment
 from serving.guard import GuardMiddleware
-from serving.runtime import Runtime, build_runtime, current_runtime, set_runtime
+from serving.runtime import Runtime, StartupError, build_runtime, current_runtime, set_runtime
 from serving.schemas import (
     ErrorResponse,
     FeatureRow,
@@ -101,7 +102,11 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
     status = 400 if any(e["type"] == "json_invalid" for e in errors) else 422
     first = f"{errors[0]['loc']}: {errors[0]['msg']}" if errors else "invalid request"
     return JSONResponse(
-        {"error": f"{len(exc.errors())} problem(s); first: {first}", "detail": errors, "request_id": _rid(request)},
+        {
+            "error": f"{len(exc.errors())} problem(s); first: {first}",
+            "detail": errors,
+            "request_id": _rid(request),
+        },
         status_code=status,
     )
 
@@ -149,8 +154,15 @@ class VitalRisk:
     """Deterioration-risk scoring: the MLflow registry's champion behind versioned routes."""
 
     def __init__(self) -> None:
-        # fail fast: without a champion, keys or valid params the worker must not start
-        set_runtime(build_runtime())
+        # fail fast: without a champion, keys or valid params the server must not start (BentoML
+        # would otherwise restart the worker forever), so stop the supervising process too
+        try:
+            set_runtime(build_runtime())
+        except StartupError as exc:
+            logger.critical("vitalrisk cannot start: %s", exc)
+            if os.environ.get("VITALRISK_STOP_ON_STARTUP_ERROR", "1") != "0":
+                os.kill(os.getppid(), signal.SIGTERM)
+            raise
 
     def __is_ready__(self) -> bool:
         return current_runtime() is not None
@@ -175,7 +187,12 @@ class VitalRisk:
         ra = risk_assessment(score, resp.model.name, resp.model.version, resp.request_id)
         return JSONResponse(ra, media_type="application/fhir+json")
 
-    @app.post("/v1/observations", response_model=ObservationsResponse, responses=_ERRORS, tags=["collection"])
+    @app.post(
+        "/v1/observations",
+        response_model=ObservationsResponse,
+        responses=_ERRORS,
+        tags=["collection"],
+    )
     def observations(self, request: Request, body: ObservationsRequest) -> ObservationsResponse:
         """Validate observations and land the good ones for the next ``vitalrisk ingest``."""
         rt = _rt()
@@ -203,4 +220,4 @@ class VitalRisk:
         return _rt().score_rows(rows)
 
 
-VitalRisk.add_asgi_middleware(GuardMiddleware)
+VitalRisk.add_asgi_middleware(GuardMiddleware)  # type: ignore[attr-defined]

@@ -28,9 +28,7 @@ def _outcomes(rows):
 
 @pytest.fixture
 def two_patients():
-    pats = _patients(
-        [("p_a", "ward", T0, T0 + 48 * H), ("p_b", "ward", T0, T0 + 48 * H)]
-    )
+    pats = _patients([("p_a", "ward", T0, T0 + 48 * H), ("p_b", "ward", T0, T0 + 48 * H)])
     outs = _outcomes([("p_a", T0 + 30 * H, "icu_transfer")])
     return pats, outs
 
@@ -73,9 +71,7 @@ def test_event_types_filter_and_outside_followup(two_patients):
 
 
 def test_setting_horizon_and_no_setting():
-    pats = _patients(
-        [("p_h", "home", T0, T0 + 20 * 24 * H), ("p_x", "icu", T0, T0 + 48 * H)]
-    )
+    pats = _patients([("p_h", "home", T0, T0 + 20 * 24 * H), ("p_x", "icu", T0, T0 + 48 * H)])
     outs = _outcomes([("p_h", T0 + 10 * 24 * H, "emergency_admission")])
     cfg = FeaturesConfig()
     times = prediction_times(pats, cfg)
@@ -92,9 +88,7 @@ def test_setting_horizon_and_no_setting():
 
 def test_once_and_each_observation_modes(two_patients):
     pats, _ = two_patients
-    cfg = FeaturesConfig(
-        prediction_times={"ward": PredictionTimes(mode="once", offset_hours=24)}
-    )
+    cfg = FeaturesConfig(prediction_times={"ward": PredictionTimes(mode="once", offset_hours=24)})
     t = prediction_times(pats, cfg)
     assert t.groupby("patient_id").size().tolist() == [1, 1]
     assert (t.time == T0 + 24 * H).all()
@@ -119,7 +113,12 @@ def test_once_and_each_observation_modes(two_patients):
 def test_missing_followup_falls_back_to_observations():
     pats = _patients([("p_a", "ward", None, None)])
     obs = pd.DataFrame(
-        {"patient_id": ["p_a", "p_a"], "time": [T0, T0 + 5 * H], "code": "heart_rate", "value": 80.0}
+        {
+            "patient_id": ["p_a", "p_a"],
+            "time": [T0, T0 + 5 * H],
+            "code": "heart_rate",
+            "value": 80.0,
+        }
     )
     obs["time"] = obs["time"].astype("datetime64[ns, UTC]")
     t = prediction_times(pats, FeaturesConfig(), obs)

@@ -107,7 +107,15 @@ def test_news2_from_observations_uses_scale2_for_flagged_patients(config, vocab)
     obs = pd.DataFrame(
         {
             "time": [T0 - 2 * h] * 7,
-            "code": ["resp_rate", "spo2", "o2_support", "sbp", "heart_rate", "body_temp", "consciousness"],
+            "code": [
+                "resp_rate",
+                "spo2",
+                "o2_support",
+                "sbp",
+                "heart_rate",
+                "body_temp",
+                "consciousness",
+            ],
             "value": [22.0, 95.0, 1.0, 105.0, 95.0, 38.5, 2.0],
         }
     )

@@ -26,7 +26,9 @@ def _obs(rows: list[tuple[str, float, float]]) -> pd.DataFrame:
 
 
 def _feat(rows, at_hours: float, config: FeaturesConfig, vocab) -> pd.Series:
-    out = features_for_patient(_obs(rows), {"age": 70, "sex": "F"}, T0 + at_hours * H, config, vocab)
+    out = features_for_patient(
+        _obs(rows), {"age": 70, "sex": "F"}, T0 + at_hours * H, config, vocab
+    )
     assert len(out) == 1
     return out.iloc[0]
 
@@ -45,7 +47,9 @@ def test_basic_window_stats(cfg64, vocab):
     assert f["heart_rate_mean_4h"] == pytest.approx(90)
     assert f["heart_rate_min_12h"] == 70 and f["heart_rate_max_12h"] == 100
     assert f["heart_rate_std_12h"] == pytest.approx(np.std([70, 80, 100], ddof=1))
-    assert f["heart_rate_slope_12h"] == pytest.approx(np.polyfit([-10, -3, -1], [70, 80, 100], 1)[0])
+    assert f["heart_rate_slope_12h"] == pytest.approx(
+        np.polyfit([-10, -3, -1], [70, 80, 100], 1)[0]
+    )
     assert f["heart_rate_count_72h"] == 4  # -80 h is outside (t - 72 h, t]
     assert f["heart_rate_missing"] == 0 and f["heart_rate_per_hour"] == pytest.approx(4 / 24)
 
@@ -141,7 +145,11 @@ def test_against_brute_force(cohort, vocab):
                 x = g[(g.time > r.time - w * H) & (g.time <= r.time)]["value"]
                 assert r[f"{code}_count_{w}h"] == len(x) if code != "consciousness" else True
                 if code == "consciousness":
-                    assert np.isnan(r[f"{code}_max_{w}h"]) if x.empty else r[f"{code}_max_{w}h"] == x.max()
+                    assert (
+                        np.isnan(r[f"{code}_max_{w}h"])
+                        if x.empty
+                        else r[f"{code}_max_{w}h"] == x.max()
+                    )
                     continue
                 if x.empty:
                     assert np.isnan(r[f"{code}_mean_{w}h"])

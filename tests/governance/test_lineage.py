@@ -101,6 +101,7 @@ def test_lineage_cli_on_real_mlflow_run(
         consent={"purpose": "model_training", "patients_kept": 90, "patients_excluded": 10},
         repo=repo,
         key_fingerprint="k_0123456789ab",
+        extra={"ingest_consent": {"purpose": "model_training", "patients_excluded": 7}},
     )
     with mlflow.start_run(experiment_id=exp) as run:
         mlflow.set_tags(L.lineage_tags(rec))
@@ -121,6 +122,7 @@ def test_lineage_cli_on_real_mlflow_run(
     assert "purpose" in out and "model_training" in out and "90 / 10" in out
     assert "heart_rate_last (4h, /min)" in out and "seed: 7" in out
     assert "audit seq 1" in out and "promote" in out
+    assert "purpose model_training: 7 patients excluded" in out
     assert "missing:" not in out
 
     assert main(["lineage", "champion", "--name", "vr-test", "--json"]) == 0

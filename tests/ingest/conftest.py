@@ -48,4 +48,7 @@ def write(tmp_path: Path):
 
 def balanced(report: dict) -> bool:
     t = report["totals"]
-    return report["balanced"] and t["read"] == t["accepted"] + t["quarantined"] + t["consent_excluded"] + t["duplicates"]
+    return (
+        report["balanced"]
+        and t["read"] == t["accepted"] + t["quarantined"] + t["consent_excluded"] + t["duplicates"]
+    )

@@ -91,8 +91,24 @@ OBS_BP = {
     "subject": {"reference": "Patient/MRN-000004"},
     "effectiveDateTime": "2026-01-05T10:00:00Z",
     "component": [
-        {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]}, "valueQuantity": {"value": 101, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}},
-        {"code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]}, "valueQuantity": {"value": 60, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}},
+        {
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+            "valueQuantity": {
+                "value": 101,
+                "unit": "mmHg",
+                "system": "http://unitsofmeasure.org",
+                "code": "mm[Hg]",
+            },
+        },
+        {
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]},
+            "valueQuantity": {
+                "value": 60,
+                "unit": "mmHg",
+                "system": "http://unitsofmeasure.org",
+                "code": "mm[Hg]",
+            },
+        },
     ],
 }
 OBS_ACVPU = {
@@ -108,13 +124,32 @@ OBS_CREAT = {
     "resourceType": "Observation",
     "id": "l1",
     "status": "final",
-    "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
+    "category": [
+        {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                    "code": "laboratory",
+                }
+            ]
+        }
+    ],
     "code": {"coding": [{"system": "http://loinc.org", "code": "2160-0"}]},
     "subject": {"reference": "Patient/MRN-000004"},
     "effectiveDateTime": "2026-01-05T06:00:00Z",
-    "valueQuantity": {"value": 176.8, "unit": "umol/L", "system": "http://unitsofmeasure.org", "code": "umol/L"},
+    "valueQuantity": {
+        "value": 176.8,
+        "unit": "umol/L",
+        "system": "http://unitsofmeasure.org",
+        "code": "umol/L",
+    },
 }
-PATIENT = {"resourceType": "Patient", "id": "MRN-000004", "gender": "female", "birthDate": "1950-01-01"}
+PATIENT = {
+    "resourceType": "Patient",
+    "id": "MRN-000004",
+    "gender": "female",
+    "birthDate": "1950-01-01",
+}
 
 
 def test_fhir_ndjson_panel_components_and_concepts(write, cfg, vocab):
@@ -132,7 +167,11 @@ def test_fhir_ndjson_panel_components_and_concepts(write, cfg, vocab):
 
 
 def test_fhir_bundle(write, cfg, vocab):
-    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in (OBS_BP, OBS_CREAT)]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": r} for r in (OBS_BP, OBS_CREAT)],
+    }
     p = write("bundle.json", json.dumps(bundle, indent=1))
     res = ingest([p], cfg, vocab, KEY)
     assert sorted(res.observations["code"]) == ["creatinine", "dbp", "sbp"]
@@ -173,7 +212,9 @@ def test_patients_outcomes_and_cohort(write, cfg, vocab):
         "patient_id,setting,age,sex,cm_copd,followup_start,followup_end,consent_care,consent_model_training,consent_research\n"
         "MRN-000001,ward,70,F,1,2026-01-01T00:00:00Z,2026-01-10T00:00:00Z,true,true,false\n",
     )
-    outs = write("outcomes.csv", "patient_id,time,event\nMRN-000001,2026-01-09T00:00:00Z,icu_transfer\n")
+    outs = write(
+        "outcomes.csv", "patient_id,time,event\nMRN-000001,2026-01-09T00:00:00Z,icu_transfer\n"
+    )
     coh = write(
         "cohort.csv",
         "patient_id,index_time,age,sex,HR,spo2,creatinine,event,time_to_event_h,event_observed\n"
@@ -186,5 +227,9 @@ def test_patients_outcomes_and_cohort(write, cfg, vocab):
     assert res.outcomes["event"].tolist() == ["icu_transfer"]
     c = res.cohort
     assert c is not None and c.loc[0, "heart_rate"] == 90 and c.loc[0, "event_observed"] == 1
-    assert c.loc[0, "patient_id"] == res.patients.loc[0, "patient_id"] == res.outcomes.loc[0, "patient_id"]
+    assert (
+        c.loc[0, "patient_id"]
+        == res.patients.loc[0, "patient_id"]
+        == res.outcomes.loc[0, "patient_id"]
+    )
     assert balanced(res.report)

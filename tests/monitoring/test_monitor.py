@@ -112,3 +112,19 @@ def test_vocabulary_ranges_only_for_level_statistics(vocab):
     }
     ranges = mon.vocabulary_ranges(codes, vocab, ["last", "mean", "min", "max"])
     assert ranges == {"heart_rate_mean_4h": (20.0, 300.0), "spo2_last": (40.0, 100.0)}
+
+
+def test_sampled_quality_estimates_match_exact_counts(reference, make_log, config, vocab):
+    cur = frame(5000, seed=16, drift="spo2_missing")
+    log = make_log(data=cur)
+    small = config.model_copy(update={"current_size": 1500})
+    sampled = _run(reference, log, small, vocab).summary
+    exact = _run(reference, log, small.model_copy(update={"exact_quality": True}), vocab).summary
+    assert sampled["window"]["rows"] == exact["window"]["rows"] == 5000
+    assert sampled["window"]["quality_rows"] == 1500 and not sampled["window"]["quality_exact"]
+    assert exact["window"]["quality_rows"] == 5000 and exact["window"]["quality_exact"]
+    true_share = float(cur["spo2_last"].isna().mean())
+    assert exact["features"]["spo2_last"]["missing_share_current"] == pytest.approx(true_share, abs=1e-4)
+    assert sampled["features"]["spo2_last"]["missing_share_current"] == pytest.approx(true_share, abs=0.04)
+    # the predicted-risk level is exact either way (one SQL pass over the window)
+    assert sampled["predicted_risk"]["mean_current"] == pytest.approx(cur["probability"].mean())

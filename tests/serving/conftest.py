@@ -94,7 +94,9 @@ serve:
 """
 
 
-def start_server(root: Path, env: dict[str, str], port: int, timeout: float = 120.0) -> subprocess.Popen[bytes]:
+def start_server(
+    root: Path, env: dict[str, str], port: int, timeout: float = 120.0
+) -> subprocess.Popen[bytes]:
     log = (root / "server.log").open("wb")
     proc = subprocess.Popen(
         [vitalrisk_exe(), "serve", "--port", str(port), "--params", str(root / "params.yaml")],
@@ -107,7 +109,9 @@ def start_server(root: Path, env: dict[str, str], port: int, timeout: float = 12
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {(root / 'server.log').read_text()[-3000:]}")
+            raise RuntimeError(
+                f"server exited {proc.returncode}: {(root / 'server.log').read_text()[-3000:]}"
+            )
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
                 return proc
@@ -115,7 +119,9 @@ def start_server(root: Path, env: dict[str, str], port: int, timeout: float = 12
             pass
         time.sleep(0.5)
     stop_server(proc)
-    raise RuntimeError(f"server not ready in {timeout}s: {(root / 'server.log').read_text()[-3000:]}")
+    raise RuntimeError(
+        f"server not ready in {timeout}s: {(root / 'server.log').read_text()[-3000:]}"
+    )
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
@@ -130,7 +136,9 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], dict[str, Any]]:
+def registry(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, dict[str, str], dict[str, Any]]:
     """A temporary MLflow registry with champion (v1) and challenger (v2)."""
     from tests.serving.factory import register_models
 

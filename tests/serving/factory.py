@@ -18,7 +18,9 @@ END = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
 VITALS = ("heart_rate", "resp_rate", "spo2", "sbp", "body_temp")
 
 
-def synthetic_cohort(n: int = 120, seed: int = 0, hours: int = 24) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, np.ndarray]:
+def synthetic_cohort(
+    n: int = 120, seed: int = 0, hours: int = 24
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, np.ndarray]:
     """(observations, patients, times, labels): sick patients breathe faster, desaturate."""
     from governance.pseudonym import DEMO_KEY, pseudonymise
 
@@ -42,9 +44,33 @@ def synthetic_cohort(n: int = 120, seed: int = 0, hours: int = 24) -> tuple[pd.D
                 v = base[code] + rng.normal(0, 1.0)
                 if code == "spo2":
                     v = min(v, 100.0)
-                obs.append({"patient_id": pid, "time": t, "code": code, "value": float(v), "source": "ward"})
-            obs.append({"patient_id": pid, "time": t, "code": "consciousness", "value": 0.0, "source": "ward"})
-            obs.append({"patient_id": pid, "time": t, "code": "o2_support", "value": float(sick and h % 2 == 0), "source": "ward"})
+                obs.append(
+                    {
+                        "patient_id": pid,
+                        "time": t,
+                        "code": code,
+                        "value": float(v),
+                        "source": "ward",
+                    }
+                )
+            obs.append(
+                {
+                    "patient_id": pid,
+                    "time": t,
+                    "code": "consciousness",
+                    "value": 0.0,
+                    "source": "ward",
+                }
+            )
+            obs.append(
+                {
+                    "patient_id": pid,
+                    "time": t,
+                    "code": "o2_support",
+                    "value": float(sick and h % 2 == 0),
+                    "source": "ward",
+                }
+            )
         pats.append(
             {
                 "patient_id": pid,
@@ -64,7 +90,12 @@ def synthetic_cohort(n: int = 120, seed: int = 0, hours: int = 24) -> tuple[pd.D
     for c in ("followup_start", "followup_end"):
         patients[c] = pd.to_datetime(patients[c], utc=True)
     times = pd.DataFrame({"patient_id": patients["patient_id"], "time": pd.Timestamp(END)})
-    return observations.sort_values(["patient_id", "time", "code"]).reset_index(drop=True), patients, times, labels
+    return (
+        observations.sort_values(["patient_id", "time", "code"]).reset_index(drop=True),
+        patients,
+        times,
+        labels,
+    )
 
 
 def feature_frame(seed: int = 0, n: int = 120) -> pd.DataFrame:
@@ -88,16 +119,27 @@ def fit_risk_model(frame: pd.DataFrame, seed: int = 0, rounds: int = 40) -> Any:
     names = [c for c in frame.columns if c not in ids and pd.api.types.is_numeric_dtype(frame[c])]
     X = frame[names].astype(float)
     y = frame["label"].to_numpy()
-    params = {"objective": "binary", "num_leaves": 7, "min_data_in_leaf": 5, "learning_rate": 0.1,
-              "verbose": -1, "seed": seed, "num_threads": 1, "feature_fraction": 0.8,
-              "bagging_fraction": 0.8, "bagging_freq": 1}
+    params = {
+        "objective": "binary",
+        "num_leaves": 7,
+        "min_data_in_leaf": 5,
+        "learning_rate": 0.1,
+        "verbose": -1,
+        "seed": seed,
+        "num_threads": 1,
+        "feature_fraction": 0.8,
+        "bagging_fraction": 0.8,
+        "bagging_freq": 1,
+    }
     booster = lgb.train(params, lgb.Dataset(X, y), num_boost_round=rounds)
     model = RiskModel(booster=booster, feature_names=names)
     model.calibrator = Calibrator("sigmoid").fit(booster.predict(X, raw_score=True), y)
     return model
 
 
-def register_models(workdir: Path, model_name: str = "vitalrisk-deterioration", challenger: bool = True) -> dict[str, Any]:
+def register_models(
+    workdir: Path, model_name: str = "vitalrisk-deterioration", challenger: bool = True
+) -> dict[str, Any]:
     """Train, log and register champion (and challenger); MLFLOW_TRACKING_URI must be set."""
     from models import tracking
 

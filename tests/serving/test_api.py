@@ -25,7 +25,9 @@ def _iso(t: datetime) -> str:
     return t.isoformat().replace("+00:00", "Z")
 
 
-def vitals(rr: float, hr: float, spo2: float, sbp: float, temp_c: float, hours: int = 6, **kw: Any) -> list[dict[str, Any]]:
+def vitals(
+    rr: float, hr: float, spo2: float, sbp: float, temp_c: float, hours: int = 6, **kw: Any
+) -> list[dict[str, Any]]:
     out = []
     for h in range(hours):
         t = _iso(T0 - timedelta(hours=hours - 1 - h))
@@ -55,7 +57,13 @@ def test_probes_and_openapi_are_public(server: Server) -> None:
         assert c.get("/healthz").status_code == 200
         assert c.get("/readyz").status_code == 200
         doc = c.get("/docs.json").json()
-    for path in ["/v1/score", "/v1/score/features", "/v1/fhir/score", "/v1/observations", "/v1/model"]:
+    for path in [
+        "/v1/score",
+        "/v1/score/features",
+        "/v1/fhir/score",
+        "/v1/observations",
+        "/v1/model",
+    ]:
         assert path in doc["paths"], path
 
 
@@ -67,7 +75,10 @@ def test_score_raw_vitals(server: Server) -> None:
     assert r.status_code == 200, r.text
     data = r.json()
     assert r.headers["x-request-id"] == data["request_id"]
-    assert data["model"] == {"name": "vitalrisk-deterioration", "version": server.models["champion"][0]}
+    assert data["model"] == {
+        "name": "vitalrisk-deterioration",
+        "version": server.models["champion"][0],
+    }
     sick, well = data["results"]
     for res in (sick, well):
         assert PSEUDONYM.match(res["patient_id"])
@@ -128,27 +139,70 @@ def _p(**over: Any) -> dict[str, Any]:
 BAD_SCORE = [
     ("malformed json", b"{bad json", 400, "not valid JSON"),
     ("empty body", b"", 400, "empty"),
-    ("nan", b'{"patients":[{"patient_id":"x","observations":[{"time":"2026-01-01T08:00:00Z","code":"heart_rate","value":NaN}]}]}', 400, "finite"),
-    ("infinity", b'{"patients":[{"patient_id":"x","observations":[{"time":"2026-01-01T08:00:00Z","code":"heart_rate","value":-Infinity}]}]}', 400, "finite"),
+    (
+        "nan",
+        b'{"patients":[{"patient_id":"x","observations":[{"time":"2026-01-01T08:00:00Z","code":"heart_rate","value":NaN}]}]}',
+        400,
+        "finite",
+    ),
+    (
+        "infinity",
+        b'{"patients":[{"patient_id":"x","observations":[{"time":"2026-01-01T08:00:00Z","code":"heart_rate","value":-Infinity}]}]}',
+        400,
+        "finite",
+    ),
     ("array body", b"[1,2]", 422, "JSON object"),
     ("no patients", json.dumps({"patients": []}).encode(), 422, "at least 1"),
     ("wrong type", json.dumps({"patients": "x"}).encode(), 422, "patients"),
-    ("unknown field", json.dumps({"patients": [{"patient_id": "x", "observations": [], "ssn": 1}]}).encode(), 422, "ssn"),
-    ("unknown code", json.dumps(_p(code="blood_magic")).encode(), 422, "unknown code 'blood_magic'"),
+    (
+        "unknown field",
+        json.dumps({"patients": [{"patient_id": "x", "observations": [], "ssn": 1}]}).encode(),
+        422,
+        "ssn",
+    ),
+    (
+        "unknown code",
+        json.dumps(_p(code="blood_magic")).encode(),
+        422,
+        "unknown code 'blood_magic'",
+    ),
     ("unknown LOINC", json.dumps(_p(code="0000-0")).encode(), 422, "unknown code"),
     ("bad unit", json.dumps(_p(unit="kg")).encode(), 422, "unit 'kg' for heart_rate"),
     ("text value", json.dumps(_p(value="fast")).encode(), 422, "expected a number"),
     ("far future", json.dumps(_p(time="2099-01-01T00:00:00Z")).encode(), 422, "in the future"),
     ("naive time", json.dumps(_p(time="2026-01-01T08:00:00")).encode(), 422, "timezone"),
-    ("bad covariate", json.dumps({"patients": [{"patient_id": "x", "covariates": {"age": -3}, "observations": []}]}).encode(), 422, "age"),
-    ("duplicate patient", json.dumps({"patients": [{"patient_id": "x", "observations": []}] * 2}).encode(), 422, "twice"),
-    ("too many patients", json.dumps({"patients": [{"patient_id": f"x{i}", "observations": []} for i in range(6)]}).encode(), 413, "at most 5"),
+    (
+        "bad covariate",
+        json.dumps(
+            {"patients": [{"patient_id": "x", "covariates": {"age": -3}, "observations": []}]}
+        ).encode(),
+        422,
+        "age",
+    ),
+    (
+        "duplicate patient",
+        json.dumps({"patients": [{"patient_id": "x", "observations": []}] * 2}).encode(),
+        422,
+        "twice",
+    ),
+    (
+        "too many patients",
+        json.dumps(
+            {"patients": [{"patient_id": f"x{i}", "observations": []} for i in range(6)]}
+        ).encode(),
+        413,
+        "at most 5",
+    ),
     ("enormous body", b'{"patients": [' + b" " * 400_000 + b"]}", 413, "exceeds"),
 ]
 
 
-@pytest.mark.parametrize(("name", "body", "status", "needle"), BAD_SCORE, ids=[b[0] for b in BAD_SCORE])
-def test_bad_score_input_is_a_clear_4xx(server: Server, name: str, body: bytes, status: int, needle: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "body", "status", "needle"), BAD_SCORE, ids=[b[0] for b in BAD_SCORE]
+)
+def test_bad_score_input_is_a_clear_4xx(
+    server: Server, name: str, body: bytes, status: int, needle: str
+) -> None:
     with server.client() as c:
         r = c.post("/v1/score", content=body, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
@@ -209,7 +263,12 @@ def test_batch_of_1000_rows(server: Server) -> None:
 
 BAD_FEATURES = [
     ("unknown feature", {"rows": [{"features": {"shoe_size": 1}}]}, 422, "unknown feature"),
-    ("text for numeric", {"rows": [{"features": {"heart_rate_last": "high"}}]}, 422, "must be numbers"),
+    (
+        "text for numeric",
+        {"rows": [{"features": {"heart_rate_last": "high"}}]},
+        422,
+        "must be numbers",
+    ),
     ("empty rows", {"rows": []}, 422, "non-empty"),
     ("rows not a list", {"rows": {"a": 1}}, 422, "non-empty"),
     ("list value", {"rows": [{"features": {"heart_rate_last": [1]}}]}, 400, "valid number"),
@@ -218,7 +277,9 @@ BAD_FEATURES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "body", "status", "needle"), BAD_FEATURES, ids=[b[0] for b in BAD_FEATURES])
+@pytest.mark.parametrize(
+    ("name", "body", "status", "needle"), BAD_FEATURES, ids=[b[0] for b in BAD_FEATURES]
+)
 def test_bad_feature_rows(server: Server, name: str, body: Any, status: int, needle: str) -> None:
     with server.client() as c:
         r = c.post("/v1/score/features", json=body)
@@ -231,19 +292,34 @@ def bundle(pid: str, obs: list[dict[str, Any]]) -> dict[str, Any]:
     from features.vocabulary import load_vocabulary
 
     vocab = load_vocabulary()
-    entries: list[dict[str, Any]] = [{"resource": {"resourceType": "Patient", "id": pid, "gender": "female", "birthDate": "1955-06-01"}}]
+    entries: list[dict[str, Any]] = [
+        {
+            "resource": {
+                "resourceType": "Patient",
+                "id": pid,
+                "gender": "female",
+                "birthDate": "1955-06-01",
+            }
+        }
+    ]
     for o in obs:
         res: dict[str, Any] = {
             "resourceType": "Observation",
             "status": "final",
-            "code": {"coding": [{"system": "http://loinc.org", "code": vocab.codes[o["code"]].loinc[0]}]},
+            "code": {
+                "coding": [{"system": "http://loinc.org", "code": vocab.codes[o["code"]].loinc[0]}]
+            },
             "subject": {"reference": f"Patient/{pid}"},
             "effectiveDateTime": o["time"],
         }
         if isinstance(o["value"], str):
             res["valueCodeableConcept"] = {"coding": [{"code": o["value"]}]}
         else:
-            res["valueQuantity"] = {"value": o["value"], "system": "http://unitsofmeasure.org", "code": o.get("unit") or vocab.codes[o["code"]].unit}
+            res["valueQuantity"] = {
+                "value": o["value"],
+                "system": "http://unitsofmeasure.org",
+                "code": o.get("unit") or vocab.codes[o["code"]].unit,
+            }
         entries.append({"resource": res})
     return {"resourceType": "Bundle", "type": "collection", "entry": entries}
 
@@ -252,13 +328,21 @@ def test_fhir_bundle_to_risk_assessment(server: Server) -> None:
     from fhir.resources.R4B.riskassessment import RiskAssessment
 
     with server.client() as c:
-        r = c.post("/v1/fhir/score", json=bundle("MRN-FHIR-1", SICK), headers={"content-type": "application/fhir+json"})
-        direct = c.post("/v1/score", json={"patients": [patient("MRN-FHIR-1", SICK)]}).json()["results"][0]
+        r = c.post(
+            "/v1/fhir/score",
+            json=bundle("MRN-FHIR-1", SICK),
+            headers={"content-type": "application/fhir+json"},
+        )
+        direct = c.post("/v1/score", json={"patients": [patient("MRN-FHIR-1", SICK)]}).json()[
+            "results"
+        ][0]
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("application/fhir+json")
     ra = RiskAssessment.model_validate(r.json())
     assert ra.subject.reference == f"Patient/{direct['patient_id']}"
-    assert float(ra.prediction[0].probabilityDecimal) == pytest.approx(direct["probability"], abs=1e-6)
+    assert float(ra.prediction[0].probabilityDecimal) == pytest.approx(
+        direct["probability"], abs=1e-6
+    )
     assert ra.prediction[0].qualitativeRisk.coding[0].code in {"low", "moderate", "high"}
     assert "MRN-FHIR-1" not in r.text
 
@@ -267,8 +351,33 @@ def test_fhir_bundle_to_risk_assessment(server: Server) -> None:
     ("body", "needle"),
     [
         ({"resourceType": "Patient"}, "Bundle"),
-        ({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": "Observation"}}]}, "required"),
-        ({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": "Observation", "status": "final", "code": {"coding": [{"code": "0000-0"}]}, "subject": {"reference": "Patient/a"}, "effectiveDateTime": "2026-01-01T08:00:00Z", "valueQuantity": {"value": 1}}}]}, "no known LOINC"),
+        (
+            {
+                "resourceType": "Bundle",
+                "type": "collection",
+                "entry": [{"resource": {"resourceType": "Observation"}}],
+            },
+            "required",
+        ),
+        (
+            {
+                "resourceType": "Bundle",
+                "type": "collection",
+                "entry": [
+                    {
+                        "resource": {
+                            "resourceType": "Observation",
+                            "status": "final",
+                            "code": {"coding": [{"code": "0000-0"}]},
+                            "subject": {"reference": "Patient/a"},
+                            "effectiveDateTime": "2026-01-01T08:00:00Z",
+                            "valueQuantity": {"value": 1},
+                        }
+                    }
+                ],
+            },
+            "no known LOINC",
+        ),
     ],
 )
 def test_bad_fhir_is_422(server: Server, body: dict[str, Any], needle: str) -> None:
@@ -289,8 +398,20 @@ def test_fhir_two_patients_rejected(server: Server) -> None:
 # -- /v1/observations ----------------------------------------------------------------------
 def test_observations_land_for_ingest(server: Server) -> None:
     items = [
-        {"patient_id": "DEV-9", "time": "2026-01-01T08:00:00Z", "code": "heart_rate", "value": 80, "source": "wearable"},
-        {"patient_id": "DEV-9", "time": "2026-01-01T08:00:00Z", "code": "8310-5", "value": 100.4, "unit": "[degF]"},
+        {
+            "patient_id": "DEV-9",
+            "time": "2026-01-01T08:00:00Z",
+            "code": "heart_rate",
+            "value": 80,
+            "source": "wearable",
+        },
+        {
+            "patient_id": "DEV-9",
+            "time": "2026-01-01T08:00:00Z",
+            "code": "8310-5",
+            "value": 100.4,
+            "unit": "[degF]",
+        },
         {"patient_id": "DEV-9", "time": "2026-01-01T08:00:00Z", "code": "heart_rate", "value": 999},
         {"patient_id": "DEV-9", "time": "2026-01-01T08:00:00Z", "code": "mood", "value": 3},
         {"patient_id": "DEV-9", "time": "2099-01-01T08:00:00Z", "code": "heart_rate", "value": 70},
@@ -325,7 +446,19 @@ def test_landing_file_is_readable_by_ingest(server: Server) -> None:
     files = sorted(server.landing.glob("*.csv"))
     if not files:
         with server.client("device") as c:
-            c.post("/v1/observations", json={"observations": [{"patient_id": "z", "time": "2026-01-01T08:00:00Z", "code": "heart_rate", "value": 80}]})
+            c.post(
+                "/v1/observations",
+                json={
+                    "observations": [
+                        {
+                            "patient_id": "z",
+                            "time": "2026-01-01T08:00:00Z",
+                            "code": "heart_rate",
+                            "value": 80,
+                        }
+                    ]
+                },
+            )
         files = sorted(server.landing.glob("*.csv"))
     read = readers.read_long_csv(files[0], IngestConfig())
     assert len(read.observations) >= 1 and not read.problems
@@ -396,11 +529,24 @@ def test_prediction_log_contract(server: Server) -> None:
     rid = r.json()["request_id"]
     con = sqlite3.connect(server.prediction_log)
     cols = [row[1] for row in con.execute("PRAGMA table_info(predictions)")]
-    assert cols == ["request_id", "scored_at", "patient_id", "model_name", "model_version", "role", "probability", "news2_total", "features"]
+    assert cols == [
+        "request_id",
+        "scored_at",
+        "patient_id",
+        "model_name",
+        "model_version",
+        "role",
+        "probability",
+        "news2_total",
+        "features",
+    ]
     out_cols = [row[1] for row in con.execute("PRAGMA table_info(outcomes)")]
     assert out_cols == ["request_id", "patient_id", "event_time", "event", "label", "received_at"]
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    rows = con.execute("SELECT role, model_version, patient_id, probability, news2_total, features, scored_at FROM predictions WHERE request_id=?", (rid,)).fetchall()
+    rows = con.execute(
+        "SELECT role, model_version, patient_id, probability, news2_total, features, scored_at FROM predictions WHERE request_id=?",
+        (rid,),
+    ).fetchall()
     con.close()
     roles = {r[0]: r for r in rows}
     assert set(roles) == {"champion", "shadow"}
@@ -423,7 +569,9 @@ def test_audit_log_chain_and_no_raw_identifiers(server: Server) -> None:
     entries = list(log.entries())
     actors = {e["actor"] for e in entries}
     assert "admin" in actors
-    score = [e for e in entries if e["resource"] == "POST /v1/score" and e["details"]["status"] == 200]
+    score = [
+        e for e in entries if e["resource"] == "POST /v1/score" and e["details"]["status"] == 200
+    ]
     assert {e["action"] for e in score} == {"predict"}
     assert any(e["action"] == "collect" and e["actor"] == "device" for e in entries)
     assert score and all(PSEUDONYM.match(p) for e in score for p in e["patients"])
@@ -437,11 +585,26 @@ def test_audit_log_chain_and_no_raw_identifiers(server: Server) -> None:
 def test_schemathesis_finds_no_server_error(server: Server) -> None:
     exe = Path(sys.executable).with_name("schemathesis")
     cmd = [
-        str(exe), "run", f"{server.url}/docs.json", "-c", "not_a_server_error", "-n", "8",
-        "--seed", "7", "-H", f"Authorization: Bearer {KEYS['admin']}", "--request-timeout", "20",
+        str(exe),
+        "run",
+        f"{server.url}/docs.json",
+        "-c",
+        "not_a_server_error",
+        "-n",
+        "8",
+        "--seed",
+        "7",
+        "-H",
+        f"Authorization: Bearer {KEYS['admin']}",
+        "--request-timeout",
+        "20",
     ]
     res = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=240, cwd=server.root,
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=server.root,
         env={**server.env, "SCHEMATHESIS_TELEMETRY": "false"},
     )
     assert res.returncode == 0, res.stdout[-4000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -12,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.auth import AuthConfigError, KeyStore, RateLimiter, bearer_token, hash_secret, parse_key_spec
+from serving.auth import (
+    AuthConfigError,
+    KeyStore,
+    RateLimiter,
+    bearer_token,
+    hash_secret,
+    parse_key_spec,
+)
 from serving.config import RiskBands, load_serve_config
 from serving.predlog import PredictionLog, PredictionRecord
 
@@ -20,14 +28,23 @@ from serving.predlog import PredictionLog, PredictionRecord
 def test_keys_from_env_and_file(tmp_path: Path) -> None:
     f = tmp_path / "keys.txt"
     f.write_text(f"# comment\nhub:ingest:sha256:{hash_secret('hub-secret-1')}\n\n")
-    store = KeyStore.from_env({"VITALRISK_API_KEYS": "app:score+read:app-secret-1", "VITALRISK_API_KEYS_FILE": str(f)})
+    store = KeyStore.from_env(
+        {"VITALRISK_API_KEYS": "app:score+read:app-secret-1", "VITALRISK_API_KEYS_FILE": str(f)}
+    )
     app = store.authenticate("app-secret-1")
     hub = store.authenticate("hub-secret-1")
-    assert app is not None and app.name == "app" and app.allows("score") and not app.allows("ingest")
-    assert hub is not None and hub.name == "hub" and hub.allows("ingest") and not hub.allows("score")
+    assert (
+        app is not None and app.name == "app" and app.allows("score") and not app.allows("ingest")
+    )
+    assert (
+        hub is not None and hub.name == "hub" and hub.allows("ingest") and not hub.allows("score")
+    )
     assert store.authenticate("app-secret-2") is None
     # only digests are kept
-    assert all(k.digest == hashlib.sha256(s.encode()).digest() for k, s in [(app, "app-secret-1"), (hub, "hub-secret-1")])
+    assert all(
+        k.digest == hashlib.sha256(s.encode()).digest()
+        for k, s in [(app, "app-secret-1"), (hub, "hub-secret-1")]
+    )
     assert "app-secret-1" not in repr(store)
 
 
@@ -82,7 +99,17 @@ def test_risk_bands_and_config_errors(tmp_path: Path) -> None:
 
 
 def _rec(i: int, role: str = "champion") -> PredictionRecord:
-    return PredictionRecord(f"r{i}", "2026-01-01T00:00:00Z", "p_" + "0" * 20, "m", "1", role, 0.5, None, {"a": float("nan"), "b": 1.0})
+    return PredictionRecord(
+        f"r{i}",
+        "2026-01-01T00:00:00Z",
+        "p_" + "0" * 20,
+        "m",
+        "1",
+        role,
+        0.5,
+        None,
+        {"a": float("nan"), "b": 1.0},
+    )
 
 
 def test_prediction_log_is_all_or_nothing(tmp_path: Path) -> None:
@@ -99,7 +126,8 @@ def test_prediction_log_is_all_or_nothing(tmp_path: Path) -> None:
     assert log.count() == 2  # the good row of the failed request was rolled back too
     con = sqlite3.connect(tmp_path / "p.sqlite")
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert con.execute("SELECT features FROM predictions LIMIT 1").fetchone()[0] == '{"a": null, "b": 1.0}'
+    text = con.execute("SELECT features FROM predictions LIMIT 1").fetchone()[0]
+    assert json.loads(text) == {"a": None, "b": 1.0}
 
 
 def test_fast_matrix_matches_risk_model(tmp_path: Path) -> None:
@@ -111,17 +139,34 @@ def test_fast_matrix_matches_risk_model(tmp_path: Path) -> None:
     from serving.scoring import LoadedModel
 
     rng = np.random.default_rng(0)
-    X = pd.DataFrame({"a": rng.normal(size=300), "b": rng.normal(size=300), "c": rng.integers(0, 3, 300).astype(float)})
+    X = pd.DataFrame(
+        {
+            "a": rng.normal(size=300),
+            "b": rng.normal(size=300),
+            "c": rng.integers(0, 3, 300).astype(float),
+        }
+    )
     X.loc[::7, "a"] = np.nan
     y = (X["b"] + (X["c"] == 2) + rng.normal(0, 0.5, 300) > 0.8).astype(int)
-    booster = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 7}, lgb.Dataset(X, y, categorical_feature=["c"]), 20)
-    model = RiskModel(booster=booster, feature_names=["a", "b", "c"], categories={"c": ["x", "y", "z"]})
+    booster = lgb.train(
+        {"objective": "binary", "verbose": -1, "num_leaves": 7},
+        lgb.Dataset(X, y, categorical_feature=["c"]),
+        20,
+    )
+    model = RiskModel(
+        booster=booster, feature_names=["a", "b", "c"], categories={"c": ["x", "y", "z"]}
+    )
     model.calibrator = Calibrator("isotonic").fit(booster.predict(X, raw_score=True), y)
     frame = X.copy()
     frame["c"] = frame["c"].map({0.0: "x", 1.0: "y", 2.0: "z"})
     lm = LoadedModel("m", "1", "champion", None, model)
-    rows = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()} for r in frame.to_dict("records")]
-    np.testing.assert_allclose(lm.predict_matrix(lm.matrix(rows)), model.predict_proba(frame), rtol=1e-12)
+    rows = [
+        {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
+        for r in frame.to_dict("records")
+    ]
+    np.testing.assert_allclose(
+        lm.predict_matrix(lm.matrix(rows)), model.predict_proba(frame), rtol=1e-12
+    )
     contrib = lm.contributions_matrix(lm.matrix(rows))
     np.testing.assert_allclose(contrib, model.contributions(frame), rtol=1e-9)
     assert contrib.shape == (300, 4)
@@ -129,10 +174,45 @@ def test_fast_matrix_matches_risk_model(tmp_path: Path) -> None:
 
 def test_serve_fails_fast_without_champion_or_keys(tmp_path: Path) -> None:
     exe = str(Path(sys.executable).with_name("vitalrisk"))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/empty.db", "VITALRISK_API_KEYS": "a:*:aaaaaaaaaa"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/empty.db",
+        "VITALRISK_API_KEYS": "a:*:aaaaaaaaaa",
+    }
     env.pop("VITALRISK_API_KEYS_FILE", None)
-    r = subprocess.run([exe, "serve", "--port", "1", "--params", str(tmp_path / "none.yaml")], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [exe, "serve", "--port", "1", "--params", str(tmp_path / "none.yaml")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "no 'champion' alias" in r.stderr and "Traceback" not in r.stderr
     env["VITALRISK_API_KEYS"] = ""
-    r = subprocess.run([exe, "serve", "--params", str(tmp_path / "none.yaml")], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [exe, "serve", "--params", str(tmp_path / "none.yaml")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "no API keys" in r.stderr
+
+
+def test_service_stops_when_started_without_champion(tmp_path: Path) -> None:
+    """Even past the CLI pre-check, the BentoML server stops instead of restarting forever."""
+    exe = str(Path(sys.executable).with_name("vitalrisk"))
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/empty.db",
+        "VITALRISK_API_KEYS": "a:*:aaaaaaaaaa",
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "True",
+    }
+    from tests.serving.conftest import free_port
+
+    cmd = [exe, "serve", "--no-check", "--port", str(free_port()), "--params", str(tmp_path / "none.yaml")]
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "no champion to serve" in r.stdout + r.stderr

@@ -1,0 +1,219 @@
+"""Monitoring benchmark: alarm quality over seeded resamples, and scale.
+
+1. Detection / false-alarm rates: for each of ``SEEDS`` seeds, a fresh current sample from
+   the training distribution (any verdict other than ``ok`` is a false alarm) and each drifted
+   variant of the simulator (detected = verdict warn/retrain AND the verdict's top drifted
+   signal is the shifted one: heart_rate, age, spo2). Production sample sizes
+   (reference 20,000 rows, current window 5,000 predictions), default params.
+2. Scale: 1,000,000 logged predictions with ~100 features in the SQLite prediction log
+   against a 100,000-row reference, through the whole ``monitor_log`` path (chunked log read,
+   exact quality counts, sampled Evidently drift report, HTML) in a fresh subprocess whose
+   wall time and peak RSS are measured.
+
+Run: ``nice python -m benchmarks.run monitoring`` (writes benchmarks/results/monitoring.json).
+Env ``BENCH_MONITORING_SEEDS`` / ``BENCH_MONITORING_ROWS`` shrink it for a quick look.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import polars as pl
+
+from features.vocabulary import load_vocabulary
+from monitoring import monitor as mon
+from monitoring import prediction_log as plog
+from monitoring import synthetic as syn
+from monitoring.config import MonitorConfig
+
+logger = logging.getLogger(__name__)
+
+SEEDS = int(os.environ.get("BENCH_MONITORING_SEEDS", "20"))
+SCALE_ROWS = int(os.environ.get("BENCH_MONITORING_ROWS", "1000000"))
+REFERENCE_ROWS = 100_000
+RATE_REFERENCE = 20_000
+RATE_CURRENT = 5_000
+RATE_WINDOWS = (4, 24)
+EXPECTED = {"hr_offset": "heart_rate", "older": "age", "spo2_missing": "spo2"}
+
+
+def _named(summary: dict, expected: str) -> bool:
+    """Does the verdict point at the shifted signal (a vocabulary code, or a feature)?"""
+    if expected in summary["features"]:  # e.g. age: the largest effect comes first
+        return summary["drifted_features"][:1] == [expected]
+    by_code = summary["drifted_signals"]
+    return bool(by_code) and max(by_code, key=by_code.get) == expected
+
+
+def _evaluate(reference: pd.DataFrame, current: pd.DataFrame, config: MonitorConfig, vocab) -> dict:
+    kinds = mon.column_kinds(reference, config.exclude)
+    codes = mon.feature_codes(kinds, vocab)
+    ranges = mon.vocabulary_ranges(codes, vocab, config.quality.range_stats)
+    cats = mon.reference_categories(reference, kinds)
+    cw = mon.collect_current([current], len(current), kinds, ranges, cats, config)
+    return mon.evaluate(reference, cw, kinds, codes, ranges, cats, config).summary
+
+
+def rates(vocab) -> dict:
+    config = MonitorConfig(reference_size=RATE_REFERENCE, current_size=RATE_CURRENT)
+    reference = syn.feature_frame(RATE_REFERENCE, seed=10_000, codes=(), windows=RATE_WINDOWS)
+    out: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    for kind in ["none", *EXPECTED]:
+        alarms, named, verdicts = 0, 0, {"ok": 0, "warn": 0, "retrain": 0}
+        for seed in range(SEEDS):
+            cur = syn.feature_frame(
+                RATE_CURRENT, seed=seed, drift=kind, codes=(), windows=RATE_WINDOWS
+            )
+            s = _evaluate(reference, cur, config, vocab)
+            verdicts[s["verdict"]] += 1
+            alarms += s["verdict"] != "ok"
+            if kind != "none" and s["verdict"] != "ok" and _named(s, EXPECTED[kind]):
+                named += 1
+        row: dict = {"runs": SEEDS, "verdicts": verdicts}
+        if kind == "none":
+            row["false_alarm_rate"] = alarms / SEEDS
+        else:
+            row["detection_rate"] = alarms / SEEDS
+            row["detected_and_named_rate"] = named / SEEDS
+        out[kind] = row
+        print(f"  {kind:13s} {row}")
+    return {
+        "seeds": SEEDS,
+        "reference_rows": RATE_REFERENCE,
+        "current_rows": RATE_CURRENT,
+        "features": len(reference.columns) - 2,
+        "by_variant": out,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _write_big_log(path: Path, rows: int, chunk: int = 100_000) -> int:
+    """``rows`` predictions with every feature of the synthetic matrix, JSON-encoded by polars."""
+    plog.ensure_tables(path)
+    start = pd.Timestamp("2026-11-01", tz="UTC")
+    span = 7 * 24 * 3600
+    n_feat = 0
+    with closing(sqlite3.connect(path)) as con:
+        con.execute("PRAGMA synchronous=OFF")
+        for i, lo in enumerate(range(0, rows, chunk)):
+            n = min(chunk, rows - lo)
+            f = syn.feature_frame(n, seed=50_000 + i, drift="hr_offset" if i % 2 else "none")
+            prob = f.pop("probability").to_numpy()
+            f = f.drop(columns=["label"])
+            n_feat = len(f.columns)
+            num = [c for c in f.columns if c != "setting"]
+            f[num] = f[num].astype("float32")
+            text = pl.from_pandas(f).select(pl.struct(pl.all()).struct.json_encode()).to_series()
+            ts = start + pd.to_timedelta(np.linspace(lo, lo + n - 1, n) * span / rows, unit="s")
+            con.executemany(
+                "INSERT INTO predictions VALUES (?,?,?,?,?,?,?,?,?)",
+                zip(
+                    (f"r{lo + j}" for j in range(n)),
+                    (t.isoformat() for t in ts),
+                    (f"p_{(lo + j) % 50_000:020x}" for j in range(n)),
+                    ["vitalrisk-deterioration"] * n,
+                    ["1"] * n,
+                    ["champion"] * n,
+                    prob.tolist(),
+                    f["news2_total"].astype(float).tolist(),
+                    text.to_list(),
+                    strict=True,
+                ),
+            )
+            con.commit()
+    return n_feat
+
+
+SCALE_CHILD = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+import pandas as pd
+from features.vocabulary import load_vocabulary
+from monitoring import monitor as mon
+from monitoring import evidently_reports as er
+from monitoring.config import MonitorConfig
+t_import = time.perf_counter() - t0
+ref = pd.read_parquet(sys.argv[1])
+cfg = MonitorConfig(window_days=30)
+res = mon.monitor_log(ref, sys.argv[2], cfg, load_vocabulary())
+er.save_html(res.snapshots["drift"], sys.argv[3])
+s = res.summary
+print(json.dumps({
+    "seconds_total": round(time.perf_counter() - t0, 2),
+    "seconds_imports": round(t_import, 2),
+    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    "rows_in_window": s["window"]["rows"],
+    "sampled_rows": s["window"]["sampled_rows"],
+    "reference_rows_used": s["reference_rows"],
+    "monitored_features": s["monitored_features"],
+    "verdict": s["verdict"],
+    "drifted_signals": s["drifted_signals"],
+}))
+"""
+
+
+def scale() -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench_monitoring_") as tmp:
+        d = Path(tmp)
+        t0 = time.perf_counter()
+        ref = syn.feature_frame(REFERENCE_ROWS, seed=1).drop(columns=["label"])
+        ref.to_parquet(d / "reference.parquet")
+        n_feat = _write_big_log(d / "predictions.sqlite", SCALE_ROWS)
+        build = time.perf_counter() - t0
+        size_mb = (d / "predictions.sqlite").stat().st_size / 2**20
+        print(
+            f"  built {SCALE_ROWS:,} logged predictions x {n_feat} features ({size_mb:.0f} MB) in {build:.0f} s"
+        )
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                SCALE_CHILD,
+                str(d / "reference.parquet"),
+                str(d / "predictions.sqlite"),
+                str(d / "r.html"),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result.update(
+            {
+                "logged_predictions": SCALE_ROWS,
+                "features_logged": n_feat,
+                "reference_rows": REFERENCE_ROWS,
+                "log_size_mb": round(size_mb),
+                "seconds_building_inputs": round(build, 1),
+                "under_60s": result["seconds_total"] < 60,
+            }
+        )
+        print(f"  scale: {result}")
+        return result
+
+
+def main() -> dict:
+    vocab = load_vocabulary()
+    print(f"monitoring: alarm rates over {SEEDS} seeds per variant")
+    r = rates(vocab)
+    print(f"monitoring: scale test ({SCALE_ROWS:,} logged predictions)")
+    s = scale()
+    return {"rates": r, "scale": s}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(), indent=2))

@@ -1,0 +1,118 @@
+"""The Dask backend matches the local backend; the ``vitalrisk features`` stage end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from features.build import build_feature_matrix
+from features.config import DaskConfig
+from features.dask_backend import build_on_cluster, partition_patients
+from pipelines.cli import main
+
+from .conftest import make_cohort
+
+
+@pytest.fixture(scope="module")
+def obs_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("observations")
+    obs, pats, outs = make_cohort(n_patients=16, days=9, seed=11)
+    obs.to_parquet(d / "observations.parquet", index=False, row_group_size=2000)
+    pats.to_parquet(d / "patients.parquet", index=False)
+    outs.to_parquet(d / "outcomes.parquet", index=False)
+    return d
+
+
+def test_partitions_cover_patients_once():
+    parts = partition_patients(["p_c", "p_a", "p_b", "p_a"], 2)
+    assert parts == [["p_a", "p_b"], ["p_c"]]
+
+
+def test_dask_local_cluster_equals_local(obs_dir, config, vocab):
+    distributed = pytest.importorskip("distributed")
+    obs = pd.read_parquet(obs_dir / "observations.parquet")
+    pats = pd.read_parquet(obs_dir / "patients.parquet")
+    outs = pd.read_parquet(obs_dir / "outcomes.parquet")
+    local = build_feature_matrix(obs, pats, outs, config, vocab)
+    cfg = config.model_copy(update={"backend": "dask", "dask": DaskConfig(n_partitions=3)})
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        remote, report = build_on_cluster(
+            obs_dir / "observations.parquet", pats, outs, cfg, vocab, client
+        )
+    pd.testing.assert_frame_equal(remote, local, check_exact=True)
+    assert report.excluded == local.attrs["excluded"]
+
+
+def _params(tmp_path: Path, extra: str = "") -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text("features:\n  backend: local\n  lookback_hours: 168\n" + extra)
+    return p
+
+
+def test_stage_cli_writes_features_dictionary_and_report(obs_dir, tmp_path, capsys):
+    out = tmp_path / "features"
+    rc = main(
+        [
+            "features",
+            "--observations",
+            str(obs_dir),
+            "--out",
+            str(out),
+            "--params",
+            str(_params(tmp_path)),
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "prevalence" in printed and "partial_horizon" in printed
+    f = pd.read_parquet(out / "features.parquet")
+    doc = json.loads((out / "feature_dictionary.json").read_text())
+    assert [x["name"] for x in doc["features"]] == list(f.columns[4:])
+    assert str(f["time"].dtype) == "datetime64[ns, UTC]"
+    rep = json.loads((out / "features_report.json").read_text())
+    assert rep["rows"] == len(f) and set(rep["by_setting"]) == {"ward", "home"}
+
+
+def test_stage_cli_user_errors(obs_dir, tmp_path, capsys):
+    bad = _params(tmp_path, "  windows:\n    hourz: {}\n")
+    rc = main(
+        [
+            "features",
+            "--observations",
+            str(obs_dir),
+            "--out",
+            str(tmp_path / "o"),
+            "--params",
+            str(bad),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "features.windows.hourz" in err and "unknown key" in err
+    rc = main(
+        ["features", "--observations", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
+         "--params", str(_params(tmp_path))]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "observations.parquet" in err
+    short = _params(tmp_path).read_text().replace("lookback_hours: 168", "lookback_hours: 10")
+    (tmp_path / "short.yaml").write_text(short)
+    rc = main(
+        [
+            "features",
+            "--observations",
+            str(obs_dir),
+            "--out",
+            str(tmp_path / "o"),
+            "--params",
+            str(tmp_path / "short.yaml"),
+        ]
+    )
+    assert rc == 2 and "lookback_hours" in capsys.readouterr().err

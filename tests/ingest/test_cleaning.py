@@ -1,0 +1,51 @@
+"""Time parsing edge cases and ids that arrive already pseudonymised (the service's landing files)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from features.cleaning import parse_times
+from features.data_config import IngestConfig
+from features.ingestion import ingest
+from governance.pseudonym import pseudonymise
+from tests.ingest.conftest import KEY, balanced
+
+
+def test_mixed_offsets_and_naive_times_in_one_column():
+    # pandas 2.3 alone would give the naive string the previous string's +01:00 offset
+    s = pd.Series(
+        [
+            "2026-01-05T08:00:00+01:00",
+            "2026-01-05 09:30:00",
+            "2026-01-05T08:00:00-05:00",
+            "2026-01-05T08:00:00Z",
+            "nope",
+            "",
+        ]
+    )
+    t, bad, naive = parse_times(s, "reject")
+    assert t.iloc[0] == pd.Timestamp("2026-01-05T07:00:00Z")
+    assert t.iloc[1] == pd.Timestamp("2026-01-05T09:30:00Z")
+    assert t.iloc[2] == pd.Timestamp("2026-01-05T13:00:00Z")
+    assert t.iloc[3] == pd.Timestamp("2026-01-05T08:00:00Z")
+    assert bad.tolist() == [False, False, False, False, True, False]
+    assert naive.tolist() == [False, True, False, False, False, False]
+
+
+def test_landing_file_with_pseudonyms_meets_raw_consent_table(write, vocab):
+    pid1, pid2 = pseudonymise("MRN-000001", KEY), pseudonymise("MRN-000002", KEY)
+    pats = write(
+        "patients.csv",
+        "patient_id,consent_model_training\nMRN-000001,true\nMRN-000002,false\n",
+    )
+    landing = write(
+        "landing/api-1.csv",
+        "patient_id,time,code,value,unit,source\n"
+        f"{pid1},2026-01-05T08:00:00Z,heart_rate,80,/min,api\n"
+        f"{pid2},2026-01-05T08:00:00Z,heart_rate,90,/min,api\n",
+    )
+    res = ingest([pats, landing], IngestConfig(), vocab, KEY)
+    assert res.observations["patient_id"].tolist() == [pid1]
+    assert res.patients["patient_id"].tolist() == [pid1]
+    assert res.report["consent"]["patients_without_consent_record"] == 0
+    assert balanced(res.report)
