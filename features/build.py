@@ -772,7 +772,7 @@ def read_observations(path: str | Path, filters: Any = None) -> pd.DataFrame:
     table = pq.read_table(
         path, columns=OBS_READ_COLUMNS, read_dictionary=["patient_id", "code"], filters=filters
     )
-    return table.to_pandas()
+    return table.to_pandas(split_blocks=True, self_destruct=True)
 
 
 def write_features(frame: pd.DataFrame, path: str | Path) -> None:

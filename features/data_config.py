@@ -25,9 +25,9 @@ class SimulateConfig(BaseModel):
     followup_days: tuple[float, float] = (7.0, 30.0)
     home_fraction: float = Field(0.45, ge=0, le=1)
     #: target share of patients with a deterioration event (the risk model is calibrated to it)
-    event_rate: float = Field(0.10, ge=0, le=0.5)
+    event_rate: float = Field(0.14, ge=0, le=0.5)
     #: share of events that come without a physiological prodrome
-    silent_event_fraction: float = Field(0.2, ge=0, le=1)
+    silent_event_fraction: float = Field(0.15, ge=0, le=1)
     #: share of ward patients exported by each system (the rest go to the long CSV)
     ward_fhir_fraction: float = Field(0.15, ge=0, le=1)
     ward_psv_fraction: float = Field(0.2, ge=0, le=1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,24 @@ class Problem:
     code: str = ""
 
 
+class RowText(Mapping[int, str]):
+    """Row n (1-based) of a table as comma-joined text, built only when asked for."""
+
+    def __init__(self, df: pd.DataFrame) -> None:
+        self.df = df
+
+    def __getitem__(self, line: int) -> str:
+        if not 0 < line <= len(self.df):
+            raise KeyError(line)
+        return ",".join(map(str, self.df.iloc[line - 1].tolist()))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(1, len(self.df) + 1))
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+
 @dataclass
 class RawRead:
     """What one reader found in one file (or PSV directory)."""
@@ -60,7 +78,7 @@ class RawRead:
     outcomes: pd.DataFrame | None = None
     cohort: pd.DataFrame | None = None
     #: extra per-record raw text for non line-based sources (line -> text)
-    records: dict[int, str] = field(default_factory=dict)
+    records: Mapping[int, str] = field(default_factory=dict)
 
     def record_text(self, line: int) -> str:
         if line in self.records:
@@ -104,6 +122,8 @@ def _csv_table(
 ) -> tuple[pd.DataFrame, np.ndarray, list[str], list[Problem]]:
     """Parse a delimited file into strings, keeping each row's 1-based line number."""
     lines, problems = _read_lines(path)
+    if problems and problems[0].line == 1:
+        raise StructuralError(f"{path}: header line is not valid UTF-8 (expected UTF-8 text)")
     if not lines or not lines[0].strip():
         raise StructuralError(f"{path}: empty file (expected a header line)")
     header = lines[0]
@@ -166,7 +186,13 @@ def _raw_frame(**cols: Any) -> pd.DataFrame:
 
 def header_columns(path: Path, sep: str = ",") -> list[str]:
     with path.open("rb") as fh:
-        first = fh.readline().decode("utf-8", errors="replace").lstrip("\ufeff").strip()
+        raw = fh.readline()
+    try:
+        first = raw.decode("utf-8").lstrip("\ufeff").strip()
+    except UnicodeDecodeError:
+        raise StructuralError(
+            f"{path}: header line is not valid UTF-8 (expected UTF-8 text)"
+        ) from None
     return [c.strip() for c in first.split(sep)]
 
 
@@ -315,14 +341,8 @@ def read_long_parquet(path: Path, cfg: IngestConfig) -> RawRead:
         else cfg.default_source.get("long_parquet", "unknown"),
         line=np.arange(1, len(df) + 1),  # row number (1-based)
     )
-    records = {
-        i + 1: ",".join(str(v) for v in row)
-        for i, row in enumerate(
-            df[
-                [c for c in ["patient_id", "time", "code", "value", "unit", "source"] if c in df]
-            ].itertuples(index=False)
-        )
-    }
+    cols = [c for c in ["patient_id", "time", "code", "value", "unit", "source"] if c in df]
+    records = RowText(df[cols])
     return RawRead(str(path), "long_parquet", obs, [], None, records=records)
 
 
@@ -686,11 +706,10 @@ def read_psv(path: Path, cfg: IngestConfig, vocab: Vocabulary) -> RawRead:
 
 def _table(
     path: Path, fmt: str
-) -> tuple[pd.DataFrame, np.ndarray, list[str] | None, list[Problem], dict[int, str]]:
+) -> tuple[pd.DataFrame, np.ndarray, list[str] | None, list[Problem], Mapping[int, str]]:
     if fmt.endswith("_parquet"):
         df = _table_from_parquet(path)
-        records = {i + 1: ",".join(map(str, r)) for i, r in enumerate(df.itertuples(index=False))}
-        return df, np.arange(1, len(df) + 1), None, [], records
+        return df, np.arange(1, len(df) + 1), None, [], RowText(df)
     df, line_no, lines, problems = _csv_table(path, "\t" if path.suffix.lower() == ".tsv" else ",")
     return df, line_no, lines, problems, {}
 

@@ -16,7 +16,7 @@ is used, nothing after it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -101,6 +101,7 @@ class CodeSeries:
     starts: np.ndarray  # per patient, len n_patients + 1
     csum: np.ndarray  # (5, n)
     v_ext: np.ndarray  # v with a sentinel, for range min/max
+    _cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -194,15 +195,25 @@ class CodeSeries:
         if not rows:
             return out
         first = self.starts[qp] >= lo  # window starts at the patient's first row
-        i_hi = np.maximum(hi - 1, 0)
-        i_lo = np.maximum(lo - 1, 0)
         empty = hi <= lo
         for j in rows:
-            c = self.csum[j]
-            d = c[i_hi] - np.where(first, 0.0, c[i_lo])
+            d = self._prefix(j, hi) - np.where(first, 0.0, self._prefix(j, lo))
             d[empty] = 0.0
             out[j] = d
         return out
+
+    def _prefix(self, j: int, end: np.ndarray) -> np.ndarray:
+        """``csum[j][end - 1]`` (inclusive prefix before row ``end``), memoised per bound array.
+
+        Every window of a code shares its upper bound and most share lower bounds, so the
+        gathers are reused; the cache keeps the bound array alive, so its id stays unique.
+        """
+        key = (j, id(end))
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = (end, self.csum[j][np.maximum(end - 1, 0)])
+            self._cache[key] = hit
+        return hit[1]
 
 
 def moments_to_stats(

@@ -28,7 +28,7 @@ FIGURES = {
         "alerts",
         "alert_rate",
         "sensitivity",
-        "alerts per 100 units of exposure",
+        "alerts per 100 {unit}",
         "sensitivity",
     ),
 }
@@ -46,7 +46,10 @@ def write_plot_data(plots: dict[str, pd.DataFrame], out_dir: str | Path) -> list
 
 
 def write_figures(
-    plots: dict[str, pd.DataFrame], importance: pd.DataFrame | None, out_dir: str | Path
+    plots: dict[str, pd.DataFrame],
+    importance: pd.DataFrame | None,
+    out_dir: str | Path,
+    unit: str = "patient-days",
 ) -> list[Path]:
     import matplotlib
 
@@ -66,7 +69,9 @@ def write_figures(
             ax.plot(df[x], df[y], style, label=score, markersize=3)
         if fig_name in ("roc", "calibration"):
             ax.plot([0, 1], [0, 1], ":", color="grey", label="reference")
-        ax.set_xlabel(xl)
+        ax.set_xlabel(xl.format(unit=unit))
+        if fig_name == "alerts":
+            ax.set_xscale("symlog", linthresh=10)  # the clinically usable range is small
         ax.set_ylabel(yl)
         ax.set_title(fig_name)
         ax.legend()

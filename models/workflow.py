@@ -171,7 +171,8 @@ def evaluate_and_log(
     if importance is not None:
         plot_tables["importance"] = importance
     write_plot_data(plot_tables, plots_dir)
-    figures = write_figures(ev.plots, importance, figures_dir)
+    unit = str(metrics.get("exposure_unit", "patient_days")).replace("_", "-")
+    figures = write_figures(ev.plots, importance, figures_dir, unit)
     card = render_model_card(
         metrics,
         {**run, "model_name": model_name},

@@ -69,6 +69,14 @@ class DriftConfig(BaseModel):
     categorical: DriftTest = DriftTest(method="jensenshannon", threshold=0.1)
     prediction: DriftTest = DriftTest(method="wasserstein", threshold=0.1)
     per_feature: dict[str, DriftTest] = Field(default_factory=dict)
+    #: Noise floor from the reference itself: split the reference's patients in random
+    #: halves ``calibration_splits`` times and run the same tests between the halves. Rows of
+    #: one patient are alike, so two cohorts of a few hundred patients differ by more than the
+    #: row count suggests; a feature only drifts when its distance also exceeds
+    #: ``noise_margin`` x the largest split-half distance (scaled to the two sample sizes).
+    #: Distance methods only (p-values are taken as they are). 0 splits = off.
+    calibration_splits: int = Field(default=3, ge=0, le=20)
+    noise_margin: float = Field(default=1.5, ge=1.0)
 
 
 class QualityConfig(BaseModel):
@@ -143,5 +151,10 @@ class MonitorConfig(BaseModel):
     quality: QualityConfig = Field(default_factory=QualityConfig)
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
     verdict: VerdictConfig = Field(default_factory=VerdictConfig)
+    #: also test drift within each value of these columns (a wearable offset shows at home,
+    #: diluted in the whole population); a feature drifts if it drifts overall or in a segment
+    segment_by: list[str] = Field(default_factory=lambda: ["setting"])
+    #: segments smaller than this (rows on either side) are not tested on their own
+    min_segment_rows: int = Field(default=500, ge=50)
     #: Evidently workspace project name
     project: str = "vitalrisk-monitoring"

@@ -20,7 +20,7 @@ from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_s
 
 from features.vocabulary import Vocabulary
 from monitoring import evidently_reports as er
-from monitoring.config import DriftTest, MonitorConfig
+from monitoring.config import DISTANCE_METHODS, DriftTest, MonitorConfig
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +190,78 @@ def _as_category(s: pd.Series) -> pd.Series:
     return s.map(one).astype(object)
 
 
+# --------------------------------------------------------------------------- noise floor
+def _units(frame: pd.DataFrame) -> pd.Series:
+    """Independent sampling units: patients when known, else rows."""
+    if "patient_id" in frame.columns and frame["patient_id"].notna().all():
+        return frame["patient_id"].astype(str)
+    return pd.Series(np.arange(len(frame)).astype(str), index=frame.index)
+
+
+def noise_floor(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    tests: Mapping[str, tuple[str, float, str]],
+    columns: Iterable[str],
+    config: MonitorConfig,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-feature drift score and missing-share difference expected from sampling alone.
+
+    The largest value over random patient half-splits of the reference, scaled from two
+    halves of ``n`` units to ``n`` reference vs ``m`` current units (sampling noise of a
+    two-sample distance shrinks like sqrt(1/n + 1/m)).
+    """
+    splits = config.drift.calibration_splits
+    if splits == 0:
+        return {}, {}
+    ids = _units(reference)
+    uniq = ids.unique()
+    if len(uniq) < 4:
+        return {}, {}
+    n, m = len(uniq), max(_units(current).nunique(), 1)
+    scale = float(np.sqrt((1 / n + 1 / m) / (4 / n)))
+    rng = np.random.default_rng(config.seed + 7)
+    cols = list(columns)
+    dist_tests = {c: t for c, t in tests.items() if t[0] in DISTANCE_METHODS}
+    score_floor: dict[str, float] = {}
+    miss_floor: dict[str, float] = {}
+    for _ in range(splits):
+        half = set(rng.permutation(uniq)[: n // 2])
+        mask = ids.isin(half).to_numpy()
+        a, b = reference[mask], reference[~mask]
+        for c, (score, _) in er.stat_test_scores(a, b, dist_tests).items():
+            score_floor[c] = max(score_floor.get(c, 0.0), score * scale)
+        diff = (a[cols].isna().mean() - b[cols].isna().mean()).abs() * scale
+        for c in cols:
+            miss_floor[c] = max(miss_floor.get(c, 0.0), float(diff[c]))
+    return score_floor, miss_floor
+
+
+def segment_drift(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    tests: Mapping[str, tuple[str, float, str]],
+    config: MonitorConfig,
+) -> dict[str, dict[str, float]]:
+    """``feature -> {"setting=home": score}`` for features drifted within a segment."""
+    out: dict[str, dict[str, float]] = {}
+    margin = config.drift.noise_margin
+    for col in config.segment_by:
+        if col not in reference.columns or col not in current.columns:
+            continue
+        ref_v, cur_v = reference[col].astype(str), current[col].astype(str)
+        for value in sorted(set(ref_v.unique()) & set(cur_v.unique()) - {"None", "nan"}):
+            rs, cs = reference[ref_v == value], current[cur_v == value]
+            if min(len(rs), len(cs)) < config.min_segment_rows:
+                continue
+            seg_tests = {c: t for c, t in tests.items() if c != col}
+            floor, _ = noise_floor(rs, cs, seg_tests, [], config)
+            for c, (score, drifted) in er.stat_test_scores(rs, cs, seg_tests).items():
+                if drifted and score >= margin * floor.get(c, 0.0):
+                    out.setdefault(c, {})[f"{col}={value}"] = score
+    return out
+
+
 # --------------------------------------------------------------------------- performance
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
     idx = np.minimum((p * bins).astype(int), bins - 1)
@@ -248,6 +320,12 @@ class MonitorResult:
         return EXIT_CODES[self.verdict]
 
 
+def _describe(c: str, f: Mapping[str, Any]) -> str:
+    parts = [f"{f['method']} {f['score']:.3g}"] if f["score"] is not None else []
+    parts += [f"{k}: {v:.3g}" for k, v in f.get("segments_drifted", {}).items()]
+    return f"{c} ({'; '.join(parts)})"
+
+
 def _fmt_list(items: list[str], limit: int = 12) -> str:
     return ", ".join(items[:limit]) + (
         f" and {len(items) - limit} more" if len(items) > limit else ""
@@ -297,10 +375,18 @@ def evaluate(
         to_test[PREDICTION] = (pt.method, pt.threshold, "num")
     results = er.stat_test_scores(ref, cur, to_test)
     scores = {c: r[0] for c, r in results.items()}
-    flags = {c: r[1] for c, r in results.items()}
+    floor, miss_floor = noise_floor(ref, cur, to_test, list(kinds), config)
+    margin = config.drift.noise_margin
+    # drifted: past the configured threshold (Evidently's verdict) AND past the noise floor
+    flags = {c: r[1] and r[0] >= margin * floor.get(c, 0.0) for c, r in results.items()}
+    segments = segment_drift(ref, cur, to_test, config)
+    for c in segments:
+        flags[c] = True
 
     def severity(c: str) -> float:
-        return tests[c].severity(scores[c]) if c in scores else 0.0
+        t = tests.get(c, pt)
+        overall = t.severity(scores[c]) if c in scores else 0.0
+        return max([overall, *(t.severity(x) for x in segments.get(c, {}).values())])
 
     shown = sorted((c for c in kinds if c in scores), key=severity, reverse=True)
     shown = shown[: config.report_columns]
@@ -310,7 +396,7 @@ def evaluate(
         numerical=[c for c in numerical if c in usable],
         categorical=[c for c in categorical if c in usable],
         tests={c: (tests[c].method, tests[c].threshold) for c in shown},
-        ranges={c: r for c, r in ranges.items() if c in usable},
+        ranges={c: r for c, r in ranges.items() if c in usable and kinds[c] == "numerical"},
         categories={
             c: sorted(ref_categories.get(c, set()))
             for c in categorical
@@ -334,13 +420,17 @@ def evaluate(
         ref_miss = float(reference[c].isna().sum()) / n_ref
         cur_miss = current.missing.get(c, 0) / n_cur
         vd = flags.get(c, False)
-        md = cur_miss - ref_miss > config.quality.max_missing_increase
+        md = cur_miss - ref_miss > max(
+            config.quality.max_missing_increase, margin * miss_floor.get(c, 0.0)
+        )
         per_feature[c] = {
             "kind": kinds[c],
             "code": codes.get(c),
             "method": t.method,
             "threshold": t.threshold,
             "score": score,
+            "noise_floor": round(floor[c], 4) if c in floor else None,
+            "segments_drifted": {k: round(v, 4) for k, v in segments.get(c, {}).items()},
             "value_drift": bool(vd),
             "missing_share_reference": round(ref_miss, 4),
             "missing_share_current": round(cur_miss, 4),
@@ -376,9 +466,7 @@ def evaluate(
 
     v = config.verdict
     if value_drifted:
-        detail = [
-            f"{c} ({per_feature[c]['method']} {per_feature[c]['score']:.3g})" for c in value_drifted
-        ]
+        detail = [_describe(c, per_feature[c]) for c in value_drifted]
         flag(
             1 if len(drifted) >= v.warn_drifted_features else 0,
             f"value drift in {len(value_drifted)} of {len(kinds)} features: {_fmt_list(detail)}",

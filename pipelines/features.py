@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     from features.config import FeaturesConfig
     from features.stage import run as run_stage
+    from features.stage import tune_process
     from features.vocabulary import load_vocabulary
     from pipelines.params import load_section
 
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.vocabulary or 'config/vocabulary.yaml'}: {exc}") from None
     if config.backend == "dask" and not args.verbose_dask:
         logging.getLogger("distributed").setLevel(logging.WARNING)
+    tune_process()
     t0 = time.perf_counter()
     try:
         summary = run_stage(args.observations, args.out, config, vocab)

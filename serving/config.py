@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -64,8 +64,13 @@ class ServeConfig(BaseModel):
     max_batch_size: int = Field(5_000, ge=1)
     #: BentoML latency budget: a request queued longer is answered 503 (not a fixed wait)
     max_latency_ms: int = Field(1_000, ge=10)
+    #: audit entries are coalesced per key/route/model version over this many seconds
+    #: (0 = one entry per request, written synchronously)
+    audit_flush_seconds: float = Field(0.25, ge=0, le=10)
     # where things go (env overrides)
     prediction_log: str = "logs/predictions.sqlite"
+    #: SQLite ``synchronous`` of the prediction log: FULL (durable on power loss) or NORMAL
+    prediction_log_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     audit_log: str = "logs/audit.jsonl"
     landing_dir: str = "landing"
     feature_dictionary: str = "artifacts/features/feature_dictionary.json"

@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from functools import lru_cache
 from typing import Any
 
-import anyio.to_thread
 import orjson
 
 from serving.auth import bearer_token
@@ -276,21 +275,13 @@ class GuardMiddleware:
         try:
             await self.app(scope, replay, send_with_id)
         finally:
-            patients = [str(p) for p in ctx.get("patients") or []]
             version = ctx.get("model_version")
-            details = {"request_id": rid, "status": status_box["status"]}
-
-            def write() -> None:
-                rt.audit.append(
-                    actor=key.name,
-                    action=ROUTE_ACTIONS.get(path, "request"),
-                    resource=f"{method} {path}",
-                    patients=patients,
-                    model_version=None if version is None else str(version),
-                    details=details,
-                )
-
-            try:
-                await anyio.to_thread.run_sync(write)
-            except Exception:  # the audit failure must be visible, not silent
-                logger.exception("audit append failed for request %s", rid)
+            rt.audit.submit(
+                actor=key.name,
+                action=ROUTE_ACTIONS.get(path, "request"),
+                resource=f"{method} {path}",
+                patients=[str(p) for p in ctx.get("patients") or []],
+                model_version=None if version is None else str(version),
+                request_id=rid,
+                status=status_box["status"],
+            )

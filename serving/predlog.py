@@ -103,7 +103,9 @@ def _clean(v: Any) -> Any:
 class PredictionLog:
     """Thread-safe appender; one connection per process, writes serialised by a lock."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, synchronous: str = "FULL") -> None:
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError("synchronous must be FULL (power-loss durable) or NORMAL")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -111,7 +113,10 @@ class PredictionLog:
             str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
         )
         self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
+        # FULL: every committed request survives power loss; NORMAL (WAL): still atomic (no
+        # partial records) and safe against process crashes, but the last commits may be lost
+        # on power failure, and commits skip the fsync (much faster on a busy disk)
+        self._conn.execute(f"PRAGMA synchronous={synchronous}")
         self._conn.execute("PRAGMA busy_timeout=30000")
         self._conn.executescript(SCHEMA)
 

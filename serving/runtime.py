@@ -20,6 +20,7 @@ import pandas as pd
 
 from features.vocabulary import Vocabulary, load_vocabulary
 from governance.audit import AuditLog
+from serving.auditq import AuditBatcher
 from serving.auth import KeyStore, RateLimiter
 from serving.config import ServeConfig, load_serve_config, model_name, params_path
 from serving.predlog import PredictionLog, PredictionRecord
@@ -76,7 +77,7 @@ class Runtime:
     vocab: Vocabulary
     champion: LoadedModel
     shadow: LoadedModel | None
-    audit: AuditLog
+    audit: AuditBatcher
     predlog: PredictionLog
     feature_config: Any
     texts: dict[str, FeatureText]
@@ -456,8 +457,8 @@ def build_runtime() -> Runtime:
         vocab=vocab,
         champion=champion,
         shadow=shadow,
-        audit=AuditLog(config.audit_log_path()),
-        predlog=PredictionLog(config.prediction_log_path()),
+        audit=AuditBatcher(AuditLog(config.audit_log_path()), config.audit_flush_seconds).start(),
+        predlog=PredictionLog(config.prediction_log_path(), config.prediction_log_synchronous),
         feature_config=fconf,
         texts=texts,
         info=_model_info(champion, shadow, tracking),

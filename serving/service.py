@@ -164,6 +164,13 @@ class VitalRisk:
                 os.kill(os.getppid(), signal.SIGTERM)
             raise
 
+    @bentoml.on_shutdown
+    def _flush_audit(self) -> None:
+        rt = current_runtime()
+        if rt is not None:
+            rt.audit.close()
+            rt.predlog.close()
+
     def __is_ready__(self) -> bool:
         return current_runtime() is not None
 

@@ -29,6 +29,7 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
         ("bundle.json", '{"resourceType": "Bundle", "entry": [', "not valid JSON"),
         ("psv/MRN-1.psv", "HR|O2Sat|ICULOS\n80|97|1\n", "no time anchor"),
         ("empty.csv", "", "empty file"),
+        ("utf16.csv", "patient_id,time,code,value\n".encode("utf-16"), "not valid UTF-8"),
     ],
 )
 def test_structural_errors_exit_2_naming_the_file(
@@ -38,7 +39,10 @@ def test_structural_errors_exit_2_naming_the_file(
     p = tmp_path / name
     if content is not None:
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(content)
+        if isinstance(content, bytes):
+            p.write_bytes(content)
+        else:
+            p.write_text(content)
     target = p.parent if name.startswith("psv/") else p
     code, _, err = _run(
         capsys, str(target), "--out", str(tmp_path / "out"), "--params", str(PARAMS)

@@ -7,6 +7,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -563,15 +564,19 @@ def test_audit_log_chain_and_no_raw_identifiers(server: Server) -> None:
     from governance.audit import AuditLog
 
     with server.client() as c:
-        c.post("/v1/score", json={"patients": [patient("MRN-AUDIT-7", WELL)]})
+        rid = c.post("/v1/score", json={"patients": [patient("MRN-AUDIT-7", WELL)]}).json()[
+            "request_id"
+        ]
+    time.sleep(1.0)  # entries are coalesced and written every serve.audit_flush_seconds
     log = AuditLog(server.audit_log)
     assert log.verify().ok
     entries = list(log.entries())
     actors = {e["actor"] for e in entries}
     assert "admin" in actors
     score = [
-        e for e in entries if e["resource"] == "POST /v1/score" and e["details"]["status"] == 200
+        e for e in entries if e["resource"] == "POST /v1/score" and "200" in e["details"]["status"]
     ]
+    assert any(rid in e["details"]["request_ids"] for e in score)
     assert {e["action"] for e in score} == {"predict"}
     assert any(e["action"] == "collect" and e["actor"] == "device" for e in entries)
     assert score and all(PSEUDONYM.match(p) for e in score for p in e["patients"])

@@ -126,6 +126,15 @@ def test_prediction_log_is_all_or_nothing(tmp_path: Path) -> None:
     assert log.count() == 2  # the good row of the failed request was rolled back too
     con = sqlite3.connect(tmp_path / "p.sqlite")
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert log._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert (
+        PredictionLog(tmp_path / "n.sqlite", "NORMAL")
+        ._conn.execute("PRAGMA synchronous")
+        .fetchone()[0]
+        == 1
+    )
+    with pytest.raises(ValueError, match="FULL"):
+        PredictionLog(tmp_path / "x.sqlite", "OFF")
     text = con.execute("SELECT features FROM predictions LIMIT 1").fetchone()[0]
     assert json.loads(text) == {"a": None, "b": 1.0}
 
@@ -213,6 +222,37 @@ def test_service_stops_when_started_without_champion(tmp_path: Path) -> None:
     }
     from tests.serving.conftest import free_port
 
-    cmd = [exe, "serve", "--no-check", "--port", str(free_port()), "--params", str(tmp_path / "none.yaml")]
+    cmd = [
+        exe,
+        "serve",
+        "--no-check",
+        "--port",
+        str(free_port()),
+        "--params",
+        str(tmp_path / "none.yaml"),
+    ]
     r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert "no champion to serve" in r.stdout + r.stderr
+
+
+def test_audit_batcher_coalesces_and_flushes(tmp_path: Path) -> None:
+    from governance.audit import AuditLog
+    from serving.auditq import AuditBatcher
+
+    p1, p2 = "p_" + "1" * 20, "p_" + "2" * 20
+    log = AuditLog(tmp_path / "audit.jsonl")
+    batcher = AuditBatcher(log, interval=60).start()  # only close() flushes in this test
+    batcher.submit("app", "predict", "POST /v1/score", [p1], "3", "r1", 200)
+    batcher.submit("app", "predict", "POST /v1/score", [p2, p1], "3", "r2", 422)
+    batcher.submit("hub", "collect", "POST /v1/observations", [p2], None, "r3", 200)
+    assert list(log.entries()) == []
+    batcher.close()
+    entries = list(log.entries())
+    assert len(entries) == 2 and log.verify().ok
+    app = next(e for e in entries if e["actor"] == "app")
+    assert app["patients"] == [p1, p2] and app["model_version"] == "3"
+    assert app["details"]["request_ids"] == ["r1", "r2"]
+    assert app["details"]["status"] == {"200": 1, "422": 1}
+    sync = AuditBatcher(log, interval=0)  # interval 0: one entry per request, at once
+    sync.submit("app", "read_model", "GET /v1/model", [], "3", "r4", 200)
+    assert len(list(log.entries())) == 3
