@@ -306,6 +306,7 @@ def main() -> dict[str, Any]:
         "peak_rss_mb_all_runs": [round(r["peak_rss_mb"], 1) for r in runs],
         "obs_per_s": round(n_obs / secs),
         "cpu_seconds": round(child["cpu_user_s"] + child["cpu_sys_s"], 3),
+        "cpu_user_sys_s": [round(child["cpu_user_s"], 3), round(child["cpu_sys_s"], 3)],
         "obs_per_cpu_s": round(n_obs / (child["cpu_user_s"] + child["cpu_sys_s"])),
         "threads": os.cpu_count(),
         "loadavg_1min_before_after": [

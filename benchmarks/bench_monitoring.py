@@ -11,7 +11,8 @@
    wall time and peak RSS are measured.
 
 Run: ``nice python -m benchmarks.run monitoring`` (writes benchmarks/results/monitoring.json).
-Env ``BENCH_MONITORING_SEEDS`` / ``BENCH_MONITORING_ROWS`` shrink it for a quick look.
+Env ``BENCH_MONITORING_SEEDS`` / ``BENCH_MONITORING_ROWS`` shrink it for a quick look;
+``BENCH_MONITORING_PARTS=rates`` or ``=scale`` runs one part.
 """
 
 from __future__ import annotations
@@ -145,13 +146,17 @@ from monitoring import monitor as mon
 from monitoring import evidently_reports as er
 from monitoring.config import MonitorConfig
 t_import = time.perf_counter() - t0
-ref = pd.read_parquet(sys.argv[1])
-cfg = MonitorConfig(window_days=30)
-res = mon.monitor_log(ref, sys.argv[2], cfg, load_vocabulary())
-er.save_html(res.snapshots["drift"], sys.argv[3])
+runs = []
+for i in range(2):  # first run also builds the log's covering index; second = steady state
+    t1 = time.perf_counter()
+    ref = pd.read_parquet(sys.argv[1])
+    res = mon.monitor_log(ref, sys.argv[2], MonitorConfig(window_days=30), load_vocabulary())
+    er.save_html(res.snapshots["drift"], sys.argv[3])
+    runs.append(round(time.perf_counter() - t1, 2))
 s = res.summary
 print(json.dumps({
-    "seconds_total": round(time.perf_counter() - t0, 2),
+    "seconds_first_run_incl_imports_and_index": round(t_import + runs[0], 2),
+    "seconds_steady_run": runs[1],
     "seconds_imports": round(t_import, 2),
     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     "rows_in_window": s["window"]["rows"],
@@ -199,7 +204,7 @@ def scale() -> dict:
                 "reference_rows": REFERENCE_ROWS,
                 "log_size_mb": round(size_mb),
                 "seconds_building_inputs": round(build, 1),
-                "under_60s": result["seconds_total"] < 60,
+                "under_60s": result["seconds_first_run_incl_imports_and_index"] < 60,
             }
         )
         print(f"  scale: {result}")
@@ -207,12 +212,15 @@ def scale() -> dict:
 
 
 def main() -> dict:
-    vocab = load_vocabulary()
-    print(f"monitoring: alarm rates over {SEEDS} seeds per variant")
-    r = rates(vocab)
-    print(f"monitoring: scale test ({SCALE_ROWS:,} logged predictions)")
-    s = scale()
-    return {"rates": r, "scale": s}
+    parts = os.environ.get("BENCH_MONITORING_PARTS", "rates,scale").split(",")
+    out: dict = {}
+    if "rates" in parts:
+        print(f"monitoring: alarm rates over {SEEDS} seeds per variant")
+        out["rates"] = rates(load_vocabulary())
+    if "scale" in parts:
+        print(f"monitoring: scale test ({SCALE_ROWS:,} logged predictions)")
+        out["scale"] = scale()
+    return out
 
 
 if __name__ == "__main__":

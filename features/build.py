@@ -293,16 +293,18 @@ def feature_dictionary(
 # array preparation
 
 
-def _category_index(col: pd.Series, categories: np.ndarray) -> np.ndarray:
+def _category_index(
+    col: pd.Series, categories: np.ndarray, dtype: type[np.signedinteger] = np.int32
+) -> np.ndarray:
     """Position of each value in the sorted ``categories`` (-1 if absent), per row (int64)."""
     if isinstance(col.dtype, pd.CategoricalDtype):
         cats = np.asarray(col.cat.categories.astype(str), dtype=object)
         pos = np.searchsorted(categories, cats)
         pos_c = np.minimum(pos, max(len(categories) - 1, 0))
         hit = (pos < len(categories)) & (categories[pos_c] == cats) if len(categories) else pos < 0
-        cmap = np.append(np.where(hit, pos, -1), -1).astype(np.int32)
+        cmap = np.append(np.where(hit, pos, -1), -1).astype(dtype)
         return cmap[col.cat.codes.to_numpy()]
-    return pd.Categorical(col.astype(str), categories=categories).codes.astype(np.int32)
+    return pd.Categorical(col.astype(str), categories=categories).codes.astype(dtype)
 
 
 def _time_unit(span_ns: int) -> int:
@@ -577,7 +579,7 @@ def compute_features(
     cdtype = np.int8 if len(all_codes) < 127 else np.int16
     if m and len(observations):
         row_p = _category_index(observations["patient_id"], pids)
-        row_c = _category_index(observations["code"], np.array(all_codes, dtype=object))
+        row_c = _category_index(observations["code"], np.array(all_codes, dtype=object), cdtype)
         t_ns = _ns(observations["time"])
         val = observations["value"].to_numpy(dtype=np.float64)
         # No lower time bound: a patient's prefix sums start at their first observation
@@ -586,7 +588,6 @@ def compute_features(
         if not ok.all():
             row_p, row_c, t_ns, val = row_p[ok], row_c[ok], t_ns[ok], val[ok]
         del ok
-        row_c = row_c.astype(cdtype)
         if len(row_p) > 1 and bool((row_p[1:] < row_p[:-1]).any()):
             by_p = np.argsort(row_p, kind="stable")
             row_p, row_c, t_ns, val = row_p[by_p], row_c[by_p], t_ns[by_p], val[by_p]
@@ -769,10 +770,20 @@ def read_observations(path: str | Path, filters: Any = None) -> pd.DataFrame:
     """Observations with ``patient_id``/``code`` as categoricals: compact and fast to index."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(
-        path, columns=OBS_READ_COLUMNS, read_dictionary=["patient_id", "code"], filters=filters
-    )
-    return table.to_pandas(split_blocks=True, self_destruct=True)
+    if filters is not None:
+        table = pq.read_table(
+            path, columns=OBS_READ_COLUMNS, read_dictionary=["patient_id", "code"], filters=filters
+        )
+        return table.to_pandas(split_blocks=True, self_destruct=True)
+    # One column at a time: Arrow buffers of one column only are alive during conversion,
+    # which keeps the peak memory of a big read close to the frame's own size.
+    cols: dict[str, pd.Series] = {}
+    for c in OBS_READ_COLUMNS:
+        dict_cols = [c] if c in ("patient_id", "code") else None
+        table = pq.read_table(path, columns=[c], read_dictionary=dict_cols)
+        cols[c] = table.to_pandas(split_blocks=True, self_destruct=True)[c]
+        del table
+    return pd.DataFrame(cols, copy=False)
 
 
 def write_features(frame: pd.DataFrame, path: str | Path) -> None:

@@ -102,10 +102,9 @@ def _patients_from(rr: RawRead, cfg: IngestConfig) -> tuple[pd.DataFrame, list[d
         elif c in ("followup_start", "followup_end"):
             t, unp, _ = parse_times(df[c], "utc")
             out[c] = t
-            for ln, sid in zip(
-                out.loc[unp & ~bad, "line"], out.loc[unp & ~bad, "source_id"], strict=True
-            ):
-                logger.warning("%s line %d: unparseable %s for %s; left empty", rr.file, ln, c, sid)
+            for ln in out.loc[unp & ~bad, "line"]:
+                # the line number locates the row; the raw identifier never goes to a log
+                logger.warning("%s line %d: unparseable %s; left empty", rr.file, ln, c)
         elif c == "age":
             out[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
         elif c.startswith("cm_"):
@@ -301,9 +300,9 @@ def ingest(
             fp = rr.patients.rename(columns={"patient_id": "source_id"})
             fhir_pat.append(fp)
         raw = rr.observations
-        acc, rej = normalise_observations(
-            raw, vocab, cfg, cfg.default_source.get(rr.format.split("_")[0], "unknown")
-        )
+        ds = cfg.default_source
+        default = ds.get(rr.format) or ds.get(rr.format.split("_")[0]) or "unknown"
+        acc, rej = normalise_observations(raw, vocab, cfg, default)
         read_codes = pd.concat([acc["code"], rej["code"]])
         _add_counts(count_rows, rr.file, rr.format, read_codes, "read")
         quarantine(rr, rej)

@@ -361,7 +361,13 @@ def wide_mapping(
 
 
 def read_wide_csv(path: Path, cfg: IngestConfig, vocab: Vocabulary, sep: str = ",") -> RawRead:
-    df, line_no, lines, problems = _csv_table(path, sep)
+    if path.suffix.lower() == ".parquet":
+        df = _table_from_parquet(path)
+        line_no = np.arange(1, len(df) + 1)
+        lines: list[str] | None = None
+        problems: list[Problem] = []
+    else:
+        df, line_no, lines, problems = _csv_table(path, sep)
     _require(path, df.columns, ["patient_id", "time"], "wide observation table")
     mapping = wide_mapping(df.columns, cfg, vocab)
     if not mapping:
@@ -392,7 +398,8 @@ def read_wide_csv(path: Path, cfg: IngestConfig, vocab: Vocabulary, sep: str = "
         )
     obs = pd.concat(parts, ignore_index=True) if parts else _raw_frame()
     obs = obs.sort_values("line", kind="stable").reset_index(drop=True)
-    return RawRead(str(path), "wide_csv", obs, problems, lines)
+    records: Mapping[int, str] = RowText(df) if lines is None else {}
+    return RawRead(str(path), "wide_csv", obs, problems, lines, records=records)
 
 
 # -- FHIR -------------------------------------------------------------------------------------
@@ -756,7 +763,7 @@ def read_unit(path: Path, fmt: str, cfg: IngestConfig, vocab: Vocabulary) -> Raw
         return read_long_csv(path, cfg, sep)
     if fmt == "long_parquet":
         return read_long_parquet(path, cfg)
-    if fmt == "wide_csv":
+    if fmt in ("wide_csv", "wide_parquet"):
         return read_wide_csv(path, cfg, vocab, sep)
     if fmt == "fhir_ndjson":
         return read_fhir_ndjson(path, cfg, vocab)

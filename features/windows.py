@@ -28,7 +28,9 @@ _LONG_SEGMENT = 256
 MOMENTS = ("v", "vv", "t", "tv", "tt")
 
 
-def segmented_cumsum(x: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def segmented_cumsum(
+    x: np.ndarray, starts: np.ndarray, lengths: np.ndarray, inplace: bool = False
+) -> np.ndarray:
     """Inclusive prefix sums along the last axis of ``x`` (k, n), restarting at each segment.
 
     Long segments are summed one ``np.cumsum`` call each (cheap per element); short ones are
@@ -36,7 +38,7 @@ def segmented_cumsum(x: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> 
     not mean many Python calls. Either way each element is the same sequential float sum a
     1-D ``np.cumsum`` of that segment alone would give.
     """
-    out = np.empty_like(x)
+    out = x if inplace else np.empty_like(x)
     keep = lengths > 0
     starts, lengths = starts[keep], lengths[keep]
     long_ = lengths >= _LONG_SEGMENT
@@ -141,24 +143,23 @@ class CodeSeries:
         if moments and n:
             lengths = np.diff(starts)
             has = lengths > 0
-            first = np.repeat(starts[:-1][has], lengths[has])
+            firsts = starts[:-1][has]
             x = csum  # built in place, then replaced by its prefix sums
             v_c = x[0]
-            np.subtract(v, v[first], out=v_c)
+            np.subtract(v, np.repeat(v[firsts], lengths[has]), out=v_c)
             if "vv" in moments:
                 np.multiply(v_c, v_c, out=x[1])
             else:
                 x[1] = 0.0
             if moments & {"t", "tv", "tt"}:
                 t_h = x[2]
-                np.subtract(t, t[first], out=t_h, casting="unsafe")
+                np.subtract(t, np.repeat(t[firsts], lengths[has]), out=t_h, casting="unsafe")
                 t_h *= hours_per_unit
                 np.multiply(t_h, v_c, out=x[3])
                 np.multiply(t_h, t_h, out=x[4])
             else:
                 x[2:] = 0.0
-            del first
-            csum = segmented_cumsum(x, starts[:-1], lengths)
+            csum = segmented_cumsum(x, starts[:-1], lengths, inplace=True)
             del x
         v_ext = np.append(v, 0.0)
         return cls(key=key, t=t, v=v, starts=starts, csum=csum, v_ext=v_ext)

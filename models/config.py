@@ -56,6 +56,12 @@ class TrainConfig(_Strict):
     imbalance: Literal["none", "scale_pos_weight", "is_unbalance"] = "scale_pos_weight"
     calibration: Literal["sigmoid", "isotonic", "none"] = "sigmoid"
     alert_budget_per_100_patient_days: float = Field(default=10.0, gt=0)
+    cohort_horizon_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="one-row-per-patient cohort input: label = event within this many days "
+        "(columns time_to_event_days, event; censored before the horizon excluded)",
+    )
     tuning: TuningConfig = Field(default_factory=lambda: TuningConfig())
 
     def lgb_params(self) -> dict[str, object]:

@@ -25,12 +25,12 @@ from models.metrics import (
     Exposure,
     PatientBootstrap,
     alert_metrics,
-    auprc,
-    auroc,
     bootstrap_ci,
     brier,
     cadence_hours,
     discrimination_calibration,
+    fast_auprc,
+    fast_auroc,
     lead_times_hours,
     threshold_for_budget,
     with_ci,
@@ -120,7 +120,7 @@ def _subgroup_metrics(
             r = p if rank is None else rank
 
             def stat(idx: np.ndarray, r: np.ndarray = r) -> dict[str, float | None]:
-                return {"auroc": auroc(y[idx], r[idx]), "auprc": auprc(y[idx], r[idx])}
+                return {"auroc": fast_auroc(y[idx], r[idx]), "auprc": fast_auprc(y[idx], r[idx])}
 
             samples = PatientBootstrap(
                 g["patient_id"].to_numpy(), config.subgroup_bootstrap_reps, config.seed
@@ -147,6 +147,9 @@ def evaluate_predictions(
         if c not in pred.columns:
             raise ValueError(f"predictions table is missing column {c!r}")
     pred = pred.copy()
+    if event_times is None and "event_time" in pred.columns:
+        ev = pred.dropna(subset=["event_time"]).groupby("patient_id")["event_time"].min()
+        event_times = ev.to_dict() if len(ev) else None
     cadence = cadence_hours(pred)
     train = pred[pred["split"] == "train"]
     mapping = News2Mapping().fit(train["news2_total"].to_numpy(float), train["label"].to_numpy())
@@ -196,12 +199,12 @@ def evaluate_predictions(
     def stat(idx: np.ndarray) -> dict[str, float | None]:
         yy = y[idx]
         out: dict[str, float | None] = {
-            "model.auroc": auroc(yy, p[idx]),
-            "model.auprc": auprc(yy, p[idx]),
-            "model.brier": brier(yy, p[idx]),
-            "news2.auroc": auroc(yy, n2[idx]),
-            "news2.auprc": auprc(yy, n2[idx]),
-            "news2.brier": brier(yy, n2p[idx]),
+            "model.auroc": fast_auroc(yy, p[idx]),
+            "model.auprc": fast_auprc(yy, p[idx]),
+            "model.brier": float(np.mean((p[idx] - yy) ** 2)),
+            "news2.auroc": fast_auroc(yy, n2[idx]),
+            "news2.auprc": fast_auprc(yy, n2[idx]),
+            "news2.brier": float(np.mean((n2p[idx] - yy) ** 2)),
         }
         for k in ("auroc", "auprc", "brier"):
             a, b = out[f"model.{k}"], out[f"news2.{k}"]

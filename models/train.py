@@ -28,7 +28,7 @@ from models.splits import TEST, TRAIN, VAL, assign_splits, grouped_folds
 
 log = logging.getLogger(__name__)
 
-ID_COLUMNS = ("patient_id", "time", "setting", "label")
+ID_COLUMNS = ("patient_id", "time", "setting", "label", "event_time")
 
 
 @dataclass
@@ -46,7 +46,16 @@ class TrainResult:
         """Per-row scores for every split (keys are pseudonyms; no raw identifiers)."""
         keep = [
             c
-            for c in ("patient_id", "time", "setting", "label", "news2_total", "age", "sex_f")
+            for c in (
+                "patient_id",
+                "time",
+                "setting",
+                "label",
+                "news2_total",
+                "age",
+                "sex_f",
+                "event_time",
+            )
             if c in frame.columns
         ]
         out = frame[keep].copy()

@@ -617,6 +617,7 @@ def monitor_log(
 
     reference = sample_reference(features, config)
     kinds = column_kinds(reference, config.exclude)
+    plog.ensure_monitor_index(log_path)
     window = plog.find_window(log_path, config.window_days, config.role, end=window_end)
     if window.rows == 0:
         raise ValueError(

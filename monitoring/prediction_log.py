@@ -40,6 +40,11 @@ CREATE TABLE IF NOT EXISTS predictions (
     request_id TEXT, scored_at TEXT, patient_id TEXT, model_name TEXT, model_version TEXT,
     role TEXT, probability REAL, news2_total REAL, features TEXT
 )"""
+#: covering index for the monitor's window queries (count, risk level, sampled rowids): they
+#: then never touch the rows' feature JSON, which is what makes a million-row log slow to scan
+MONITOR_INDEX_DDL = (
+    "CREATE INDEX IF NOT EXISTS predictions_role_time ON predictions (role, scored_at, probability)"
+)
 OUTCOMES_DDL = """
 CREATE TABLE IF NOT EXISTS outcomes (
     request_id TEXT, patient_id TEXT, event_time TEXT, event TEXT, label INTEGER,
@@ -72,6 +77,13 @@ def ensure_tables(path: str | Path) -> None:
     with closing(connect(path)) as con, con:
         con.execute(PREDICTIONS_DDL)
         con.execute(OUTCOMES_DDL)
+        con.execute(MONITOR_INDEX_DDL)
+
+
+def ensure_monitor_index(path: str | Path) -> None:
+    """Add the covering index to an existing log (one scan the first time, then kept up)."""
+    with closing(connect(path)) as con, con:
+        con.execute(MONITOR_INDEX_DDL)
 
 
 def write_predictions(path: str | Path, frame: pd.DataFrame) -> int:

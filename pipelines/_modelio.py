@@ -12,7 +12,8 @@ import pandas as pd
 from pipelines.errors import UserError
 
 
-def read_features(path: str | Path) -> pd.DataFrame:
+def read_features(path: str | Path, cohort: bool = False) -> pd.DataFrame:
+    """The feature matrix; ``cohort=True`` expects ``time_to_event_days``/``event``, not ``label``."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: feature matrix not found (run `dvc repro features` first)")
@@ -20,7 +21,8 @@ def read_features(path: str | Path) -> pd.DataFrame:
         frame = pd.read_parquet(p)
     except Exception as exc:
         raise UserError(f"{p}: not a readable parquet file: {exc}") from None
-    missing = [c for c in ("patient_id", "time", "label") if c not in frame.columns]
+    needed = ("time_to_event_days", "event") if cohort else ("label",)
+    missing = [c for c in ("patient_id", "time", *needed) if c not in frame.columns]
     if missing:
         raise UserError(f"{p}: missing column(s) {missing}; expected the features contract")
     if "news2_total" not in frame.columns:

@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env.setdefault("BENTOML_DO_NOT_TRACK", "True")
     env["VITALRISK_SERVE_WORKERS"] = str(args.workers or config.workers)
+    env["VITALRISK_ADAPTIVE_BATCHING"] = "1" if config.adaptive_batching else "0"
     env["VITALRISK_MAX_BATCH_SIZE"] = str(config.max_batch_size)
     env["VITALRISK_MAX_LATENCY_MS"] = str(config.max_latency_ms)
     cmd = build_command(host, port)

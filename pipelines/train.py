@@ -36,8 +36,28 @@ def run(args: argparse.Namespace) -> int:
     config = load_section(TrainConfig, "train", args.params)
     if args.backend:
         config = config.model_copy(update={"backend": args.backend})
-    frame = read_features(args.features)
+    cohort = config.cohort_horizon_days is not None
+    frame = read_features(args.features, cohort=cohort)
     dictionary = read_json(args.dictionary, "feature dictionary")
+    if cohort:
+        from models.cohort import label_at_horizon
+
+        try:
+            labelled = label_at_horizon(frame, float(config.cohort_horizon_days or 0))
+        except ValueError as exc:
+            raise UserError(f"{args.features}: {exc}") from None
+        frame = labelled.frame.assign(
+            event_time=labelled.frame["patient_id"].map(labelled.event_times)
+        )
+        dictionary = {
+            **(dictionary or {}),
+            "label": {
+                "horizon_days": config.cohort_horizon_days,
+                "positive": labelled.n_positive,
+                "negative": labelled.n_negative,
+                "excluded_censored_before_horizon": labelled.n_excluded_censored,
+            },
+        }
     consent = None
     patients = read_optional_parquet(args.patients)
     if patients is not None:

@@ -60,7 +60,8 @@ class ServeConfig(BaseModel):
     future_tolerance_minutes: float = Field(5.0, ge=0)
     rate_limit_per_second: float = Field(200.0, gt=0)
     rate_limit_burst: int = Field(400, ge=1)
-    # adaptive batching of /v1/score/features
+    # adaptive batching of /v1/score/features (false: each request scored on its own)
+    adaptive_batching: bool = True
     max_batch_size: int = Field(5_000, ge=1)
     #: BentoML latency budget: a request queued longer is answered 503 (not a fixed wait)
     max_latency_ms: int = Field(1_000, ge=10)

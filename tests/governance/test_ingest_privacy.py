@@ -67,12 +67,6 @@ def test_bad_observation_rows(
     assert hits == []
 
 
-@pytest.mark.xfail(
-    reason="features/ingestion.py logs the raw source id when a patients row has an "
-    "unparseable followup_start/followup_end (logger.warning ... for %s, sid); remove this "
-    "marker once it logs the line number or the pseudonym instead",
-    strict=False,
-)
 def test_bad_patient_row(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:

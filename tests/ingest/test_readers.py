@@ -233,3 +233,31 @@ def test_patients_outcomes_and_cohort(write, cfg, vocab):
         == res.outcomes.loc[0, "patient_id"]
     )
     assert balanced(res.report)
+
+
+def test_wide_parquet(tmp_path, cfg, vocab):
+    df = pd.DataFrame(
+        {
+            "patient_id": ["MRN-7", "MRN-7"],
+            "time": ["2026-01-05T07:00:00Z", "2026-01-05T08:00:00Z"],
+            "HR": [60.0, None],
+            "SpO2": [97.0, 30.0],
+        }
+    )
+    p = tmp_path / "wide.parquet"
+    df.to_parquet(p)
+    res = ingest([p], cfg, vocab, KEY)
+    assert sorted(res.observations["code"]) == ["heart_rate", "spo2"]
+    assert res.quarantine["reason"].str.startswith("out-of-range value").tolist() == [True]
+    assert "MRN-7" not in res.quarantine["record"].iloc[0]
+    assert balanced(res.report)
+
+
+def test_blank_source_gets_the_format_default(write, vocab):
+    from features.data_config import IngestConfig
+
+    cfg = IngestConfig(missing_consent="include", default_source={"long_csv": "ehr"})
+    p = write(
+        "obs.csv", "patient_id,time,code,value,source\nMRN-1,2026-01-05T07:00:00Z,heart_rate,70,\n"
+    )
+    assert ingest([p], cfg, vocab, KEY).observations["source"].tolist() == ["ehr"]

@@ -21,7 +21,7 @@ PARAMS = {
         "monotone_constraints": {"news2_total": 1},
         "tuning": {"enabled": True, "n_trials": 2, "timeout_seconds": 60},
     },
-    "evaluate": {"bootstrap_reps": 20},
+    "evaluate": {"bootstrap_reps": 20, "subgroup_bootstrap_reps": 10},
     "register": {"model_name": "vr-cli", "max_calibration_slope_error": 1.0},
 }
 
@@ -111,6 +111,8 @@ def test_stages_end_to_end(workdir, capsys):
         metrics["model"]
     )
     assert {"sex_F", "sex_M"} <= set(metrics["subgroups"])
+    female = metrics["subgroups"]["sex_F"]["model"]
+    assert female["auroc_ci_low"] <= female["auroc"] <= female["auroc_ci_high"]
     for name in (
         "roc_model",
         "roc_news2",

@@ -122,7 +122,7 @@ def test_cohort_trains_and_evaluates_with_categorical_covariate():
 
     ev = evaluate_predictions(
         r.predictions(frame),
-        EvaluateConfig(bootstrap_reps=30),
+        EvaluateConfig(bootstrap_reps=30, subgroup_bootstrap_reps=20),
         r.threshold,
         10.0,
         labelled.event_times,
@@ -135,3 +135,39 @@ def test_cohort_trains_and_evaluates_with_categorical_covariate():
     assert "alerts_per_100_patients" in lead
     if lead["lead_time_n"]:
         assert lead["lead_time_hours_median"] > 0  # event days after the single prediction
+
+
+def test_cohort_through_the_cli(mlflow_env, monkeypatch):
+    import json
+
+    import yaml
+
+    from pipelines.cli import main
+
+    monkeypatch.chdir(mlflow_env)
+    make_cohort(n=1200, seed=1).to_parquet("cohort.parquet")
+    params = {
+        "train": {
+            "cohort_horizon_days": 30,
+            "categorical_features": ["admission_type"],
+            "cv_folds": 0,
+            "min_child_samples": 20,
+        },
+        "evaluate": {"bootstrap_reps": 10, "subgroup_bootstrap_reps": 0},
+    }
+    (mlflow_env / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["train", "--features", "cohort.parquet", "--out", "model"]) == 0
+    run = json.loads((mlflow_env / "model" / "run.json").read_text())
+    assert "admission_type" in run["feature_names"]
+    assert "event_time" not in run["feature_names"]
+    assert run["metadata"]["label"]["excluded_censored_before_horizon"] > 0
+    args = ["evaluate", "--model-dir", "model", "--metrics", "m.json", "--plots", "pl"]
+    assert main([*args, "--figures", "fig", "--card", "card.md"]) == 0
+    metrics = json.loads((mlflow_env / "m.json").read_text())
+    assert metrics["exposure_unit"] == "patients"
+    rule = metrics["alerts"]["model_at_budget"]
+    if rule["lead_time_n"]:
+        assert rule["lead_time_hours_median"] > 0  # exact event times from the cohort
+    # a cohort without the outcome columns fails with one clear line
+    make_cohort(n=50).drop(columns="event").to_parquet("bad.parquet")
+    assert main(["train", "--features", "bad.parquet", "--out", "model2"]) == 2

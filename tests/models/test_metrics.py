@@ -131,3 +131,19 @@ def test_bootstrap_ci_brackets_point_estimate():
     lo, hi = ci["auroc"]
     assert lo < auroc(y, s) < hi
     assert hi - lo < 0.15
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fast_metrics_equal_sklearn_including_ties(seed):
+    from models.metrics import fast_auprc, fast_auroc
+
+    rng = np.random.default_rng(seed)
+    n = 500
+    y = (rng.random(n) < 0.1).astype(int)
+    s = np.round(rng.random(n) + 0.3 * y, 1)  # heavy ties, like NEWS2 integer scores
+    assert fast_auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert fast_auprc(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    s2 = rng.random(n)
+    assert fast_auroc(y, s2) == pytest.approx(roc_auc_score(y, s2), abs=1e-12)
+    assert fast_auprc(y, s2) == pytest.approx(average_precision_score(y, s2), abs=1e-12)
+    assert fast_auroc(np.zeros(n, int), s) is None and fast_auprc(np.zeros(n, int), s) is None

@@ -50,7 +50,7 @@ def test_identical_metrics_on_rerun(frame):
     a, b = train_model(frame, cfg), train_model(frame, cfg)
     assert a.model.booster.model_to_string() == b.model.booster.model_to_string()
     assert a.cv == b.cv and a.val_metrics == b.val_metrics and a.threshold == b.threshold
-    ev = EvaluateConfig(bootstrap_reps=20)
+    ev = EvaluateConfig(bootstrap_reps=20, subgroup_bootstrap_reps=0)
     ma = evaluate_predictions(a.predictions(frame), ev, a.threshold, 10).metrics
     mb = evaluate_predictions(b.predictions(frame), ev, b.threshold, 10).metrics
     assert ma["model"] == mb["model"] and ma["delta"] == mb["delta"]
@@ -69,7 +69,12 @@ def test_model_beats_chance_and_news2_on_informative_data():
 
     f = make_frame(n_patients=400, seed=5, signal=1.5)
     r = train_model(f, FAST)
-    m = evaluate_predictions(r.predictions(f), EvaluateConfig(bootstrap_reps=0), r.threshold, 10)
+    m = evaluate_predictions(
+        r.predictions(f),
+        EvaluateConfig(bootstrap_reps=0, subgroup_bootstrap_reps=0),
+        r.threshold,
+        10,
+    )
     assert m.metrics["model"]["auroc"] > 0.7
     assert m.metrics["model"]["auroc"] > m.metrics["news2"]["auroc"]
 
