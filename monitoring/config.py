@@ -151,9 +151,11 @@ class MonitorConfig(BaseModel):
     quality: QualityConfig = Field(default_factory=QualityConfig)
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
     verdict: VerdictConfig = Field(default_factory=VerdictConfig)
-    #: also test drift within each value of these columns (a wearable offset shows at home,
-    #: diluted in the whole population); a feature drifts if it drifts overall or in a segment
-    segment_by: list[str] = Field(default_factory=lambda: ["setting"])
+    #: also test drift within each value of these columns, e.g. ``[setting]`` (a wearable
+    #: offset shows at home, diluted in the whole population); a feature drifts if it drifts
+    #: overall or in a segment. Off by default: it multiplies the tests, and small segments
+    #: of a few dozen patients are noisy
+    segment_by: list[str] = Field(default_factory=list)
     #: segments smaller than this (rows on either side) are not tested on their own
     min_segment_rows: int = Field(default=500, ge=50)
     #: Evidently workspace project name

@@ -23,7 +23,7 @@ from governance.audit import AuditLog
 from serving.auditq import AuditBatcher
 from serving.auth import KeyStore, RateLimiter
 from serving.config import ServeConfig, load_serve_config, model_name, params_path
-from serving.predlog import PredictionLog, PredictionRecord
+from serving.predlog import PredictionLog, PredictionRecord, features_json
 from serving.schemas import (
     FeatureRow,
     FeatureScore,
@@ -126,6 +126,7 @@ class Runtime:
         ids = [pseudonym_of(r.patient_id) if r.patient_id else None for r in rows]
         scored_at = _now_iso()
         rids = [r.request_id or uuid.uuid4().hex for r in rows]
+        texts = [features_json(f) for f in feats]  # serialised once, shared with the shadow
         records = [
             PredictionRecord(
                 rid,
@@ -136,9 +137,9 @@ class Runtime:
                 "champion",
                 float(pi),
                 _num(f.get("news2_total")),
-                f,
+                t,
             )
-            for rid, pid, pi, f in zip(rids, ids, p, feats, strict=True)
+            for rid, pid, pi, f, t in zip(rids, ids, p, feats, texts, strict=True)
         ]
         if self.shadow is not None:
             ps = self.shadow.predict_matrix(self.shadow.matrix(feats))
@@ -152,9 +153,9 @@ class Runtime:
                     "shadow",
                     float(pi),
                     _num(f.get("news2_total")),
-                    f,
+                    t,
                 )
-                for rid, pid, pi, f in zip(rids, ids, ps, feats, strict=True)
+                for rid, pid, pi, f, t in zip(rids, ids, ps, feats, texts, strict=True)
             ]
         self.predlog.append(records)
         bands = self.config.risk_bands
@@ -178,6 +179,14 @@ class Runtime:
         out = out.set_index("patient_id").reindex([p.pseudonym for p in prepared])
         return out.reset_index()
 
+    @staticmethod
+    def _feature_matrix(frame: pd.DataFrame, model: LoadedModel) -> np.ndarray:
+        """Model input straight from the feature frame (numeric; categories as in training)."""
+        sub = frame.reindex(columns=model.feature_names)
+        if all(pd.api.types.is_numeric_dtype(t) for t in sub.dtypes):
+            return sub.to_numpy(dtype=float)
+        return model.matrix(sub.astype(object).where(sub.notna(), None).to_dict("records"))
+
     def score_patients(
         self, patients: list[PatientIn], request_id: str
     ) -> tuple[ScoreResponse, list[str]]:
@@ -196,8 +205,7 @@ class Runtime:
         prepared = prepare_patients(patients, self.vocab, self.config)
         frame = self.compute_features(prepared)
         names = self.champion.feature_names
-        rows = frame.reindex(columns=names).to_dict("records")
-        X = self.champion.matrix(rows)
+        X = self._feature_matrix(frame, self.champion)
         p = self.champion.predict_matrix(X)
         contrib = self.champion.contributions_matrix(X)
         news2 = (
@@ -207,7 +215,10 @@ class Runtime:
         )
         scored_at = _now_iso()
         logged_cols = list(dict.fromkeys([*names, "news2_total"]))
-        logged = frame.reindex(columns=logged_cols).to_dict("records")
+        values = frame.reindex(columns=logged_cols).to_numpy(dtype=float)
+        logged = [
+            features_json(dict(zip(logged_cols, row.tolist(), strict=True))) for row in values
+        ]
         records = [
             PredictionRecord(
                 request_id,
@@ -223,8 +234,7 @@ class Runtime:
             for i, pp in enumerate(prepared)
         ]
         if self.shadow is not None:
-            srows = frame.reindex(columns=self.shadow.feature_names).to_dict("records")
-            ps = self.shadow.predict_matrix(self.shadow.matrix(srows))
+            ps = self.shadow.predict_matrix(self._feature_matrix(frame, self.shadow))
             records += [
                 PredictionRecord(
                     request_id,
@@ -242,7 +252,7 @@ class Runtime:
         self.predlog.append(records)
         results = []
         for i, pp in enumerate(prepared):
-            warnings = pp.warnings + missing_warnings(rows[i], self.vocab, pp)
+            warnings = pp.warnings + missing_warnings(self.vocab, pp)
             results.append(
                 PatientScore(
                     patient_id=pp.pseudonym,

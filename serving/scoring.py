@@ -356,12 +356,10 @@ def _guess_setting(rows: Sequence[Mapping[str, Any]]) -> str:
     return "home" if sources & {"home", "wearable"} else "ward"
 
 
-def missing_warnings(
-    feature_row: Mapping[str, Any], vocab: Vocabulary, prepared: PreparedPatient
-) -> list[str]:
+def missing_warnings(vocab: Vocabulary, prepared: PreparedPatient) -> list[str]:
     """Warn about core vitals with no observation at all (the score leans on the others)."""
     have = {r["code"] for r in prepared.observations}
-    core = ["resp_rate", "spo2", "sbp", "heart_rate", "body_temp", "consciousness"]
+    core = ["resp_rate", "spo2", "o2_support", "sbp", "heart_rate", "body_temp", "consciousness"]
     missing = [
         vocab.codes[c].display.split(" (")[0] for c in core if c in vocab.codes and c not in have
     ]

@@ -162,3 +162,19 @@ def test_misspelt_param_is_a_user_error(workdir, capsys):
 def test_missing_features_file_is_a_user_error(workdir, capsys):
     assert main(["train", "--features", "nope.parquet", "--out", "m"]) == 2
     assert "nope.parquet" in capsys.readouterr().err
+
+
+def test_tune_command_logs_nested_trials(workdir, capsys):
+    out = workdir / "tuning.json"
+    args = ["tune", "--features", "artifacts/features/features.parquet", "--trials", "3"]
+    assert main([*args, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n_trials"] == 3 and set(result["best_params"]) >= {"learning_rate", "num_leaves"}
+    assert "dvc exp run -S train." in capsys.readouterr().out
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("vitalrisk")
+    parent = client.search_runs([exp.experiment_id], "tags.stage = 'tune'")[0]
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert len(children) == 3

@@ -124,7 +124,11 @@ def test_sampled_quality_estimates_match_exact_counts(reference, make_log, confi
     assert sampled["window"]["quality_rows"] == 1500 and not sampled["window"]["quality_exact"]
     assert exact["window"]["quality_rows"] == 5000 and exact["window"]["quality_exact"]
     true_share = float(cur["spo2_last"].isna().mean())
-    assert exact["features"]["spo2_last"]["missing_share_current"] == pytest.approx(true_share, abs=1e-4)
-    assert sampled["features"]["spo2_last"]["missing_share_current"] == pytest.approx(true_share, abs=0.04)
+    assert exact["features"]["spo2_last"]["missing_share_current"] == pytest.approx(
+        true_share, abs=1e-4
+    )
+    assert sampled["features"]["spo2_last"]["missing_share_current"] == pytest.approx(
+        true_share, abs=0.04
+    )
     # the predicted-risk level is exact either way (one SQL pass over the window)
     assert sampled["predicted_risk"]["mean_current"] == pytest.approx(cur["probability"].mean())
