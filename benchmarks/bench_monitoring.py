@@ -5,7 +5,7 @@
    variant of the simulator (detected = verdict warn/retrain AND the verdict's top drifted
    signal is the shifted one: heart_rate, age, spo2). Production sample sizes
    (reference 20,000 rows, current window 5,000 predictions), default params.
-2. Scale: 1,000,000 logged predictions with ~100 features in the SQLite prediction log
+2. Scale: 1,000,000 logged predictions (all from the wearable-offset variant) with ~100 features in the SQLite prediction log
    against a 100,000-row reference, through the whole ``monitor_log`` path (chunked log read,
    exact quality counts, sampled Evidently drift report, HTML) in a fresh subprocess whose
    wall time and peak RSS are measured.
@@ -110,7 +110,7 @@ def _write_big_log(path: Path, rows: int, chunk: int = 100_000) -> int:
         con.execute("PRAGMA synchronous=OFF")
         for i, lo in enumerate(range(0, rows, chunk)):
             n = min(chunk, rows - lo)
-            f = syn.feature_frame(n, seed=50_000 + i, drift="hr_offset" if i % 2 else "none")
+            f = syn.feature_frame(n, seed=50_000 + i, drift="hr_offset")
             prob = f.pop("probability").to_numpy()
             f = f.drop(columns=["label"])
             n_feat = len(f.columns)

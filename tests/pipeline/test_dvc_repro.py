@@ -34,7 +34,9 @@ pytestmark = pytest.mark.slow
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     return proc
 
 
@@ -54,7 +56,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
     params["train"]["cv_folds"] = 0
     params["evaluate"]["bootstrap_reps"] = 20
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (repo / ".gitignore").write_text("/data\n/artifacts\n/mlruns.db\n/mlartifacts\n/logs\n/workspace\n")
+    (repo / ".gitignore").write_text(
+        "/data\n/artifacts\n/mlruns.db\n/mlartifacts\n/logs\n/workspace\n"
+    )
 
     bindir = str(Path(sys.executable).parent)
     env = {
