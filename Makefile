@@ -29,6 +29,7 @@ demo: $(STAMP)
 	vitalrisk simulate --out data
 	dvc repro
 	vitalrisk summary
+	vitalrisk monitor --drift-demo older --exit-zero
 
 ## test: lint, format check, type check, then the test suite
 test: $(STAMP) lint typecheck

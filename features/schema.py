@@ -51,3 +51,28 @@ outcome_schema = pa.DataFrameSchema(
     },
     strict=False,
 )
+
+# Prediction log (serving writes, monitoring reads): the SQLite tables of docs/contracts.md.
+PREDICTION_LOG_COLUMNS = (
+    "request_id",
+    "scored_at",
+    "patient_id",
+    "model_name",
+    "model_version",
+    "role",
+    "probability",
+    "news2_total",
+    "features",
+)
+OUTCOME_LOG_COLUMNS = ("request_id", "patient_id", "event_time", "event", "label", "received_at")
+
+PREDICTIONS_DDL = """
+CREATE TABLE IF NOT EXISTS predictions (
+    request_id TEXT, scored_at TEXT, patient_id TEXT, model_name TEXT, model_version TEXT,
+    role TEXT, probability REAL, news2_total REAL, features TEXT
+)"""
+OUTCOMES_DDL = """
+CREATE TABLE IF NOT EXISTS outcomes (
+    request_id TEXT, patient_id TEXT, event_time TEXT, event TEXT, label INTEGER,
+    received_at TEXT
+)"""

@@ -20,36 +20,25 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
+from features.schema import (
+    OUTCOME_LOG_COLUMNS,
+    OUTCOMES_DDL,
+    PREDICTION_LOG_COLUMNS,
+    PREDICTIONS_DDL,
+)
+
 logger = logging.getLogger(__name__)
 
-PREDICTION_COLUMNS = [
-    "request_id",
-    "scored_at",
-    "patient_id",
-    "model_name",
-    "model_version",
-    "role",
-    "probability",
-    "news2_total",
-    "features",
-]
-OUTCOME_COLUMNS = ["request_id", "patient_id", "event_time", "event", "label", "received_at"]
+PREDICTION_COLUMNS = list(PREDICTION_LOG_COLUMNS)
+OUTCOME_COLUMNS = list(OUTCOME_LOG_COLUMNS)
 
-PREDICTIONS_DDL = """
-CREATE TABLE IF NOT EXISTS predictions (
-    request_id TEXT, scored_at TEXT, patient_id TEXT, model_name TEXT, model_version TEXT,
-    role TEXT, probability REAL, news2_total REAL, features TEXT
-)"""
 #: covering index for the monitor's window queries (count, risk level, sampled rowids): they
 #: then never touch the rows' feature JSON, which is what makes a million-row log slow to scan
 MONITOR_INDEX_DDL = (
     "CREATE INDEX IF NOT EXISTS predictions_role_time ON predictions (role, scored_at, probability)"
 )
-OUTCOMES_DDL = """
-CREATE TABLE IF NOT EXISTS outcomes (
-    request_id TEXT, patient_id TEXT, event_time TEXT, event TEXT, label INTEGER,
-    received_at TEXT
-)"""
+#: outcomes are joined to predictions by request id: without it the join is quadratic
+OUTCOMES_INDEX_DDL = "CREATE INDEX IF NOT EXISTS outcomes_request ON outcomes (request_id)"
 
 
 def iso(ts: datetime | pd.Timestamp) -> str:
@@ -78,12 +67,15 @@ def ensure_tables(path: str | Path) -> None:
         con.execute(PREDICTIONS_DDL)
         con.execute(OUTCOMES_DDL)
         con.execute(MONITOR_INDEX_DDL)
+        con.execute(OUTCOMES_INDEX_DDL)
 
 
 def ensure_monitor_index(path: str | Path) -> None:
-    """Add the covering index to an existing log (one scan the first time, then kept up)."""
+    """Add the monitor's indexes to an existing log (one scan the first time, then kept up)."""
     with closing(connect(path)) as con, con:
         con.execute(MONITOR_INDEX_DDL)
+        con.execute(OUTCOMES_DDL)
+        con.execute(OUTCOMES_INDEX_DDL)
 
 
 def write_predictions(path: str | Path, frame: pd.DataFrame) -> int:

@@ -17,42 +17,19 @@ from typing import Any
 
 import orjson
 
+from features.schema import OUTCOMES_DDL, PREDICTION_LOG_COLUMNS, PREDICTIONS_DDL
+
 logger = logging.getLogger(__name__)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS predictions (
-    request_id TEXT,
-    scored_at TEXT,
-    patient_id TEXT,
-    model_name TEXT,
-    model_version TEXT,
-    role TEXT,
-    probability REAL,
-    news2_total REAL,
-    features TEXT
-);
-CREATE TABLE IF NOT EXISTS outcomes (
-    request_id TEXT,
-    patient_id TEXT,
-    event_time TEXT,
-    event TEXT,
-    label INTEGER,
-    received_at TEXT
-);
-CREATE INDEX IF NOT EXISTS predictions_scored_at ON predictions (scored_at);
-"""
-
-COLUMNS = (
-    "request_id",
-    "scored_at",
-    "patient_id",
-    "model_name",
-    "model_version",
-    "role",
-    "probability",
-    "news2_total",
-    "features",
+SCHEMA = ";\n".join(
+    [
+        PREDICTIONS_DDL,
+        OUTCOMES_DDL,
+        "CREATE INDEX IF NOT EXISTS predictions_scored_at ON predictions (scored_at)",
+    ]
 )
+
+COLUMNS = PREDICTION_LOG_COLUMNS
 
 
 @dataclass(frozen=True)
