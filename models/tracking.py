@@ -303,25 +303,19 @@ def load_by_alias(
     mv = get_alias(model_name, alias)
     if mv is None:
         raise LookupError(f"registered model {model_name!r} has no alias {alias!r}")
+    return _load(model_name, mv, alias)
+
+
+def load_version(model_name: str, version: str) -> tuple[LoadedVersion, RiskModel]:
+    return _load(model_name, get_version(model_name, version), None)
+
+
+def _load(model_name: str, mv: Any, alias: str | None) -> tuple[LoadedVersion, RiskModel]:
     model = load_model(f"models:/{model_name}/{mv.version}")
     info = LoadedVersion(
         name=model_name,
         version=str(mv.version),
         alias=alias,
-        run_id=mv.run_id,
-        source=str(mv.source),
-        tags=dict(mv.tags or {}),
-    )
-    return info, model
-
-
-def load_version(model_name: str, version: str) -> tuple[LoadedVersion, RiskModel]:
-    mv = get_version(model_name, version)
-    model = load_model(f"models:/{model_name}/{mv.version}")
-    info = LoadedVersion(
-        name=model_name,
-        version=str(mv.version),
-        alias=None,
         run_id=mv.run_id,
         source=str(mv.source),
         tags=dict(mv.tags or {}),
