@@ -97,10 +97,44 @@ _STAT_TEXT = {
 }
 
 
+#: feature_specs results by (config JSON, vocabulary entries used, static columns): the list
+#: depends on nothing else, and rebuilding it per call was a large share of a one-patient call
+_SPECS_CACHE: dict[
+    tuple[Any, ...], tuple[tuple[FeatureSpec, ...], tuple[str, ...], dict[str, int]]
+] = {}
+_SPECS_CACHE_MAX = 64
+
+
 def feature_specs(
     config: FeaturesConfig, vocab: Vocabulary, static_cols: list[str]
 ) -> list[FeatureSpec]:
-    """Every feature column, in output order, with its dictionary entry."""
+    """Every feature column, in output order, with its dictionary entry (cached)."""
+    return list(_spec_index(config, vocab, static_cols)[0])
+
+
+def _spec_index(
+    config: FeaturesConfig, vocab: Vocabulary, static_cols: list[str]
+) -> tuple[tuple[FeatureSpec, ...], tuple[str, ...], dict[str, int]]:
+    """(specs, their names, name -> position), cached; callers must not modify them."""
+    key = (
+        config.model_dump_json(),
+        tuple((c, s.display, s.unit, s.group, s.kind) for c, s in vocab.codes.items()),
+        tuple(static_cols),
+    )
+    hit = _SPECS_CACHE.get(key)
+    if hit is None:
+        specs = tuple(_feature_specs(config, vocab, static_cols))
+        names = tuple(s.name for s in specs)
+        hit = (specs, names, {n: i for i, n in enumerate(names)})
+        if len(_SPECS_CACHE) >= _SPECS_CACHE_MAX:
+            _SPECS_CACHE.clear()
+        _SPECS_CACHE[key] = hit
+    return hit
+
+
+def _feature_specs(
+    config: FeaturesConfig, vocab: Vocabulary, static_cols: list[str]
+) -> list[FeatureSpec]:
     specs: list[FeatureSpec] = []
     fam = config.families
     b = config.baseline
@@ -264,8 +298,10 @@ def feature_specs(
                 "",
             )
         )
-    names = [s.name for s in specs]
-    dup = {n for n in names if names.count(n) > 1}
+    seen: set[str] = set()
+    dup: set[str] = set()
+    for spec in specs:
+        (dup if spec.name in seen else seen).add(spec.name)
     if dup:
         raise ValueError(f"feature name clash: {sorted(dup)}")
     return specs
@@ -297,6 +333,11 @@ def _category_index(
     col: pd.Series, categories: np.ndarray, dtype: type[np.signedinteger] = np.int32
 ) -> np.ndarray:
     """Position of each value in the sorted ``categories`` (-1 if absent), per row (int64)."""
+    if len(col) <= _SMALL_ROWS and not isinstance(col.dtype, pd.CategoricalDtype):
+        # few rows (serving one patient): a dict lookup, without pandas' Categorical setup;
+        # str() per value is what ``astype(str)`` does, so the codes are identical
+        lut = {c: i for i, c in enumerate(categories.tolist())}
+        return np.fromiter((lut.get(str(x), -1) for x in col.tolist()), dtype=dtype, count=len(col))
     if isinstance(col.dtype, pd.CategoricalDtype):
         cats = np.asarray(col.cat.categories.astype(str), dtype=object)
         pos = np.searchsorted(categories, cats)
@@ -315,9 +356,56 @@ def _time_unit(span_ns: int) -> int:
     raise ValueError("observation and prediction times span too long for the time keys")
 
 
+#: inputs up to this many rows take the small-input paths below (same results, less setup)
+_SMALL_ROWS = 1024
+#: queries x windows up to which a code's window statistics are computed in one pass
+_STACK_WINDOWS_MAX = 4096
+
+
+def _patient_positions(patients: pd.DataFrame, pids: np.ndarray) -> np.ndarray | None:
+    """Row of each pid's first entry in a small ``patients`` table holding every pid, else
+    None (then the pandas path below handles duplicates and absent patients)."""
+    if len(patients) > _SMALL_ROWS or "patient_id" not in patients:
+        return None
+    first: dict[str, int] = {}
+    for i, x in enumerate(patients["patient_id"].tolist()):
+        first.setdefault(str(x), i)
+    try:
+        return np.array([first[p] for p in pids.tolist()], dtype=np.intp)
+    except KeyError:
+        return None
+
+
+def _numeric_at(col: pd.Series, pos: np.ndarray) -> np.ndarray:
+    """``pd.to_numeric(col, errors="coerce")`` as float64, at rows ``pos``."""
+    if col.dtype.kind in "biuf":
+        return col.to_numpy(dtype=np.float64, na_value=np.nan)[pos]
+    return pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)[pos]
+
+
 def _static_values(
     patients: pd.DataFrame, pids: np.ndarray, cols: list[str]
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    pos = _patient_positions(patients, pids)
+    if pos is not None:
+        fast: dict[str, np.ndarray] = {}
+        for c in cols:
+            if c == "sex_f" and "sex_f" not in patients and "sex" in patients:
+                sex = patients["sex"].to_numpy(dtype=object)[pos]
+                fast[c] = np.array(
+                    [np.nan if pd.isna(x) else float(str(x).upper() == "F") for x in sex],
+                    dtype=np.float64,
+                )
+            elif c in patients:
+                fast[c] = _numeric_at(patients[c], pos)
+            else:
+                fast[c] = np.full(len(pids), np.nan)
+        fast_setting = (
+            patients["setting"].to_numpy(dtype=object)[pos]
+            if "setting" in patients
+            else np.full(len(pids), None)
+        )
+        return fast, fast_setting
     pats = patients.drop_duplicates("patient_id")
     pats = pats.set_index(pats["patient_id"].astype(str)).reindex(pids)
     out: dict[str, np.ndarray] = {}
@@ -338,6 +426,13 @@ def _static_values(
 
 
 def _scale2(patients: pd.DataFrame, pids: np.ndarray, flags: list[str]) -> np.ndarray:
+    pos = _patient_positions(patients, pids)
+    if pos is not None:
+        fast = np.zeros(len(pids), dtype=bool)
+        for f in flags:
+            if f in patients:
+                fast |= _numeric_at(patients[f], pos) > 0  # NaN > 0 is False, as fillna(0)
+        return fast
     pats = patients.drop_duplicates("patient_id")
     pats = pats.set_index(pats["patient_id"].astype(str)).reindex(pids)
     out = np.zeros(len(pids), dtype=bool)
@@ -478,9 +573,26 @@ def _chunk_features(
             run_min = np.full(m, np.nan)
             run_max = np.full(m, np.nan)
             prev = hi
-            for w in ws:  # ascending: min/max reuse the shorter window plus the new piece
-                lo = after(w)
-                stats = stats_over(lo, hi, set(st))
+            los = [after(w) for w in ws]
+            # few queries (serving): every window's sums and moments in one vectorised pass.
+            # The arithmetic is elementwise, so each value is bit-identical to a per-window
+            # call; it only saves the per-call overhead that dominates for small arrays.
+            n_win = len(ws) if m * len(ws) <= _STACK_WINDOWS_MAX else 0
+            if n_win > 1:
+                lo_k = np.concatenate(los)
+                hi_k = np.tile(hi, n_win)
+                stacked = moments_to_stats(
+                    series.window_sums(np.tile(qp, n_win), lo_k, hi_k, set(st)),
+                    hi_k - lo_k,
+                    np.tile(v0, n_win),
+                    set(st),
+                )
+            for i, (w, lo) in enumerate(zip(ws, los, strict=True)):
+                # ascending: min/max reuse the shorter window plus the new piece
+                if n_win > 1:
+                    stats = {name: a[i * m : (i + 1) * m] for name, a in stacked.items()}
+                else:
+                    stats = stats_over(lo, hi, set(st))
                 if "min" in st:
                     run_min = np.fmin(run_min, range_reduce(np.minimum, series.v_ext, lo, prev))
                     stats["min"] = run_min
@@ -540,6 +652,30 @@ def _chunk_features(
 CHUNK_OBSERVATIONS = 600_000
 
 
+@dataclass
+class FeatureArrays:
+    """What :func:`compute_features` returns, before it becomes a DataFrame.
+
+    ``values`` is (feature, row) in the dictionary's order; rows are the distinct
+    (patient_id, time) pairs, sorted by both. Serving reads the model's columns straight from
+    ``values`` instead of building and re-indexing a one-row frame of hundreds of columns.
+    """
+
+    names: list[str]
+    values: np.ndarray
+    patient_id: np.ndarray
+    time_ns: np.ndarray
+    setting: np.ndarray
+
+    def frame(self) -> pd.DataFrame:
+        """The ``compute_features`` frame: ids, time, setting, then one column per feature."""
+        frame = pd.DataFrame(self.values.T, columns=self.names, copy=False)
+        frame.insert(0, "patient_id", self.patient_id)
+        frame.insert(1, "time", pd.to_datetime(self.time_ns, unit="ns", utc=True))
+        frame.insert(2, "setting", self.setting)
+        return frame
+
+
 def compute_features(
     observations: pd.DataFrame,
     patients: pd.DataFrame,
@@ -554,9 +690,19 @@ def compute_features(
     modified. ``observations`` may hold other patients and codes (ignored); ``patient_id`` and
     ``code`` may be categorical (fast path for large inputs).
     """
+    return compute_feature_arrays(observations, patients, times, config, vocab).frame()
+
+
+def compute_feature_arrays(
+    observations: pd.DataFrame,
+    patients: pd.DataFrame,
+    times: pd.DataFrame,
+    config: FeaturesConfig,
+    vocab: Vocabulary,
+) -> FeatureArrays:
+    """:func:`compute_features` as arrays (same computation; the frame is built from these)."""
     static_cols = static_columns(config, patients.columns)
-    specs = feature_specs(config, vocab, static_cols)
-    col_of = {s.name: i for i, s in enumerate(specs)}
+    specs, spec_names, col_of = _spec_index(config, vocab, static_cols)
 
     # -- queries: distinct (patient, time), sorted -----------------------------------------
     codes_, uniq = pd.factorize(times["patient_id"].astype(str), sort=True)
@@ -675,11 +821,13 @@ def compute_features(
     for j in np.flatnonzero(~written):
         out[j] = np.nan
 
-    frame = pd.DataFrame(out.T, columns=[s.name for s in specs], copy=False)
-    frame.insert(0, "patient_id", pids[qp].astype(object))
-    frame.insert(1, "time", pd.to_datetime(qt, unit="ns", utc=True))
-    frame.insert(2, "setting", setting[qp] if m else np.array([], dtype=object))
-    return frame
+    return FeatureArrays(
+        names=list(spec_names),
+        values=out,
+        patient_id=pids[qp].astype(object),
+        time_ns=qt,
+        setting=setting[qp] if m else np.array([], dtype=object),
+    )
 
 
 def features_for_patient(

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from features.build import FeatureArrays
 from features.vocabulary import Vocabulary, load_vocabulary
 from governance.audit import AuditLog
 from serving.auditq import AuditBatcher
@@ -88,6 +89,8 @@ class Runtime:
         self.limiter = RateLimiter(self.config.rate_limit_per_second, self.config.rate_limit_burst)
         self._known = set(self.champion.feature_names) | {"news2_total"}
         self._categorical = set(getattr(self.champion.model, "categories", None) or {})
+        self._logged_cols = list(dict.fromkeys([*self.champion.feature_names, "news2_total"]))
+        self._column_cache: dict[tuple[Any, ...], np.ndarray | None] = {}
 
     # -- /v1/score/features ---------------------------------------------------------------
     def check_feature_rows(self, body: dict[str, Any]) -> tuple[int, str] | None:
@@ -172,20 +175,62 @@ class Runtime:
 
     # -- /v1/score ------------------------------------------------------------------------
     def compute_features(self, prepared: list[PreparedPatient]) -> pd.DataFrame:
-        from features.build import compute_features
+        """Feature frame, one row per prepared patient in request order."""
+        arrays = self.feature_arrays(prepared)
+        return arrays.frame()
+
+    def feature_arrays(self, prepared: list[PreparedPatient]) -> FeatureArrays:
+        """The training feature code's output, rows in request order (patients are distinct)."""
+        from features.build import compute_feature_arrays
 
         obs, patients, times = frames_for(prepared)
-        out = compute_features(obs, patients, times, self.feature_config, self.vocab)
-        out = out.set_index("patient_id").reindex([p.pseudonym for p in prepared])
-        return out.reset_index()
+        out = compute_feature_arrays(obs, patients, times, self.feature_config, self.vocab)
+        row_of = {pid: i for i, pid in enumerate(out.patient_id.tolist())}
+        rows = [row_of[p.pseudonym] for p in prepared]
+        if rows != list(range(len(out.patient_id))):
+            out = FeatureArrays(
+                names=out.names,
+                values=out.values[:, rows],
+                patient_id=out.patient_id[rows],
+                time_ns=out.time_ns[rows],
+                setting=out.setting[rows],
+            )
+        return out
 
-    @staticmethod
-    def _feature_matrix(frame: pd.DataFrame, model: LoadedModel) -> np.ndarray:
-        """Model input straight from the feature frame (numeric; categories as in training)."""
-        sub = frame.reindex(columns=model.feature_names)
+    def _columns(self, names: list[str], wanted: tuple[str, ...]) -> np.ndarray | None:
+        """Positions of ``wanted`` in the feature arrays' ``names`` (cached), None if absent."""
+        key = (tuple(names), wanted)
+        try:
+            return self._column_cache[key]
+        except KeyError:
+            pass
+        pos = {n: i for i, n in enumerate(names)}
+        cols = (
+            np.array([pos[n] for n in wanted], dtype=np.intp)
+            if all(n in pos for n in wanted)
+            else None
+        )
+        if len(self._column_cache) > 16:  # names never change in practice; stay bounded
+            self._column_cache.clear()
+        self._column_cache[key] = cols
+        return cols
+
+    def _feature_matrix(self, arrays: FeatureArrays, model: LoadedModel) -> np.ndarray:
+        """Model input straight from the feature arrays (numeric; categories as in training)."""
+        cols = self._columns(arrays.names, tuple(model.feature_names))
+        if cols is not None:  # every model feature is a float column of the arrays
+            return np.ascontiguousarray(arrays.values[cols].T, dtype=np.float64)
+        sub = arrays.frame().reindex(columns=model.feature_names)
         if all(pd.api.types.is_numeric_dtype(t) for t in sub.dtypes):
             return sub.to_numpy(dtype=float)
         return model.matrix(sub.astype(object).where(sub.notna(), None).to_dict("records"))
+
+    def _logged_values(self, arrays: FeatureArrays, logged_cols: list[str]) -> np.ndarray:
+        """(row, column) float64 values of ``logged_cols``; NaN for a column not computed."""
+        cols = self._columns(arrays.names, tuple(logged_cols))
+        if cols is not None:
+            return np.asarray(arrays.values[cols].T, dtype=np.float64)
+        return arrays.frame().reindex(columns=logged_cols).to_numpy(dtype=float)
 
     def score_patients(
         self, patients: list[PatientIn], request_id: str
@@ -203,19 +248,15 @@ class Runtime:
                 status=413,
             )
         prepared = prepare_patients(patients, self.vocab, self.config)
-        frame = self.compute_features(prepared)
+        frame = self.feature_arrays(prepared)
         names = self.champion.feature_names
         X = self._feature_matrix(frame, self.champion)
         p = self.champion.predict_matrix(X)
         contrib = self.champion.contributions_matrix(X)
-        news2 = (
-            frame["news2_total"].to_numpy(dtype=float)
-            if "news2_total" in frame
-            else np.full(len(frame), np.nan)
-        )
+        logged_cols = self._logged_cols
+        values = self._logged_values(frame, logged_cols)
+        news2 = values[:, logged_cols.index("news2_total")]
         scored_at = _now_iso()
-        logged_cols = list(dict.fromkeys([*names, "news2_total"]))
-        values = frame.reindex(columns=logged_cols).to_numpy(dtype=float)
         logged = [
             features_json(dict(zip(logged_cols, row.tolist(), strict=True))) for row in values
         ]

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import bentoml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -175,12 +175,14 @@ class VitalRisk:
         return current_runtime() is not None
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS, tags=["scoring"])
-    def score(self, request: Request, body: ScoreRequest) -> ScoreResponse:
+    def score(self, request: Request, body: ScoreRequest) -> Response:
         """Score patients from raw observations with the training feature code."""
         rt = _rt()
         resp, patients = rt.score_request(body, _rid(request))
         _audit(request, patients, rt.champion.version)
-        return resp
+        # serialised here, on this worker thread: returning the model would make FastAPI
+        # re-validate it in a second thread-pool hop; ``response_model`` still documents it
+        return Response(resp.model_dump_json(), media_type="application/json")
 
     @app.post("/v1/fhir/score", responses=_ERRORS, tags=["scoring"])
     def fhir_score(self, request: Request, body: FhirBundle) -> JSONResponse:
