@@ -5,14 +5,21 @@
    variant of the simulator (detected = verdict warn/retrain AND the verdict's top drifted
    signal is the shifted one: heart_rate, age, spo2). Production sample sizes
    (reference 20,000 rows, current window 5,000 predictions), default params.
-2. Scale: 1,000,000 logged predictions (all from the wearable-offset variant) with ~100 features in the SQLite prediction log
+2. Simulator cohorts (``simulator``): the same rates on the simulator's own feature matrices
+   (``vitalrisk simulate`` raw files -> ``ingest`` -> ``build_feature_matrix``, via
+   ``pipelines.monitor.simulated_features``) with the repository's ``monitor`` params: one
+   300-patient baseline cohort as the reference, and per seed a fresh 100-patient cohort
+   with no drift and with each drift (the same seed gives the same patients in every
+   variant). Cohorts are simulated in ``BENCH_MONITORING_WORKERS`` processes (2).
+3. Scale: 1,000,000 logged predictions (all from the wearable-offset variant) with ~100 features in the SQLite prediction log
    against a 100,000-row reference, through the whole ``monitor_log`` path (chunked log read,
    exact quality counts, sampled Evidently drift report, HTML) in a fresh subprocess whose
    wall time and peak RSS are measured.
 
 Run: ``nice python -m benchmarks.run monitoring`` (writes benchmarks/results/monitoring.json).
 Env ``BENCH_MONITORING_SEEDS`` / ``BENCH_MONITORING_ROWS`` shrink it for a quick look;
-``BENCH_MONITORING_PARTS=rates`` or ``=scale`` runs one part.
+``BENCH_MONITORING_PARTS=rates``, ``=simulator`` or ``=scale`` runs one part;
+``BENCH_MONITORING_SIM_PATIENTS`` / ``BENCH_MONITORING_SIM_REFERENCE`` size the cohorts.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -57,13 +65,19 @@ def _named(summary: dict, expected: str) -> bool:
     return bool(by_code) and max(by_code, key=by_code.get) == expected
 
 
-def _evaluate(reference: pd.DataFrame, current: pd.DataFrame, config: MonitorConfig, vocab) -> dict:
+def _evaluate(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    config: MonitorConfig,
+    vocab,
+    report: bool = True,
+) -> dict:
     kinds = mon.column_kinds(reference, config.exclude)
     codes = mon.feature_codes(kinds, vocab)
     ranges = mon.vocabulary_ranges(codes, vocab, config.quality.range_stats)
     cats = mon.reference_categories(reference, kinds)
     cw = mon.collect_current([current], len(current), kinds, ranges, cats, config)
-    return mon.evaluate(reference, cw, kinds, codes, ranges, cats, config).summary
+    return mon.evaluate(reference, cw, kinds, codes, ranges, cats, config, report=report).summary
 
 
 def rates(vocab) -> dict:
@@ -96,6 +110,140 @@ def rates(vocab) -> dict:
         "current_rows": RATE_CURRENT,
         "features": len(reference.columns) - 2,
         "by_variant": out,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+# --------------------------------------------------------------------------- simulator cohorts
+SIM_VARIANTS = ("none", "hr_offset", "older", "spo2_missing")
+SIM_EXPECTED = {"hr_offset": "heart_rate", "older": "age", "spo2_missing": "spo2"}
+SIM_REFERENCE_PATIENTS = int(os.environ.get("BENCH_MONITORING_SIM_REFERENCE", "300"))
+SIM_CURRENT_PATIENTS = int(os.environ.get("BENCH_MONITORING_SIM_PATIENTS", "100"))
+SIM_WORKERS = int(os.environ.get("BENCH_MONITORING_WORKERS", "2"))
+_SIM: dict = {}
+
+
+def sim_config(params: str | Path = "params.yaml") -> MonitorConfig:
+    """The ``monitor`` params, with every row of the small cohorts used."""
+    from pipelines.params import load_section
+
+    config = load_section(MonitorConfig, "monitor", params)
+    return config.model_copy(update={"reference_size": 10**7, "current_size": 10**7})
+
+
+def _sim_init(reference_path: str, tmp: str) -> None:
+    logging.disable(logging.WARNING)
+    _SIM.update(
+        reference=pd.read_parquet(reference_path),
+        tmp=Path(tmp),
+        config=sim_config(),
+        vocab=load_vocabulary(),
+    )
+
+
+def _sim_one(task: tuple[str, int]) -> dict:
+    from pipelines.monitor import simulated_features
+
+    kind, seed = task
+    t0 = time.perf_counter()
+    raw = _SIM["tmp"] / f"raw_{kind}_{seed}"
+    cur = simulated_features("params.yaml", kind, SIM_CURRENT_PATIENTS, seed, raw)
+    shutil.rmtree(raw, ignore_errors=True)
+    t1 = time.perf_counter()
+    s = _evaluate(_SIM["reference"], cur, _SIM["config"], _SIM["vocab"], report=False)
+    return {
+        "kind": kind,
+        "seed": seed,
+        "verdict": s["verdict"],
+        "drifted_features": s["drifted_features"],
+        "drifted_signals": s["drifted_signals"],
+        "named": kind != "none" and _sim_named(s, SIM_EXPECTED[kind]),
+        "seconds_simulate": round(t1 - t0, 1),
+        "seconds_monitor": round(time.perf_counter() - t1, 1),
+    }
+
+
+def _sim_named(summary: dict, expected: str) -> bool:
+    """The shifted signal is among the drifted ones and no other signal outnumbers it."""
+    if expected in summary["features"]:  # a single feature (age)
+        return expected in summary["drifted_features"]
+    by_code = summary["drifted_signals"]
+    return expected in by_code and by_code[expected] == max(by_code.values())
+
+
+def simulator_rates() -> dict:
+    """Alarm rates on the simulator's own cohorts (simulate -> ingest -> features).
+
+    Reference: the features of one baseline cohort (seed 0). Current: per seed, a fresh cohort
+    of new patients from the training distribution (any verdict but ``ok`` is a false alarm)
+    and the same seed with each drift (detected = warn/retrain; named = the shifted signal is
+    among the drifted ones and no other signal has more drifted features).
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pipelines.monitor import simulated_features
+
+    logging.disable(logging.WARNING)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_monitoring_sim_") as tmp:
+        reference = simulated_features(
+            "params.yaml",
+            "none",
+            SIM_REFERENCE_PATIENTS,
+            0,
+            Path(tmp) / "raw_reference",
+            purpose="model_training",
+        )
+        ref_path = Path(tmp) / "reference.parquet"
+        reference.to_parquet(ref_path)
+        t_ref = time.perf_counter() - t0
+        tasks = [(k, 1000 + i) for i in range(SEEDS) for k in SIM_VARIANTS]
+        with ProcessPoolExecutor(
+            SIM_WORKERS, initializer=_sim_init, initargs=(str(ref_path), tmp)
+        ) as pool:
+            runs = list(pool.map(_sim_one, tasks))
+    logging.disable(logging.NOTSET)
+    out: dict[str, dict] = {}
+    for kind in SIM_VARIANTS:
+        rs = [r for r in runs if r["kind"] == kind]
+        verdicts = {v: sum(r["verdict"] == v for r in rs) for v in ("ok", "warn", "retrain")}
+        alarms = sum(r["verdict"] != "ok" for r in rs)
+        row: dict = {"runs": len(rs), "verdicts": verdicts}
+        if kind == "none":
+            row["false_alarm_rate"] = alarms / len(rs)
+            row["false_alarm_features"] = sorted({c for r in rs for c in r["drifted_features"]})
+        else:
+            row["detection_rate"] = alarms / len(rs)
+            row["detected_and_named_rate"] = sum(
+                r["named"] and r["verdict"] != "ok" for r in rs
+            ) / len(rs)
+            row["signals_flagged"] = dict(
+                sorted(
+                    {
+                        code: sum(code in r["drifted_signals"] for r in rs)
+                        for r0 in rs
+                        for code in r0["drifted_signals"]
+                    }.items(),
+                    key=lambda kv: -kv[1],
+                )[:8]
+            )
+        out[kind] = row
+        print(f"  {kind:13s} {row}")
+    config = sim_config()
+    return {
+        "seeds": SEEDS,
+        "reference_patients": SIM_REFERENCE_PATIENTS,
+        "reference_rows": len(reference),
+        "current_patients": SIM_CURRENT_PATIENTS,
+        "features": len(reference.columns) - 3,
+        "drift_unit": config.drift.unit,
+        "calibration_splits": config.drift.calibration_splits,
+        "noise_margin": config.drift.noise_margin,
+        "by_variant": out,
+        "seconds_reference": round(t_ref, 1),
+        "seconds_simulate_mean": round(float(np.mean([r["seconds_simulate"] for r in runs])), 1),
+        "seconds_monitor_mean": round(float(np.mean([r["seconds_monitor"] for r in runs])), 1),
+        "workers": SIM_WORKERS,
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -212,11 +360,17 @@ def scale() -> dict:
 
 
 def main() -> dict:
-    parts = os.environ.get("BENCH_MONITORING_PARTS", "rates,scale").split(",")
+    parts = os.environ.get("BENCH_MONITORING_PARTS", "rates,simulator,scale").split(",")
     out: dict = {}
     if "rates" in parts:
         print(f"monitoring: alarm rates over {SEEDS} seeds per variant")
         out["rates"] = rates(load_vocabulary())
+    if "simulator" in parts:
+        print(
+            f"monitoring: alarm rates on simulator cohorts, {SEEDS} seeds per variant "
+            f"({SIM_CURRENT_PATIENTS} patients vs a {SIM_REFERENCE_PATIENTS}-patient reference)"
+        )
+        out["simulator"] = simulator_rates()
     if "scale" in parts:
         print(f"monitoring: scale test ({SCALE_ROWS:,} logged predictions)")
         out["scale"] = scale()

@@ -7,6 +7,8 @@ drown their readers in false alarms.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 #: Evidently stat tests whose score is a p-value (drift when score < threshold); every other
@@ -75,8 +77,14 @@ class DriftConfig(BaseModel):
     #: row count suggests; a feature only drifts when its distance also exceeds
     #: ``noise_margin`` x the largest split-half distance (scaled to the two sample sizes).
     #: Distance methods only (p-values are taken as they are). 0 splits = off.
-    calibration_splits: int = Field(default=3, ge=0, le=20)
+    calibration_splits: int = Field(default=3, ge=0, le=100)
     noise_margin: float = Field(default=1.5, ge=1.0)
+    #: Sampling unit of the value-drift tests. ``row``: every prediction is a draw. ``patient``:
+    #: each side's rows are first reduced to one row per patient (median of numerical features,
+    #: first value of categorical ones), so a patient scored 50 times counts once and the tests
+    #: and the noise floor see the honest sample size. Needs ``patient_id`` on both sides (else
+    #: rows); missing shares are compared over rows either way.
+    unit: Literal["row", "patient"] = "row"
 
 
 class QualityConfig(BaseModel):

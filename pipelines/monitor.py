@@ -260,17 +260,22 @@ def _no_data(out: Path, reason: str) -> int:
 
 
 # --------------------------------------------------------------------------- drift demo
-def drift_demo(args: argparse.Namespace) -> Path:
-    """Simulate ``--drift-demo KIND``, ingest, build features, score with the champion, log.
+def simulated_features(
+    params: str | Path,
+    drift: str,
+    n_patients: int,
+    seed: int,
+    raw_dir: Path,
+    purpose: str = "care",
+) -> Any:
+    """Feature matrix of a simulated cohort, through the pipeline's own functions.
 
-    Everything runs through the functions the pipeline and the service use: the simulator's
-    raw files, ``features.ingestion.ingest``, ``features.build.build_feature_matrix`` and the
-    registered pyfunc. The simulated outcomes are fed back as labels, so the demo report has
-    a performance section too. Returns the demo prediction log.
+    The simulator's raw files (written to ``raw_dir``, replaced if present),
+    ``features.ingestion.ingest`` and ``features.build.build_feature_matrix``, with the
+    ``simulate``/``ingest``/``features`` params of ``params`` (``drift``, ``n_patients``,
+    ``seed`` and the consent ``purpose`` overridden). The drift demo, the monitor's tests and
+    its benchmark all draw their cohorts here.
     """
-    import numpy as np
-    import pandas as pd
-
     from features.build import build_feature_matrix
     from features.config import FeaturesConfig
     from features.data_config import IngestConfig, SimulateConfig
@@ -278,29 +283,42 @@ def drift_demo(args: argparse.Namespace) -> Path:
     from features.simulate import simulate_cohort, write_cohort
     from features.vocabulary import load_vocabulary
     from governance.pseudonym import get_key
-    from models import tracking
-    from monitoring import prediction_log as plog
 
-    raw = read_params(args.params)
+    raw = read_params(params)
     sim = SimulateConfig.model_validate(
-        {
-            **(raw.get("simulate") or {}),
-            "drift": args.drift_demo,
-            "n_patients": args.demo_patients,
-            "seed": int((raw.get("simulate") or {}).get("seed", 42)) + 1000,  # new patients
-        }
+        {**(raw.get("simulate") or {}), "drift": drift, "n_patients": n_patients, "seed": seed}
     )
-    # serving scores for care: the care consent applies, not the training one
-    ing = IngestConfig.model_validate({**(raw.get("ingest") or {}), "purpose": "care"})
-    fcfg = load_section(FeaturesConfig, "features", args.params)
+    ing = IngestConfig.model_validate({**(raw.get("ingest") or {}), "purpose": purpose})
+    fcfg = load_section(FeaturesConfig, "features", params)
     vocab = load_vocabulary()
-    base = Path(args.demo_out) / args.drift_demo
-    raw_dir = base / "raw"
+    raw_dir = Path(raw_dir)
     if raw_dir.exists():
         shutil.rmtree(raw_dir)
     write_cohort(simulate_cohort(sim), raw_dir, sim)
     result = ingest([raw_dir], ing, vocab, get_key())
-    feats = build_feature_matrix(result.observations, result.patients, result.outcomes, fcfg, vocab)
+    return build_feature_matrix(result.observations, result.patients, result.outcomes, fcfg, vocab)
+
+
+def drift_demo(args: argparse.Namespace) -> Path:
+    """Simulate ``--drift-demo KIND``, ingest, build features, score with the champion, log.
+
+    Everything runs through the functions the pipeline and the service use (see
+    ``simulated_features``) and the registered pyfunc. The simulated outcomes are fed back as
+    labels, so the demo report has a performance section too. Returns the demo prediction log.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from models import tracking
+    from monitoring import prediction_log as plog
+
+    raw = read_params(args.params)
+    seed = int((raw.get("simulate") or {}).get("seed", 42)) + 1000  # new patients
+    base = Path(args.demo_out) / args.drift_demo
+    # serving scores for care: the care consent applies, not the training one
+    feats = simulated_features(
+        args.params, args.drift_demo, args.demo_patients, seed, base / "raw", purpose="care"
+    )
     try:
         info, model = tracking.load_by_alias(_model_name(args.params), "champion")
     except LookupError as exc:
@@ -341,7 +359,7 @@ def drift_demo(args: argparse.Namespace) -> Path:
     logger.info(
         "drift demo %s: %d patients, %d scored prediction times -> %s",
         args.drift_demo,
-        sim.n_patients,
+        args.demo_patients,
         n,
         log,
     )

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_params_yaml_monitor_section_loads():
     cfg = load_section(MonitorConfig, "monitor", ROOT / "params.yaml")
-    assert cfg.drift.numerical.method == "wasserstein"
+    assert cfg.drift.numerical.method in {"wasserstein", "ks"}
+    assert cfg.drift.unit in {"row", "patient"}
     assert 0 < cfg.verdict.retrain_drift_share <= 1
 
 
