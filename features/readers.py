@@ -545,21 +545,20 @@ def fhir_resource_rows(
     return rows, [], None
 
 
-def read_fhir_ndjson(path: Path, cfg: IngestConfig, vocab: Vocabulary) -> RawRead:
-    lines, problems = _read_lines(path)
-    bad = {p.line for p in problems}
+def _fhir_read(
+    path: Path,
+    fmt: str,
+    resources: list[tuple[int, object]],
+    problems: list[Problem],
+    lines: list[str] | None,
+    cfg: IngestConfig,
+    vocab: Vocabulary,
+    records: dict[int, str] | None = None,
+) -> RawRead:
+    """Rows, problems and Patient rows of numbered FHIR resources (ndjson line or Bundle entry)."""
     rows: list[dict] = []
     patients: list[dict] = []
-    for i, ln in enumerate(lines, start=1):
-        if i in bad or not ln.strip():
-            continue
-        try:
-            res = json.loads(ln)
-        except json.JSONDecodeError as exc:
-            problems.append(
-                Problem(i, "json", f"broken JSON line: {exc.msg} at column {exc.colno}", ln)
-            )
-            continue
+    for i, res in resources:
         r, p, pat = fhir_resource_rows(res, i, vocab, cfg, cfg.fhir_validate)
         rows.extend(r)
         problems.extend(p)
@@ -569,12 +568,29 @@ def read_fhir_ndjson(path: Path, cfg: IngestConfig, vocab: Vocabulary) -> RawRea
     obs = _raw_frame(**{c: [r[c] for r in rows] for c in RAW_COLUMNS}) if rows else _raw_frame()
     return RawRead(
         str(path),
-        "fhir_ndjson",
+        fmt,
         obs,
         problems,
         lines,
         patients=pd.DataFrame(patients) if patients else None,
+        records=records if records is not None else {},
     )
+
+
+def read_fhir_ndjson(path: Path, cfg: IngestConfig, vocab: Vocabulary) -> RawRead:
+    lines, problems = _read_lines(path)
+    bad = {p.line for p in problems}
+    resources: list[tuple[int, object]] = []
+    for i, ln in enumerate(lines, start=1):
+        if i in bad or not ln.strip():
+            continue
+        try:
+            resources.append((i, json.loads(ln)))
+        except json.JSONDecodeError as exc:
+            problems.append(
+                Problem(i, "json", f"broken JSON line: {exc.msg} at column {exc.colno}", ln)
+            )
+    return _fhir_read(path, "fhir_ndjson", resources, problems, lines, cfg, vocab)
 
 
 def read_fhir_json(path: Path, cfg: IngestConfig, vocab: Vocabulary) -> RawRead:
@@ -594,28 +610,9 @@ def read_fhir_json(path: Path, cfg: IngestConfig, vocab: Vocabulary) -> RawRead:
         resources = [e.get("resource") if isinstance(e, dict) else e for e in entries]
     else:
         resources = [doc]
-    rows: list[dict] = []
-    problems: list[Problem] = []
-    patients: list[dict] = []
-    records: dict[int, str] = {}
-    for i, res in enumerate(resources, start=1):
-        records[i] = json.dumps(res, separators=(",", ":"))[:2000]
-        r, p, pat = fhir_resource_rows(res, i, vocab, cfg, cfg.fhir_validate)
-        rows.extend(r)
-        problems.extend(p)
-        if pat:
-            pat["line"] = i
-            patients.append(pat)
-    obs = _raw_frame(**{c: [r[c] for r in rows] for c in RAW_COLUMNS}) if rows else _raw_frame()
-    return RawRead(
-        str(path),
-        "fhir_json",
-        obs,
-        problems,
-        None,
-        patients=pd.DataFrame(patients) if patients else None,
-        records=records,
-    )
+    numbered = list(enumerate(resources, start=1))
+    records = {i: json.dumps(res, separators=(",", ":"))[:2000] for i, res in numbered}
+    return _fhir_read(path, "fhir_json", numbered, [], None, cfg, vocab, records)
 
 
 # -- PhysioNet PSV ---------------------------------------------------------------------------------
