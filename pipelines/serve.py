@@ -43,26 +43,16 @@ def build_command(host: str, port: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from serving.auth import AuthConfigError, KeyStore
-    from serving.config import PARAMS_ENV, load_serve_config, model_name
+    from serving.config import PARAMS_ENV
+    from serving.runtime import StartupError, load_startup
 
     os.environ[PARAMS_ENV] = (
         str(Path(args.params).resolve()) if Path(args.params).is_file() else args.params
     )
     try:
-        config = load_serve_config(args.params)
-    except ValueError as exc:
+        config, _, name = load_startup(args.params)
+    except StartupError as exc:
         raise UserError(str(exc)) from None
-    try:
-        keys = KeyStore.from_env()
-    except AuthConfigError as exc:
-        raise UserError(str(exc)) from None
-    if not keys.keys:
-        raise UserError(
-            "no API keys: set VITALRISK_API_KEYS=name:score+ingest+read:<secret> "
-            "(comma-separated) or VITALRISK_API_KEYS_FILE (see README, Serving)"
-        )
-    name = model_name(args.params)
     if not args.no_check:
         from models import tracking
 

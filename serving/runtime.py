@@ -454,6 +454,28 @@ def _model_info(champion: LoadedModel, shadow: LoadedModel | None, tracking: Any
     )
 
 
+def load_startup(params: str | Path | None = None) -> tuple[ServeConfig, KeyStore, str]:
+    """The ``serve`` params, the API keys and the registered model name, checked.
+
+    Shared by ``vitalrisk serve`` (its pre-flight) and the service's start-up, so both refuse
+    the same things with the same sentence (``StartupError``).
+    """
+    try:
+        config = load_serve_config(params)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        keys = KeyStore.from_env()
+    except ValueError as exc:  # AuthConfigError is a ValueError
+        raise StartupError(str(exc)) from None
+    if not keys.keys:
+        raise StartupError(
+            "no API keys configured: set VITALRISK_API_KEYS (name:scope1+scope2:secret, "
+            "comma-separated) or VITALRISK_API_KEYS_FILE (see README, Serving)"
+        )
+    return config, keys, model_name(params)
+
+
 def build_runtime() -> Runtime:
     """Load params, keys, vocabulary, the champion (and challenger for shadow scoring).
 
@@ -461,20 +483,7 @@ def build_runtime() -> Runtime:
     """
     from models import tracking
 
-    try:
-        config = load_serve_config()
-    except ValueError as exc:
-        raise StartupError(str(exc)) from None
-    try:
-        keys = KeyStore.from_env()
-    except ValueError as exc:
-        raise StartupError(str(exc)) from None
-    if not keys.keys:
-        raise StartupError(
-            "no API keys configured: set VITALRISK_API_KEYS (name:scope1+scope2:secret, "
-            "comma-separated) or VITALRISK_API_KEYS_FILE"
-        )
-    name = model_name()
+    config, keys, name = load_startup()
     try:
         info, model = tracking.load_by_alias(name, tracking.CHAMPION)
     except LookupError:
