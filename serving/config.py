@@ -48,12 +48,18 @@ class ServeConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=16)
+    #: BentoML's per-request access log line (the audit log records every request anyway)
+    access_log: bool = False
     risk_bands: RiskBands = Field(default_factory=lambda: RiskBands())
     top_features: int = Field(5, ge=0, le=50)
     shadow_challenger: bool = True
     # limits: everything above them is a 4xx answer, never a crash
     max_body_bytes: int = Field(2_000_000, ge=1_000)
     max_patients: int = Field(100, ge=1)
+    #: patients scored together when raw-observation requests queue up (serving/batching.py)
+    score_batch_patients: int = Field(64, ge=1)
+    #: batches with more observations are scored on a thread, not on the event loop
+    inline_observations: int = Field(20_000, ge=0)
     max_observations_per_patient: int = Field(5_000, ge=1)
     max_feature_rows: int = Field(5_000, ge=1)
     max_collect_observations: int = Field(50_000, ge=1)

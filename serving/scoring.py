@@ -21,7 +21,7 @@ import pandas as pd
 from features.vocabulary import Vocabulary
 from governance.pseudonym import get_key, pseudonymise
 from serving.config import ServeConfig
-from serving.schemas import Contribution, ObservationIn, PatientIn
+from serving.schemas import Contribution, PatientIn
 
 logger = logging.getLogger(__name__)
 
@@ -184,11 +184,20 @@ def explain(
 
 @dataclass
 class PreparedPatient:
+    """One patient's accepted observations in canonical units, as arrays in request order."""
+
     pseudonym: str
     as_of: datetime
-    observations: list[dict[str, Any]]
+    time_ns: np.ndarray  # int64, UTC nanoseconds
+    codes: np.ndarray  # object: vocabulary keys
+    values: np.ndarray  # float64, canonical unit
+    sources: np.ndarray  # object
     covariates: dict[str, Any]
     warnings: list[str]
+
+    @property
+    def n_observations(self) -> int:
+        return len(self.time_ns)
 
 
 @lru_cache(maxsize=1)
@@ -203,38 +212,143 @@ def pseudonym_of(patient_id: str) -> str:
     return pseudonymise(patient_id, _key())
 
 
-def canonical_observation(
-    obs: ObservationIn, vocab: Vocabulary, latest: datetime
-) -> tuple[dict[str, Any] | None, list[tuple[str, str]], str | None]:
-    """(row, errors, warning): errors make the request a 422; a warning drops the row."""
-    errors: list[tuple[str, str]] = []
-    key = vocab.resolve_code(obs.code)
-    if key is None:
-        errors.append(
-            ("code", f"unknown code {obs.code!r}: expected a vocabulary key or LOINC code")
-        )
-        return None, errors, None
-    t = obs.time.astimezone(UTC)
-    if t > latest:
-        errors.append(
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+_NS_MIN, _NS_MAX = -(2**63) + 1, 2**63 - 1
+
+
+def _ns_of(t: datetime) -> int:
+    """Aware datetime -> UTC nanoseconds, exactly (integer microseconds)."""
+    return (t - _EPOCH) // _MICROSECOND * 1000
+
+
+def _canonical_values(
+    vocab: Vocabulary,
+    key: str,
+    unit: str | None,
+    raw: list[float | str],
+) -> tuple[np.ndarray, list[str | None]]:
+    """(canonical values, error per value or None) for one (code, unit) group.
+
+    Numbers go through the unit conversion in one numpy expression (the same IEEE operations
+    as ``Vocabulary.to_canonical`` per value); text values (categories) one at a time.
+    """
+    out = np.full(len(raw), np.nan)
+    errors: list[str | None] = [None] * len(raw)
+    spec = vocab.codes[key]
+    u = spec.unit if unit is None or str(unit).strip() == "" else str(unit).strip()
+    conv = spec.units.get(u)
+    num = [i for i, v in enumerate(raw) if not isinstance(v, str)]
+    if num and conv is not None:
+        v = np.fromiter((raw[i] for i in num), dtype=np.float64, count=len(num))
+        if conv.threshold is not None:
+            out[num] = np.where(v > conv.threshold, 1.0, 0.0)
+        else:
+            out[num] = v * conv.scale + conv.offset
+        num_set: set[int] = set(num)
+    else:
+        num_set = set()
+    for i, value in enumerate(raw):
+        if i in num_set:
+            continue
+        try:
+            out[i] = vocab.to_canonical(key, value, unit)
+        except ValueError as exc:
+            errors[i] = str(exc)
+    return out, errors
+
+
+def _prepare_one(
+    loc: str, p: PatientIn, vocab: Vocabulary, now: datetime, latest: datetime
+) -> tuple[PreparedPatient | None, list[tuple[str, str]]]:
+    """Canonical arrays and warnings for one patient, or the problems that make it a 422."""
+    obs = p.observations
+    n = len(obs)
+    problems: list[tuple[int, int, str, str]] = []  # (observation, order, loc, message)
+    warn_at: list[tuple[int, str]] = []
+    ns = [_ns_of(o.time) for o in obs]
+    if any(not _NS_MIN <= x <= _NS_MAX for x in ns):  # datetime64[ns] covers 1677-2262
+        bad = [j for j, x in enumerate(ns) if not _NS_MIN <= x <= _NS_MAX]
+        return None, [
             (
-                "time",
-                f"{obs.time.isoformat()} is in the future (server time {latest:%Y-%m-%dT%H:%M}Z + tolerance)",
+                f"{loc}.observations[{j}].time",
+                f"{obs[j].time.isoformat()} is outside the supported range (years 1678 to 2261)",
             )
-        )
-    try:
-        value = vocab.to_canonical(key, obs.value, obs.unit)
-    except ValueError as exc:
-        field_name = "unit" if str(exc).startswith("unit") else "value"
-        errors.append((field_name, str(exc)))
-        return None, errors, None
-    if errors:
-        return None, errors, None
-    bad = vocab.check_range(key, value)
-    if bad:
-        return None, [], f"{bad}: ignored"
-    row = {"time": t, "code": key, "value": float(value), "source": obs.source or "api"}
-    return row, [], None
+            for j in bad
+        ]
+    t_ns = np.array(ns, dtype=np.int64)
+    latest_ns = _ns_of(latest)
+    keys = np.empty(n, dtype=object)
+    values = np.full(n, np.nan)
+    ok = np.zeros(n, dtype=bool)
+    groups: dict[tuple[str, str | None], list[int]] = {}
+    for j, o in enumerate(obs):
+        groups.setdefault((o.code, o.unit), []).append(j)
+    future = t_ns > latest_ns
+    for (code, unit), idx in groups.items():
+        key = vocab.resolve_code(code)
+        if key is None:
+            msg = f"unknown code {code!r}: expected a vocabulary key or LOINC code"
+            problems.extend((j, 0, f"{loc}.observations[{j}].code", msg) for j in idx)
+            continue
+        conv, errs = _canonical_values(vocab, key, unit, [obs[j].value for j in idx])
+        lo, hi = vocab.codes[key].range
+        for k, j in enumerate(idx):
+            if future[j]:
+                problems.append(
+                    (
+                        j,
+                        1,
+                        f"{loc}.observations[{j}].time",
+                        f"{obs[j].time.isoformat()} is in the future "
+                        f"(server time {latest:%Y-%m-%dT%H:%M}Z + tolerance)",
+                    )
+                )
+            err = errs[k]
+            if err is not None:
+                field_name = "unit" if err.startswith("unit") else "value"
+                problems.append((j, 2, f"{loc}.observations[{j}].{field_name}", err))
+                continue
+            if future[j]:
+                continue
+            v = conv[k]
+            if not lo <= v <= hi:
+                warn_at.append((j, f"observations[{j}]: {vocab.check_range(key, v)}: ignored"))
+                continue
+            keys[j] = key
+            values[j] = v
+            ok[j] = True
+    if problems:
+        problems.sort(key=lambda x: (x[0], x[1]))
+        return None, [(where, msg) for _, _, where, msg in problems]
+    warnings = [w for _, w in sorted(warn_at)]
+    sel = np.flatnonzero(ok)
+    if p.as_of is not None:
+        as_of = p.as_of.astimezone(UTC)
+        if as_of > latest:
+            return None, [(f"{loc}.as_of", "prediction time is in the future")]
+        if not _NS_MIN <= _ns_of(as_of) <= _NS_MAX:
+            return None, [(f"{loc}.as_of", "outside the supported range (years 1678 to 2261)")]
+    elif len(sel):
+        as_of = obs[int(sel[np.argmax(t_ns[sel])])].time.astimezone(UTC)
+    else:
+        as_of = now
+    later = int((t_ns[sel] > _ns_of(as_of)).sum())
+    if later:
+        warnings.append(f"{later} observation(s) after as_of ignored")
+    prepared = PreparedPatient(
+        pseudonym="",
+        as_of=as_of,
+        time_ns=t_ns[sel],
+        codes=keys[sel],
+        values=values[sel],
+        sources=np.array([obs[j].source or "api" for j in sel.tolist()], dtype=object),
+        covariates={},
+        warnings=warnings,
+    )
+    return prepared, []
 
 
 def prepare_patients(
@@ -266,58 +380,32 @@ def prepare_patients(
         except ValueError as exc:
             problems.append((loc, str(exc)))
             continue
-        rows: list[dict[str, Any]] = []
-        warnings: list[str] = []
-        for j, obs in enumerate(p.observations):
-            row, errs, warn = canonical_observation(obs, vocab, latest)
-            problems.extend((f"{loc}.observations[{j}].{f}", m) for f, m in errs)
-            if warn:
-                warnings.append(f"observations[{j}]: {warn}")
-            if row is not None:
-                rows.append(row)
-        if p.as_of is not None:
-            as_of = p.as_of.astimezone(UTC)
-            if as_of > latest:
-                problems.append((f"{loc}.as_of", "prediction time is in the future"))
-        elif rows:
-            as_of = max(r["time"] for r in rows)
-        else:
-            as_of = now
-        later = sum(1 for r in rows if r["time"] > as_of)
-        if later:
-            warnings.append(f"{later} observation(s) after as_of ignored")
+        prepared, errs = _prepare_one(loc, p, vocab, now, latest)
+        if prepared is None:
+            problems.extend(errs)
+            continue
         if p.covariates.age is None:
-            warnings.append("age missing: scored with age unknown")
+            prepared.warnings.append("age missing: scored with age unknown")
         if p.covariates.sex is None:
-            warnings.append("sex missing: scored with sex unknown")
+            prepared.warnings.append("sex missing: scored with sex unknown")
         try:
-            pseud = pseudonym_of(p.patient_id)
+            prepared.pseudonym = pseudonym_of(p.patient_id)
         except RuntimeError as exc:  # production mode without a pseudonym key
             raise InputError([("server", str(exc))]) from None
-        cov = {
+        prepared.covariates = {
             "age": p.covariates.age,
             "sex": p.covariates.sex,
             "setting": p.covariates.setting,
             **cms,
         }
-        if pseud in seen:
+        if prepared.pseudonym in seen:
             problems.append((f"{loc}.patient_id", "the same patient appears twice in one request"))
             continue
-        seen.add(pseud)
-        out.append(PreparedPatient(pseud, as_of, rows, cov, warnings))
+        seen.add(prepared.pseudonym)
+        out.append(prepared)
     if problems:
         raise InputError(problems)
     return out
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-
-
-def _utc_ns(values: Sequence[datetime]) -> pd.DatetimeIndex:
-    """Aware datetimes -> UTC ns index, exactly (integer microseconds, no object parsing)."""
-    ns = np.array([(t - _EPOCH) // _MICROSECOND * 1000 for t in values], dtype=np.int64)
-    return pd.DatetimeIndex(ns.view("datetime64[ns]"), dtype="datetime64[ns, UTC]")
 
 
 def frames_for(
@@ -325,31 +413,43 @@ def frames_for(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(observations, patients, times) in the data-contract shapes for ``compute_features``.
 
-    Observations are sorted by (patient_id, time, code), stably; built column-wise from numpy
-    arrays, which for one patient costs a fraction of a frame from a list of dicts.
+    ``prepared`` holds at least one patient. Observations up to each patient's ``as_of``, sorted by (patient_id, time, code), stably;
+    ``patient_id`` and ``code`` as categoricals (the feature code's fast path), built from
+    numpy arrays: for a few patients a frame from a list of dicts would cost more than the
+    features themselves.
     """
-    obs_rows = sorted(
-        (
-            (p.pseudonym, r["time"], r["code"], float(r["value"]), r["source"])
-            for p in prepared
-            for r in p.observations
-            if r["time"] <= p.as_of
-        ),
-        key=lambda x: (x[0], x[1], x[2]),
+    pids = [p.pseudonym for p in prepared]
+    pid_cats = sorted(set(pids))
+    pid_rank = {pid: i for i, pid in enumerate(pid_cats)}
+    keep = [p.time_ns <= _ns_of(p.as_of) for p in prepared]
+    t_ns = np.concatenate([p.time_ns[k] for p, k in zip(prepared, keep, strict=True)])
+    codes = np.concatenate([p.codes[k] for p, k in zip(prepared, keep, strict=True)])
+    values = np.concatenate([p.values[k] for p, k in zip(prepared, keep, strict=True)])
+    sources = np.concatenate([p.sources[k] for p, k in zip(prepared, keep, strict=True)])
+    p_idx = np.concatenate(
+        [
+            np.full(int(k.sum()), pid_rank[p.pseudonym], dtype=np.int32)
+            for p, k in zip(prepared, keep, strict=True)
+        ]
     )
-    cols = list(zip(*obs_rows, strict=True)) if obs_rows else [(), (), (), (), ()]
+    code_cats = sorted({str(c) for c in codes.tolist()})
+    code_rank = {c: i for i, c in enumerate(code_cats)}
+    c_idx = np.fromiter((code_rank[c] for c in codes.tolist()), dtype=np.int32, count=len(codes))
+    order = np.lexsort((c_idx, t_ns.astype(np.int64), p_idx))
     obs = pd.DataFrame(
         {
-            "patient_id": np.array(cols[0], dtype=object),
-            "time": _utc_ns(cols[1]),
-            "code": np.array(cols[2], dtype=object),
-            "value": np.array(cols[3], dtype=np.float64),
-            "source": np.array(cols[4], dtype=object),
+            "patient_id": pd.Categorical.from_codes(p_idx[order], categories=pid_cats),
+            "time": pd.DatetimeIndex(
+                t_ns.astype(np.int64)[order].view("datetime64[ns]"), dtype="datetime64[ns, UTC]"
+            ),
+            "code": pd.Categorical.from_codes(c_idx[order], categories=code_cats),
+            "value": values.astype(np.float64)[order],
+            "source": sources.astype(object)[order],
         }
     )
     pats: list[dict[str, Any]] = []
     for p in prepared:
-        setting = p.covariates.get("setting") or _guess_setting(p.observations)
+        setting = p.covariates.get("setting") or _guess_setting(p.sources)
         row = {
             "patient_id": p.pseudonym,
             "setting": setting,
@@ -368,28 +468,32 @@ def frames_for(
     for row in pats:
         keys.update(dict.fromkeys(row))
     columns: dict[str, Any] = {k: [row.get(k, np.nan) for row in pats] for k in keys}
-    columns["followup_start"] = _utc_ns(
-        [min(min((r["time"] for r in p.observations), default=p.as_of), p.as_of) for p in prepared]
+    as_of_ns = [_ns_of(p.as_of) for p in prepared]
+    columns["followup_start"] = _ns_index(
+        [
+            min(int(p.time_ns.min()), a) if p.n_observations else a
+            for p, a in zip(prepared, as_of_ns, strict=True)
+        ]
     )
-    columns["followup_end"] = _utc_ns([p.as_of for p in prepared])
+    columns["followup_end"] = _ns_index(as_of_ns)
     patients = pd.DataFrame(columns)
-    times = pd.DataFrame(
-        {
-            "patient_id": [p.pseudonym for p in prepared],
-            "time": _utc_ns([p.as_of for p in prepared]),
-        }
-    )
+    times = pd.DataFrame({"patient_id": pids, "time": _ns_index(as_of_ns)})
     return obs, patients, times
 
 
-def _guess_setting(rows: Sequence[Mapping[str, Any]]) -> str:
-    sources = {str(r.get("source")) for r in rows}
-    return "home" if sources & {"home", "wearable"} else "ward"
+def _ns_index(ns: Sequence[int]) -> pd.DatetimeIndex:
+    return pd.DatetimeIndex(
+        np.asarray(ns, dtype=np.int64).view("datetime64[ns]"), dtype="datetime64[ns, UTC]"
+    )
+
+
+def _guess_setting(sources: np.ndarray) -> str:
+    return "home" if set(sources.tolist()) & {"home", "wearable"} else "ward"
 
 
 def missing_warnings(vocab: Vocabulary, prepared: PreparedPatient) -> list[str]:
     """Warn about core vitals with no observation at all (the score leans on the others)."""
-    have = {r["code"] for r in prepared.observations}
+    have = set(prepared.codes.tolist())
     core = ["resp_rate", "spo2", "o2_support", "sbp", "heart_rate", "body_temp", "consciousness"]
     missing = [
         vocab.codes[c].display.split(" (")[0] for c in core if c in vocab.codes and c not in have
