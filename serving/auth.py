@@ -132,6 +132,14 @@ def bearer_token(header: str | None) -> str | None:
     return token.strip()
 
 
+def _take(tokens: float, last: float, t: float, rate: float, burst: float) -> tuple[float, float]:
+    """Token bucket step: (tokens left, seconds to wait; 0.0 when this request may pass)."""
+    tokens = min(burst, tokens + max(0.0, t - last) * rate)
+    if tokens >= 1.0:
+        return tokens - 1.0, 0.0
+    return tokens, (1.0 - tokens) / rate
+
+
 class RateLimiter:
     """Token bucket per key name: ``rate`` tokens per second, at most ``burst`` saved up."""
 
@@ -141,16 +149,66 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
+    def _limits(self, rate: float | None) -> tuple[float, float]:
+        r = self.rate if rate is None else float(rate)
+        return r, (self.burst if rate is None else max(1.0, 2.0 * r))
+
     def acquire(self, name: str, now: float | None = None, rate: float | None = None) -> float:
         """0.0 when allowed, else the seconds to wait before the next token."""
         t = time.monotonic() if now is None else now
-        r = self.rate if rate is None else float(rate)
-        burst = self.burst if rate is None else max(1.0, 2.0 * r)
+        r, burst = self._limits(rate)
         with self._lock:
             tokens, last = self._buckets.get(name, (burst, t))
-            tokens = min(burst, tokens + (t - last) * r)
-            if tokens >= 1.0:
-                self._buckets[name] = (tokens - 1.0, t)
-                return 0.0
+            tokens, wait = _take(tokens, last, t, r, burst)
             self._buckets[name] = (tokens, t)
-            return (1.0 - tokens) / r
+            return wait
+
+
+class SharedRateLimiter(RateLimiter):
+    """The same buckets in a small SQLite file, so every worker process draws from one limit.
+
+    With several BentoML workers an in-memory bucket per process would multiply each key's
+    limit by the number of workers. One short ``BEGIN IMMEDIATE`` transaction per request
+    (no fsync: losing the buckets in a power cut only refills them) keeps one limit per key.
+    ``time.monotonic`` is the system-wide monotonic clock on Linux, shared by the workers.
+    """
+
+    def __init__(self, rate: float, burst: int, path: str | Path) -> None:
+        import sqlite3
+
+        super().__init__(rate, burst)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(
+            str(path), isolation_level=None, check_same_thread=False, timeout=5.0
+        )
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=OFF")
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY, tokens REAL, last REAL)"
+        )
+
+    def acquire(self, name: str, now: float | None = None, rate: float | None = None) -> float:
+        t = time.monotonic() if now is None else now
+        r, burst = self._limits(rate)
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                row = cur.execute(
+                    "SELECT tokens, last FROM buckets WHERE name = ?", (name,)
+                ).fetchone()
+                tokens, last = row if row is not None else (burst, t)
+                tokens, wait = _take(float(tokens), float(last), t, r, burst)
+                cur.execute(
+                    "INSERT OR REPLACE INTO buckets (name, tokens, last) VALUES (?, ?, ?)",
+                    (name, tokens, t),
+                )
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        return wait
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

@@ -86,6 +86,43 @@ async def send_json(
     await send({"type": "http.response.body", "body": body})
 
 
+#: pydantic's union-member tags in an error location (not places in the document)
+_UNION_TAGS = frozenset({"float", "constrained-str", "str", "int", "none", "bool"})
+
+
+def error_loc(parts: Any) -> str:
+    """``("body", "rows", 0, "features", "age", "float")`` -> ``rows[0].features.age``."""
+    out = ""
+    for x in parts:
+        if (x == "body" and not out) or x in _UNION_TAGS:
+            continue
+        out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
+    return out
+
+
+def bentoml_error(body: bytes, rid: str) -> tuple[int, dict[str, Any]]:
+    """BentoML's 400 for a body that breaks the schema -> our 422 shape with the request id."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = {"error": body.decode("utf-8", "replace")[:500]}
+    raw = doc.get("detail") if isinstance(doc, dict) else None
+    if not isinstance(raw, list):
+        return 400, {"error": str(doc.get("error", "bad request")), "request_id": rid}
+    detail: list[dict[str, str]] = []
+    for e in raw[:50]:
+        loc = error_loc(e.get("loc", ()))
+        if any(d["loc"] == loc for d in detail):
+            continue  # one problem per place (pydantic reports each union member)
+        detail.append({"loc": loc, "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))})
+    first = f"{detail[0]['loc']}: {detail[0]['msg']}" if detail else "invalid request"
+    return 422, {
+        "error": f"{len(detail)} problem(s); first: {first}",
+        "detail": detail,
+        "request_id": rid,
+    }
+
+
 class GuardMiddleware:
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -104,12 +141,24 @@ class GuardMiddleware:
         is_api = path.startswith("/v1/") or path == "/v1"
 
         status_box = {"status": 500}
+        held: list[Message] = []  # BentoML's own error answer on the batched route, rewritten
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_box["status"] = int(message["status"])
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], rid_header]
+                if path == FEATURES_PATH and status_box["status"] == 400:
+                    held.append(message)
+                    return
+            elif held:
+                held.append(message)
+                if message.get("more_body", False):
+                    return
+                body_parts = [m.get("body", b"") for m in held[1:]]
+                status, payload = bentoml_error(b"".join(body_parts), rid)
+                await send_json(send, status, payload, [rid_header])
+                return
             await send(message)
 
         if not is_api:

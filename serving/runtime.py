@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from features.build import FeatureArrays
 from features.vocabulary import Vocabulary, load_vocabulary
 from governance.audit import AuditLog
 from serving.auditq import AuditBatcher
-from serving.auth import KeyStore, RateLimiter
+from serving.auth import KeyStore, RateLimiter, SharedRateLimiter
 from serving.batching import Job, ScoreQueue
 from serving.config import ServeConfig, load_serve_config, model_name, params_path
 from serving.predlog import PredictionLog, PredictionRecord, features_json
@@ -88,7 +89,17 @@ class Runtime:
     limiter: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
-        self.limiter = RateLimiter(self.config.rate_limit_per_second, self.config.rate_limit_burst)
+        workers = int(os.environ.get("VITALRISK_SERVE_WORKERS", self.config.workers))
+        if workers > 1:  # one limit per key across the worker processes
+            self.limiter = SharedRateLimiter(
+                self.config.rate_limit_per_second,
+                self.config.rate_limit_burst,
+                self.config.prediction_log_path().parent / "rate_limits.sqlite",
+            )
+        else:
+            self.limiter = RateLimiter(
+                self.config.rate_limit_per_second, self.config.rate_limit_burst
+            )
         self._known = set(self.champion.feature_names) | {"news2_total"}
         self._categorical = set(getattr(self.champion.model, "categories", None) or {})
         self._logged_cols = list(dict.fromkeys([*self.champion.feature_names, "news2_total"]))

@@ -28,7 +28,7 @@ from pydantic import Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.fhir import bundle_to_patient, risk_assessment
-from serving.guard import GuardMiddleware
+from serving.guard import GuardMiddleware, error_loc
 from serving.runtime import (
     Runtime,
     StartupError,
@@ -90,20 +90,10 @@ def _rt() -> Runtime:
     return rt
 
 
-def _loc(parts: Any) -> str:
-    """``("body", "patients", 0, "time")`` -> ``patients[0].time`` (same style as our own errors)."""
-    out = ""
-    for x in parts:
-        if x == "body" and not out:
-            continue
-        out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
-    return out
-
-
 @app.exception_handler(RequestValidationError)
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = [
-        {"loc": _loc(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        {"loc": error_loc(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
         for e in exc.errors()[:50]
     ]
     status = 400 if any(e["type"] == "json_invalid" for e in errors) else 422
@@ -180,6 +170,9 @@ class VitalRisk:
         rt = current_runtime()
         if rt is not None:
             rt.queue.close()
+            close = getattr(rt.limiter, "close", None)
+            if close is not None:
+                close()
             rt.audit.close()
             rt.predlog.close()
 

@@ -95,11 +95,20 @@ serve:
 
 
 def start_server(
-    root: Path, env: dict[str, str], port: int, timeout: float = 120.0
+    root: Path, env: dict[str, str], port: int, timeout: float = 120.0, workers: int = 1
 ) -> subprocess.Popen[bytes]:
     log = (root / "server.log").open("wb")
     proc = subprocess.Popen(
-        [vitalrisk_exe(), "serve", "--port", str(port), "--params", str(root / "params.yaml")],
+        [
+            vitalrisk_exe(),
+            "serve",
+            "--port",
+            str(port),
+            "--params",
+            str(root / "params.yaml"),
+            "--workers",
+            str(workers),
+        ],
         cwd=root,
         env=env,
         stdout=log,

@@ -380,8 +380,14 @@ BAD_FEATURES = [
     ),
     ("empty rows", {"rows": []}, 422, "non-empty"),
     ("rows not a list", {"rows": {"a": 1}}, 422, "non-empty"),
-    ("list value", {"rows": [{"features": {"heart_rate_last": [1]}}]}, 400, "valid number"),
-    ("extra field", {"rows": [{"features": {}, "mrn": "x"}]}, 400, "extra"),
+    (
+        "list value",
+        {"rows": [{"features": {"heart_rate_last": [1]}}]},
+        422,
+        "rows[0].features.heart_rate_last: input should be a valid number",
+    ),
+    ("extra field", {"rows": [{"features": {}, "mrn": "x"}]}, 422, "rows[0].mrn: extra"),
+    ("id not text", {"rows": [{"features": {}, "patient_id": 5}]}, 422, "rows[0].patient_id"),
     ("too many rows", {"rows": [{"features": {}}] * 1501}, 413, "at most 1500"),
 ]
 
@@ -393,7 +399,8 @@ def test_bad_feature_rows(server: Server, name: str, body: Any, status: int, nee
     with server.client() as c:
         r = c.post("/v1/score/features", json=body)
     assert r.status_code == status, r.text
-    assert needle.lower() in r.text.lower()
+    assert needle.lower() in r.json()["error"].lower()
+    assert r.json()["request_id"] == r.headers["x-request-id"]  # BentoML's own errors too
 
 
 # -- /v1/fhir/score ------------------------------------------------------------------------
@@ -622,6 +629,54 @@ def test_rate_limit_429(server: Server) -> None:
             if r.status_code == 429:
                 assert int(r.headers["retry-after"]) >= 1
     assert codes[0] == 200 and 429 in codes, codes
+
+
+def test_two_workers_share_the_rate_limit_and_the_logs(server: Server, tmp_path: Path) -> None:
+    """``--workers 2``: both processes score; a key's limit is one limit, not one per worker."""
+    import shutil
+
+    from tests.serving.conftest import free_port, server_env, start_server, stop_server
+
+    root = tmp_path / "two"
+    root.mkdir()
+    env = server_env(root)
+    env["MLFLOW_TRACKING_URI"] = server.env["MLFLOW_TRACKING_URI"]  # the same registry
+    shutil.copy(server.root / "params.yaml", root / "params.yaml")
+    port = free_port()
+    proc = start_server(root, env, port, workers=2)
+    try:
+        two = Server(f"http://127.0.0.1:{port}", root, env, server.models, proc)
+        codes = []
+        # new connections: the kernel spreads them over both workers
+        t0 = time.monotonic()
+        for _ in range(12):
+            with two.client("slow") as c:
+                r = c.post("/v1/score/features", json={"rows": [{"features": {}}]})
+                codes.append(r.status_code)
+        elapsed = time.monotonic() - t0
+        # rate 1/s, burst 2: one bucket allows 2 + ~1 per second; a bucket per worker would
+        # allow twice that
+        assert codes.count(200) <= 3 + int(elapsed), (codes, elapsed)
+        assert codes.count(429) >= 12 - 3 - int(elapsed), (codes, elapsed)
+        for i in range(12):
+            with two.client() as c:
+                r = c.post("/v1/score", json={"patients": [patient(f"W-{i}", WELL)]})
+                assert r.status_code == 200, r.text
+        con = sqlite3.connect(two.prediction_log)
+        pids = {
+            row[0]
+            for row in con.execute("SELECT patient_id FROM predictions WHERE role='champion'")
+        }
+        con.close()
+        assert len(pids) >= 12
+        workers = {
+            line.split("[entry_service:vitalrisk:")[1].split("]")[0]
+            for line in (root / "server.log").read_text().splitlines()
+            if "[entry_service:vitalrisk:" in line
+        }
+        assert workers >= {"1", "2"}, workers  # both worker processes started and logged
+    finally:
+        stop_server(proc)
 
 
 def test_unknown_route_and_method(server: Server) -> None:

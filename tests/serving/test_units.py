@@ -85,6 +85,32 @@ def test_token_bucket() -> None:
     assert lim.acquire("fast", now=0.0, rate=100.0) == 0.0
 
 
+def _hammer(path: str, n: int) -> int:
+    from serving.auth import SharedRateLimiter
+
+    lim = SharedRateLimiter(rate=0.001, burst=25, path=path)
+    return sum(lim.acquire("k", now=1000.0) == 0.0 for _ in range(n))
+
+
+def test_shared_token_bucket_is_one_limit_across_processes(tmp_path: Path) -> None:
+    """Worker processes draw from one bucket per key: the burst is granted once, not per worker."""
+    import multiprocessing as mp
+
+    from serving.auth import SharedRateLimiter
+
+    path = tmp_path / "rate_limits.sqlite"
+    a = SharedRateLimiter(rate=2.0, burst=3, path=path)
+    b = SharedRateLimiter(rate=2.0, burst=3, path=path)
+    assert [a.acquire("k", now=0.0), b.acquire("k", now=0.0), a.acquire("k", now=0.0)] == [0.0] * 3
+    assert b.acquire("k", now=0.0) == pytest.approx(0.5)
+    assert a.acquire("k", now=0.6) == 0.0  # refilled, whoever asks
+    a.close()
+    b.close()
+    with mp.get_context("spawn").Pool(2) as pool:
+        granted = pool.starmap(_hammer, [(str(tmp_path / "shared.sqlite"), 40)] * 2)
+    assert sum(granted) == 25, granted  # 80 requests at one instant: exactly the burst
+
+
 def test_risk_bands_and_config_errors(tmp_path: Path) -> None:
     bands = RiskBands(low=0.1, high=0.3)
     assert [bands.band(p) for p in (0.05, 0.1, 0.29, 0.3)] == ["low", "medium", "medium", "high"]
