@@ -1,7 +1,8 @@
 """Serving speed: vitalrisk's BentoML API vs ``mlflow models serve`` on the same model.
 
-Starts both servers on 127.0.0.1 (one worker each) on a tiny real champion registered in a
-temporary MLflow store, then measures with an asyncio httpx client (bounded request counts):
+Starts both servers on 127.0.0.1 (the same number of worker processes each) on a tiny real
+champion registered in a temporary MLflow store, then measures with an asyncio httpx client
+(bounded request counts), plus each server's own CPU time per request (from /proc):
 
 * ``/v1/score`` one patient from raw observations (24 h of 7 vitals) at concurrency 1, 8, 32
 * ``/v1/score/features`` one feature row per request at concurrency 1, 8, 32 (adaptive batching)
@@ -92,8 +93,35 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=10)
 
 
+def _tree_cpu_seconds(root: int) -> float:
+    """CPU time (user + system) of a process and all its live descendants (Linux /proc).
+
+    BentoML's workers run in sessions of their own, so the tree, not the process group.
+    """
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        parent[pid] = int(fields[1])  # ppid; utime and stime are fields 11 and 12
+        ticks[pid] = int(fields[11]) + int(fields[12])
+    tree, frontier = {root}, [root]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier and p not in tree]
+        tree.update(kids)
+        frontier = kids
+    return sum(ticks.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
+
+
 async def _load(
-    url: str, bodies: list[bytes], concurrency: int, headers: dict[str, str]
+    url: str,
+    bodies: list[bytes],
+    concurrency: int,
+    headers: dict[str, str],
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
     import httpx
 
@@ -120,11 +148,13 @@ async def _load(
                 if r.status_code != 200:
                     errors[r.status_code] = errors.get(r.status_code, 0) + 1
 
+        cpu0 = _tree_cpu_seconds(server_pid) if server_pid else 0.0
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
+        cpu1 = _tree_cpu_seconds(server_pid) if server_pid else 0.0
     lat = np.array(latencies) * 1000
-    return {
+    out = {
         "concurrency": concurrency,
         "requests": len(lat),
         "errors": errors,
@@ -132,6 +162,9 @@ async def _load(
         "p50_ms": round(float(np.percentile(lat, 50)), 2),
         "p99_ms": round(float(np.percentile(lat, 99)), 2),
     }
+    if server_pid:  # the server's own CPU per request: comparable across machine loads
+        out["server_cpu_ms_per_request"] = round((cpu1 - cpu0) * 1000 / len(lat), 2)
+    return out
 
 
 def main() -> dict[str, Any]:
@@ -147,7 +180,7 @@ def main() -> dict[str, Any]:
     out: dict[str, Any] = {
         "host": "127.0.0.1",
         "workers": WORKERS,
-        "mlflow_workers": 1,
+        "mlflow_workers": WORKERS,  # the same number of processes for both servers
         "cpu_count": os.cpu_count(),
         "parts": PARTS,
     }
@@ -207,7 +240,7 @@ def main() -> dict[str, Any]:
                     "-h",
                     "127.0.0.1",
                     "-w",
-                    "1",
+                    str(WORKERS),
                 ],
                 env,
                 root,
@@ -261,25 +294,30 @@ def main() -> dict[str, Any]:
             ml_url = f"http://127.0.0.1:{ml_port}/invocations"
 
             def run(
-                url: str, bodies: list[bytes], counts: dict[int, int], headers: dict[str, str]
+                url: str,
+                bodies: list[bytes],
+                counts: dict[int, int],
+                headers: dict[str, str],
+                pid: int,
             ) -> list[dict[str, Any]]:
                 res = []
                 for c in CONCURRENCY:
                     reps = (bodies * (counts[c] // len(bodies) + 1))[: counts[c]]
-                    r = asyncio.run(_load(url, reps, c, headers))
+                    r = asyncio.run(_load(url, reps, c, headers, pid))
                     log.info("%s c=%d: %s", url, c, r)
                     res.append(r)
                 return res
 
             if "features" in PARTS:
                 out["vitalrisk_features_row"] = run(
-                    f"{vr_url}/v1/score/features", feat_bodies, REQUESTS, auth
+                    f"{vr_url}/v1/score/features", feat_bodies, REQUESTS, auth, vr.pid
                 )
             if "mlflow" in PARTS:
-                out["mlflow_serve_row"] = run(ml_url, ml_bodies, MLFLOW_REQUESTS, {})
+                assert ml is not None
+                out["mlflow_serve_row"] = run(ml_url, ml_bodies, MLFLOW_REQUESTS, {}, ml.pid)
             if "score" in PARTS:
                 out["vitalrisk_score_raw_patient"] = run(
-                    f"{vr_url}/v1/score", score_bodies, SCORE_REQUESTS, auth
+                    f"{vr_url}/v1/score", score_bodies, SCORE_REQUESTS, auth, vr.pid
                 )
             if "batch" in PARTS:
                 big = (recs * (1000 // len(recs) + 1))[:1000]
