@@ -144,3 +144,10 @@ class ScoreQueue(Generic[T]):
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)
+        if self.batches:
+            logger.info(
+                "scored %d request(s) in %d batch(es), %.1f per batch",
+                self.requests,
+                self.batches,
+                self.requests / self.batches,
+            )

@@ -154,6 +154,8 @@ class VitalRisk:
     def __init__(self) -> None:
         # fail fast: without a champion, keys or valid params the server must not start (BentoML
         # would otherwise restart the worker forever), so stop the supervising process too
+        # BentoML sets up its own loggers only: let ours say which model serves, and stats
+        logging.getLogger("serving").setLevel(logging.INFO)
         try:
             set_runtime(build_runtime())
             # a full garbage collection walks every object of MLflow, pandas and BentoML
