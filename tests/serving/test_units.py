@@ -165,6 +165,33 @@ def test_prediction_log_is_all_or_nothing(tmp_path: Path) -> None:
     assert json.loads(text) == {"a": None, "b": 1.0}
 
 
+def test_prediction_log_checkpoints_off_the_request_path(tmp_path: Path) -> None:
+    """Commits never copy the WAL back (no autocheckpoint); the background thread does."""
+    import time as _time
+
+    from serving.predlog import features_json
+
+    feats = features_json({f"f{i}": 1.0 + i / 7 for i in range(300)})
+    log = PredictionLog(tmp_path / "p.sqlite", checkpoint_seconds=0.2)
+    assert log._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    rec = _rec(1)
+    for _ in range(300):  # ~2 MB of rows, below the default autocheckpoint of 1000 pages
+        log.append(
+            [PredictionRecord(*[getattr(rec, f) for f in rec.__dataclass_fields__][:-1], feats)]
+        )
+    deadline = _time.monotonic() + 10
+    while (tmp_path / "p.sqlite").stat().st_size < 1_000_000 and _time.monotonic() < deadline:
+        _time.sleep(0.1)
+    assert (tmp_path / "p.sqlite").stat().st_size > 1_000_000  # the rows reached the database
+    log.close()
+    assert (
+        sqlite3.connect(tmp_path / "p.sqlite")
+        .execute("SELECT COUNT(*) FROM predictions")
+        .fetchone()[0]
+        == 300
+    )
+
+
 def test_fast_matrix_matches_risk_model(tmp_path: Path) -> None:
     """Serving's numpy path must give RiskModel.predict_proba's numbers (incl. categories)."""
     import lightgbm as lgb
