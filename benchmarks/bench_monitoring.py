@@ -6,11 +6,13 @@
    signal is the shifted one: heart_rate, age, spo2). Production sample sizes
    (reference 20,000 rows, current window 5,000 predictions), default params.
 2. Simulator cohorts (``simulator``): the same rates on the simulator's own feature matrices
-   (``vitalrisk simulate`` raw files -> ``ingest`` -> ``build_feature_matrix``, via
-   ``pipelines.monitor.simulated_features``) with the repository's ``monitor`` params: one
-   300-patient baseline cohort as the reference, and per seed a fresh 100-patient cohort
-   with no drift and with each drift (the same seed gives the same patients in every
-   variant). Cohorts are simulated in ``BENCH_MONITORING_WORKERS`` processes (2).
+   (``vitalrisk simulate`` raw files -> ``ingest`` -> ``build_feature_matrix``) with the
+   repository's ``monitor`` params (patient unit, tests within each care setting). Large
+   pools are simulated once and cached (``benchmarks.monitoring_pools``): a 3,000-patient
+   reference pool and 3,000-patient current pools without drift and with each drift (the
+   same simulator seeds, so the hr_offset pool is the fresh pool plus the wearable offset).
+   Per window size (100, 300, 1,000 patients: the power curve) and seed, one seeded
+   resample of patients, the same patients in every variant.
 3. Scale: 1,000,000 logged predictions (all from the wearable-offset variant) with ~100 features in the SQLite prediction log
    against a 100,000-row reference, through the whole ``monitor_log`` path (chunked log read,
    exact quality counts, sampled Evidently drift report, HTML) in a fresh subprocess whose
@@ -19,7 +21,11 @@
 Run: ``nice python -m benchmarks.run monitoring`` (writes benchmarks/results/monitoring.json).
 Env ``BENCH_MONITORING_SEEDS`` / ``BENCH_MONITORING_ROWS`` shrink it for a quick look;
 ``BENCH_MONITORING_PARTS=rates``, ``=simulator`` or ``=scale`` runs one part;
-``BENCH_MONITORING_SIM_PATIENTS`` / ``BENCH_MONITORING_SIM_REFERENCE`` size the cohorts.
+``BENCH_MONITORING_POOL_PATIENTS`` / ``BENCH_MONITORING_SIM_REFERENCE`` size the pools,
+``BENCH_MONITORING_SIM_WINDOWS`` (``100,300,1000``) the windows,
+``BENCH_MONITORING_SIM_VARIANTS`` picks variants, ``BENCH_MONITORING_SIM_OFFSETS`` (e.g.
+``2,5``) adds wearable offsets in bpm at the largest window, ``BENCH_MONITORING_POOL_DIR``
+keeps the pools (default: the temp dir; first run ~15 min to simulate them).
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -115,52 +120,33 @@ def rates(vocab) -> dict:
 
 
 # --------------------------------------------------------------------------- simulator cohorts
-SIM_VARIANTS = ("none", "hr_offset", "older", "spo2_missing")
+SIM_VARIANTS = tuple(
+    v
+    for v in os.environ.get(
+        "BENCH_MONITORING_SIM_VARIANTS", "none,hr_offset,older,spo2_missing"
+    ).split(",")
+    if v
+)
 SIM_EXPECTED = {"hr_offset": "heart_rate", "older": "age", "spo2_missing": "spo2"}
-SIM_REFERENCE_PATIENTS = int(os.environ.get("BENCH_MONITORING_SIM_REFERENCE", "300"))
-SIM_CURRENT_PATIENTS = int(os.environ.get("BENCH_MONITORING_SIM_PATIENTS", "100"))
-SIM_WORKERS = int(os.environ.get("BENCH_MONITORING_WORKERS", "2"))
-_SIM: dict = {}
+#: patients simulated per pool (reference pool and one current pool per variant)
+SIM_POOL_PATIENTS = int(os.environ.get("BENCH_MONITORING_POOL_PATIENTS", "3000"))
+SIM_REFERENCE_PATIENTS = int(os.environ.get("BENCH_MONITORING_SIM_REFERENCE", "3000"))
+#: current-window sizes (patients) of the resamples: the power curve
+SIM_WINDOWS = tuple(
+    int(x) for x in os.environ.get("BENCH_MONITORING_SIM_WINDOWS", "100,300,1000").split(",")
+)
+#: extra wearable offsets (bpm) for the power curve vs offset size, at the largest window
+SIM_OFFSETS = tuple(
+    float(x) for x in os.environ.get("BENCH_MONITORING_SIM_OFFSETS", "").split(",") if x
+)
 
 
 def sim_config(params: str | Path = "params.yaml") -> MonitorConfig:
-    """The ``monitor`` params, with every row of the small cohorts used."""
+    """The ``monitor`` params, with every row of the cohorts used."""
     from pipelines.params import load_section
 
     config = load_section(MonitorConfig, "monitor", params)
     return config.model_copy(update={"reference_size": 10**7, "current_size": 10**7})
-
-
-def _sim_init(reference_path: str, tmp: str) -> None:
-    logging.disable(logging.WARNING)
-    _SIM.update(
-        reference=pd.read_parquet(reference_path),
-        tmp=Path(tmp),
-        config=sim_config(),
-        vocab=load_vocabulary(),
-    )
-
-
-def _sim_one(task: tuple[str, int]) -> dict:
-    from pipelines.monitor import simulated_features
-
-    kind, seed = task
-    t0 = time.perf_counter()
-    raw = _SIM["tmp"] / f"raw_{kind}_{seed}"
-    cur = simulated_features("params.yaml", kind, SIM_CURRENT_PATIENTS, seed, raw)
-    shutil.rmtree(raw, ignore_errors=True)
-    t1 = time.perf_counter()
-    s = _evaluate(_SIM["reference"], cur, _SIM["config"], _SIM["vocab"], report=False)
-    return {
-        "kind": kind,
-        "seed": seed,
-        "verdict": s["verdict"],
-        "drifted_features": s["drifted_features"],
-        "drifted_signals": s["drifted_signals"],
-        "named": kind != "none" and _sim_named(s, SIM_EXPECTED[kind]),
-        "seconds_simulate": round(t1 - t0, 1),
-        "seconds_monitor": round(time.perf_counter() - t1, 1),
-    }
 
 
 def _sim_named(summary: dict, expected: str) -> bool:
@@ -171,79 +157,156 @@ def _sim_named(summary: dict, expected: str) -> bool:
     return expected in by_code and by_code[expected] == max(by_code.values())
 
 
+class _Reference:
+    """The reference pool prepared once: column kinds, ranges, per-patient units."""
+
+    def __init__(self, frame: pd.DataFrame, config: MonitorConfig, vocab) -> None:
+        self.frame = frame
+        self.config = config
+        self.kinds = mon.column_kinds(frame, config.exclude)
+        self.codes = mon.feature_codes(self.kinds, vocab)
+        self.ranges = mon.vocabulary_ranges(self.codes, vocab, config.quality.range_stats)
+        self.cats = mon.reference_categories(frame, self.kinds)
+        self.units = mon.patient_units(frame, self.kinds)
+
+    def evaluate(self, current: pd.DataFrame) -> dict:
+        cw = mon.collect_current(
+            [current], len(current), self.kinds, self.ranges, self.cats, self.config
+        )
+        return mon.evaluate(
+            self.frame,
+            cw,
+            self.kinds,
+            self.codes,
+            self.ranges,
+            self.cats,
+            self.config,
+            report=False,
+            reference_units=self.units,
+        ).summary
+
+
+def _resample(patients: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Seeded patient resample of one window (the same patients in every variant pool)."""
+    return np.random.default_rng(seed).choice(patients, size, replace=False)
+
+
+def _rates(runs: list[dict], kind: str) -> dict:
+    verdicts = {v: sum(r["verdict"] == v for r in runs) for v in ("ok", "warn", "retrain")}
+    alarms = sum(r["verdict"] != "ok" for r in runs)
+    row: dict = {"runs": len(runs), "verdicts": verdicts}
+    if kind == "none":
+        row["false_alarm_rate"] = alarms / len(runs)
+        row["false_alarm_features"] = sorted({c for r in runs for c in r["drifted_features"]})
+    else:
+        row["detection_rate"] = alarms / len(runs)
+        row["detected_and_named_rate"] = sum(
+            r["named"] and r["verdict"] != "ok" for r in runs
+        ) / len(runs)
+        counts: dict[str, int] = {}
+        for r in runs:
+            for code in r["drifted_signals"]:
+                counts[code] = counts.get(code, 0) + 1
+        row["signals_flagged"] = dict(sorted(counts.items(), key=lambda kv: -kv[1])[:6])
+        segs: dict[str, int] = {}
+        for r in runs:
+            for name in r["segments_drifted"]:
+                segs[name] = segs.get(name, 0) + 1
+        row["segments_with_drift"] = segs
+    return row
+
+
+def _run_pool(
+    ref: _Reference, pool: pd.DataFrame, kind: str, sizes: tuple[int, ...], label: str
+) -> dict[int, dict]:
+    patients = np.sort(pool["patient_id"].unique())
+    pid = pool["patient_id"].to_numpy()
+    out: dict[int, dict] = {}
+    for size in sizes:
+        if size > len(patients):
+            logger.warning("window %d > pool %d patients: skipped", size, len(patients))
+            continue
+        runs = []
+        t0 = time.perf_counter()
+        for seed in range(SEEDS):
+            chosen = _resample(patients, size, 1000 + seed)
+            s = ref.evaluate(pool[np.isin(pid, chosen)])
+            runs.append(
+                {
+                    "verdict": s["verdict"],
+                    "drifted_features": s["drifted_features"],
+                    "drifted_signals": s["drifted_signals"],
+                    "segments_drifted": [k for k, v in s["segments"].items() if v["drifted"]],
+                    "named": kind != "none" and _sim_named(s, SIM_EXPECTED[kind]),
+                }
+            )
+        row = _rates(runs, kind)
+        row["seconds_per_run"] = round((time.perf_counter() - t0) / SEEDS, 1)
+        out[size] = row
+        print(f"  {label:13s} window {size:5d} patients: {row}", flush=True)
+    return out
+
+
 def simulator_rates() -> dict:
     """Alarm rates on the simulator's own cohorts (simulate -> ingest -> features).
 
-    Reference: the features of one baseline cohort (seed 0). Current: per seed, a fresh cohort
-    of new patients from the training distribution (any verdict but ``ok`` is a false alarm)
-    and the same seed with each drift (detected = warn/retrain; named = the shifted signal is
-    among the drifted ones and no other signal has more drifted features).
+    Reference: a pool of ``SIM_REFERENCE_PATIENTS`` training-distribution patients. Current:
+    per seed, a resample of ``size`` patients (every window size of ``SIM_WINDOWS``) from a
+    pool of fresh patients, without drift (any verdict but ``ok`` is a false alarm) and with
+    each drift (the same patients: detected = warn/retrain; named = the shifted signal is
+    among the drifted ones and no other signal has more drifted features). Pools are
+    simulated once and cached (``benchmarks.monitoring_pools``).
     """
-    from concurrent.futures import ProcessPoolExecutor
-
-    from pipelines.monitor import simulated_features
+    from benchmarks import monitoring_pools as pools
 
     logging.disable(logging.WARNING)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench_monitoring_sim_") as tmp:
-        reference = simulated_features(
-            "params.yaml",
-            "none",
-            SIM_REFERENCE_PATIENTS,
-            0,
-            Path(tmp) / "raw_reference",
-            purpose="model_training",
-        )
-        ref_path = Path(tmp) / "reference.parquet"
-        reference.to_parquet(ref_path)
-        t_ref = time.perf_counter() - t0
-        tasks = [(k, 1000 + i) for i in range(SEEDS) for k in SIM_VARIANTS]
-        with ProcessPoolExecutor(
-            SIM_WORKERS, initializer=_sim_init, initargs=(str(ref_path), tmp)
-        ) as pool:
-            runs = list(pool.map(_sim_one, tasks))
-    logging.disable(logging.NOTSET)
+    config = sim_config()
+    vocab = load_vocabulary()
+    ref = _Reference(pd.read_parquet(pools.reference_pool(SIM_REFERENCE_PATIENTS)), config, vocab)
+    t_ref = time.perf_counter() - t0
     out: dict[str, dict] = {}
     for kind in SIM_VARIANTS:
-        rs = [r for r in runs if r["kind"] == kind]
-        verdicts = {v: sum(r["verdict"] == v for r in rs) for v in ("ok", "warn", "retrain")}
-        alarms = sum(r["verdict"] != "ok" for r in rs)
-        row: dict = {"runs": len(rs), "verdicts": verdicts}
-        if kind == "none":
-            row["false_alarm_rate"] = alarms / len(rs)
-            row["false_alarm_features"] = sorted({c for r in rs for c in r["drifted_features"]})
-        else:
-            row["detection_rate"] = alarms / len(rs)
-            row["detected_and_named_rate"] = sum(
-                r["named"] and r["verdict"] != "ok" for r in rs
-            ) / len(rs)
-            row["signals_flagged"] = dict(
-                sorted(
-                    {
-                        code: sum(code in r["drifted_signals"] for r in rs)
-                        for r0 in rs
-                        for code in r0["drifted_signals"]
-                    }.items(),
-                    key=lambda kv: -kv[1],
-                )[:8]
+        pool = pd.read_parquet(pools.current_pool(kind, SIM_POOL_PATIENTS))
+        out[kind] = {str(k): v for k, v in _run_pool(ref, pool, kind, SIM_WINDOWS, kind).items()}
+        del pool
+    by_offset: dict[str, dict] = {}
+    for bpm in SIM_OFFSETS:
+        pool = pd.read_parquet(
+            pools.current_pool(
+                "hr_offset",
+                SIM_POOL_PATIENTS,
+                simulate={"hr_offset_bpm": bpm},
+                name=f"hr_offset_{bpm:g}",
             )
-        out[kind] = row
-        print(f"  {kind:13s} {row}")
-    config = sim_config()
+        )
+        size = max(SIM_WINDOWS)
+        by_offset[f"{bpm:g}"] = _run_pool(ref, pool, "hr_offset", (size,), f"hr +{bpm:g}")[size]
+        del pool
+    logging.disable(logging.NOTSET)
+    hr, fresh = out.get("hr_offset", {}), out.get("none", {})
+    reached = [
+        int(k)
+        for k, v in hr.items()
+        if k in fresh
+        and v["detected_and_named_rate"] >= 0.8
+        and fresh[k]["false_alarm_rate"] <= 0.05
+    ]
     return {
         "seeds": SEEDS,
-        "reference_patients": SIM_REFERENCE_PATIENTS,
-        "reference_rows": len(reference),
-        "current_patients": SIM_CURRENT_PATIENTS,
-        "features": len(reference.columns) - 3,
+        "reference_patients": int(ref.units.shape[0]),
+        "reference_rows": len(ref.frame),
+        "pool_patients": SIM_POOL_PATIENTS,
+        "window_patients": list(SIM_WINDOWS),
+        "features": len(ref.kinds),
         "drift_unit": config.drift.unit,
-        "calibration_splits": config.drift.calibration_splits,
-        "noise_margin": config.drift.noise_margin,
+        "segment_by": config.segment_by,
+        "numerical_test": config.drift.numerical.model_dump(),
+        "binary_test": config.drift.binary.model_dump(),
         "by_variant": out,
+        "hr_offset_by_bpm_at_largest_window": by_offset,
+        "min_window_hr_offset_detected_80pct": min(reached) if reached else None,
         "seconds_reference": round(t_ref, 1),
-        "seconds_simulate_mean": round(float(np.mean([r["seconds_simulate"] for r in runs])), 1),
-        "seconds_monitor_mean": round(float(np.mean([r["seconds_monitor"] for r in runs])), 1),
-        "workers": SIM_WORKERS,
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -302,7 +365,23 @@ for i in range(2):  # first run also builds the log's covering index; second = s
     er.save_html(res.snapshots["drift"], sys.argv[3])
     runs.append(round(time.perf_counter() - t1, 2))
 s = res.summary
+# the params' patient unit: the window sample is balanced over patients, which reads every
+# window row's patient_id from the log (50,000 patients here: one row each of 20,000)
+from monitoring.config import DriftConfig, DriftTest
+cfg = MonitorConfig(
+    window_days=30, segment_by=["setting"],
+    drift=DriftConfig(unit="patient", numerical=DriftTest(method="ks", threshold=1e-4)),
+)
+ref = pd.read_parquet(sys.argv[1])
+ref["patient_id"] = [f"q{i % 20000}" for i in range(len(ref))]
+t2 = time.perf_counter()
+res2 = mon.monitor_log(ref, sys.argv[2], cfg, load_vocabulary())
+er.save_html(res2.snapshots["drift"], sys.argv[3])
+t_patient = round(time.perf_counter() - t2, 2)
 print(json.dumps({
+    "seconds_steady_run_patient_unit": t_patient,
+    "patient_unit_sampled_rows": res2.summary["window"]["sampled_rows"],
+    "patient_unit_verdict": res2.summary["verdict"],
     "seconds_first_run_incl_imports_and_index": round(t_import + runs[0], 2),
     "seconds_steady_run": runs[1],
     "seconds_imports": round(t_import, 2),
@@ -367,8 +446,9 @@ def main() -> dict:
         out["rates"] = rates(load_vocabulary())
     if "simulator" in parts:
         print(
-            f"monitoring: alarm rates on simulator cohorts, {SEEDS} seeds per variant "
-            f"({SIM_CURRENT_PATIENTS} patients vs a {SIM_REFERENCE_PATIENTS}-patient reference)"
+            f"monitoring: alarm rates on simulator cohorts, {SEEDS} seeded resamples per variant "
+            f"and window ({SIM_WINDOWS} patients from {SIM_POOL_PATIENTS}-patient pools vs a "
+            f"{SIM_REFERENCE_PATIENTS}-patient reference)"
         )
         out["simulator"] = simulator_rates()
     if "scale" in parts:

@@ -42,6 +42,9 @@ class SimulateConfig(BaseModel):
     consent_model_training: float = Field(0.92, ge=0, le=1)
     consent_research: float = Field(0.8, ge=0, le=1)
     drift: Literal["none", "hr_offset", "older", "spo2_missing"] = "none"
+    #: ``drift: hr_offset``: bpm added to every home-wearable heart-rate reading (the
+    #: monitor's power curve varies it; 3 is the default variant)
+    hr_offset_bpm: float = Field(3.0, ge=-50, le=50)
 
     @model_validator(mode="after")
     def _check(self) -> SimulateConfig:

@@ -365,7 +365,7 @@ def _home_obs(p: _Patient, cfg: SimulateConfig) -> list[tuple[np.ndarray, str, n
     spikes = rng.random(n) < 0.004  # motion artefact
     hr = hr + spikes * rng.uniform(40, 80, n)
     if cfg.drift == "hr_offset":
-        hr = hr + 3.0  # the new wearable firmware reads 3 bpm high
+        hr = hr + cfg.hr_offset_bpm  # the new wearable firmware reads high (3 bpm default)
     spo2_every = 3
     sp_sel = (np.arange(n) % spo2_every) == 0
     spo2 = np.minimum(s["spo2"] + 2.5 * sev + rng.normal(0, 1.3, n), 100)

@@ -161,10 +161,11 @@ class MonitorConfig(BaseModel):
     verdict: VerdictConfig = Field(default_factory=VerdictConfig)
     #: also test drift within each value of these columns, e.g. ``[setting]`` (a wearable
     #: offset shows at home, diluted in the whole population); a feature drifts if it drifts
-    #: overall or in a segment. Off by default: it multiplies the tests, and small segments
-    #: of a few dozen patients are noisy
+    #: overall or in a segment. Each segment adds one test per feature: keep p-value
+    #: thresholds family-wise (params.yaml). Off by default in code
     segment_by: list[str] = Field(default_factory=list)
-    #: segments smaller than this (rows on either side) are not tested on their own
-    min_segment_rows: int = Field(default=500, ge=50)
+    #: segments with fewer units on either side are not tested on their own (units are
+    #: patients when ``drift.unit`` is ``patient``, else rows)
+    min_segment_units: int = Field(default=50, ge=10)
     #: Evidently workspace project name
     project: str = "vitalrisk-monitoring"

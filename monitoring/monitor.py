@@ -9,6 +9,7 @@ accumulated chunk by chunk over the whole window.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -107,8 +108,16 @@ def drift_tests(kinds: Mapping[str, ColumnKind], config: MonitorConfig) -> dict[
 
 
 def sample_reference(features: pd.DataFrame, config: MonitorConfig) -> pd.DataFrame:
+    """``reference_size`` rows of the training features: balanced over patients when the
+    drift tests run per patient (the same sampling as the current window, see
+    ``prediction_log.patient_sample_rows``), else random rows."""
     if len(features) <= config.reference_size:
         return features.reset_index(drop=True)
+    if config.drift.unit == "patient" and "patient_id" in features.columns:
+        from monitoring.prediction_log import patient_sample_rows
+
+        sample = patient_sample_rows(features, config.reference_size, config.seed)
+        return sample.reset_index(drop=True)
     return features.sample(config.reference_size, random_state=config.seed).reset_index(drop=True)
 
 
@@ -196,7 +205,11 @@ def _as_category(s: pd.Series) -> pd.Series:
             return str(int(v))
         return str(v)
 
-    return s.map(one).astype(object)
+    # the mapping is applied to the distinct values only (a Python call per row cost ~1 s per
+    # column at a million rows); factorize marks missing values with code -1 -> None
+    codes, uniques = pd.factorize(s, use_na_sentinel=True)
+    table = np.array([one(u) for u in np.asarray(uniques, dtype=object)] + [None], dtype=object)
+    return pd.Series(table[codes], index=s.index, dtype=object, name=s.name)
 
 
 # --------------------------------------------------------------------------- noise floor
@@ -207,17 +220,40 @@ def _units(frame: pd.DataFrame) -> pd.Series:
     return pd.Series(np.arange(len(frame)).astype(str), index=frame.index)
 
 
+def patient_units(frame: pd.DataFrame, kinds: Mapping[str, ColumnKind]) -> pd.DataFrame:
+    """``per_patient`` of a frame as ``evaluate`` prepares it (categories as text).
+
+    Comparing many windows against one reference (a scheduler, the benchmark), compute this
+    once for the reference and pass it to ``evaluate(reference_units=...)``: the per-patient
+    medians of a reference of a few thousand patients cost seconds per run otherwise.
+    """
+    out = frame.copy()
+    for c, k in kinds.items():
+        if k != "numerical" and c in out.columns:
+            out[c] = _as_category(out[c])
+    return per_patient(out, kinds)
+
+
 def per_patient(frame: pd.DataFrame, kinds: Mapping[str, ColumnKind]) -> pd.DataFrame:
-    """One row per patient: median of numerical columns (and the risk), first of the others.
+    """One row per patient: median of numerical columns (and the risk), share of the
+    patient's rows with a binary flag set, first value of categorical columns.
 
     Rows of one patient are strongly correlated (the same person scored every hour), so a
     row-level test on a cohort of 150 patients acts as if it had 30,000 independent draws.
+    A flag's per-patient share (not its first value) is compared like a numerical feature:
+    a proportion test on one row per patient breaks down on rare flags (one patient with a
+    flag rare in training gave p < 1e-6 in a 100-patient window).
     """
     num = [c for c in kinds if kinds.get(c) == "numerical" and c in frame.columns]
     num += [PREDICTION] if PREDICTION in frame.columns else []
-    cat = [c for c, k in kinds.items() if k != "numerical" and c in frame.columns]
-    g = frame.groupby(frame["patient_id"].astype(str), sort=False)
+    binary = [c for c, k in kinds.items() if k == "binary" and c in frame.columns]
+    cat = [c for c, k in kinds.items() if k == "categorical" and c in frame.columns]
+    keys = frame["patient_id"].astype(str)
+    g = frame.groupby(keys, sort=False)
     parts = [g[num].median()] if num else []
+    if binary:
+        flags = frame[binary].apply(lambda s: pd.to_numeric(s, errors="coerce")).astype(float)
+        parts.append(flags.groupby(keys, sort=False).mean())
     if cat:
         parts.append(g[cat].first())
     out = pd.concat(parts, axis=1) if parts else pd.DataFrame(index=g.size().index)
@@ -289,20 +325,41 @@ def noise_floor(
     score_floor = {c: v * scale for c, v in raw.items()}
     cols = list(columns)
     miss_floor: dict[str, float] = {}
-    if cols:  # missing counts per unit once, then each split is a sum over units
-        missing = reference[cols].isna().groupby(ids.to_numpy()).sum()
-        rows = ids.value_counts().reindex(missing.index).to_numpy(dtype=float)
-        miss = missing.to_numpy(dtype=float)
-        rng = np.random.default_rng(config.seed + 11)
-        best = np.zeros(len(cols))
-        for _ in range(splits):
-            half = np.zeros(len(missing), bool)
-            half[rng.permutation(len(missing))[: len(missing) // 2]] = True
-            a = miss[half].sum(0) / rows[half].sum()
-            b = miss[~half].sum(0) / rows[~half].sum()
-            best = np.maximum(best, np.abs(a - b) * scale)
+    if cols:
+        best = _split_missing(reference, ids, cols, splits, config.seed + 11) * scale
         miss_floor = {c: float(v) for c, v in zip(cols, best, strict=True)}
     return score_floor, miss_floor
+
+
+#: split-half missing-share maxima of the last references, held by a weak reference to the
+#: frame (they depend on the reference only; recomputing costs seconds at a million rows)
+_MISSING_CACHE: dict[int, tuple[Any, tuple[Any, ...], np.ndarray]] = {}
+
+
+def _split_missing(
+    reference: pd.DataFrame, ids: pd.Series, cols: list[str], splits: int, seed: int
+) -> np.ndarray:
+    """Largest missing-share difference between random unit half-splits (unscaled)."""
+    key = (tuple(cols), len(reference), splits, seed)
+    hit = _MISSING_CACHE.get(id(reference))
+    if hit is not None and hit[0]() is reference and hit[1] == key:
+        return hit[2]
+    # missing counts per unit once, then each split is a sum over units
+    missing = reference[cols].isna().groupby(ids.to_numpy()).sum()
+    rows = ids.value_counts().reindex(missing.index).to_numpy(dtype=float)
+    miss = missing.to_numpy(dtype=float)
+    rng = np.random.default_rng(seed)
+    best = np.zeros(len(cols))
+    for _ in range(splits):
+        half = np.zeros(len(missing), bool)
+        half[rng.permutation(len(missing))[: len(missing) // 2]] = True
+        a = miss[half].sum(0) / rows[half].sum()
+        b = miss[~half].sum(0) / rows[~half].sum()
+        best = np.maximum(best, np.abs(a - b))
+    for k in [k for k, v in _MISSING_CACHE.items() if v[0]() is None]:
+        del _MISSING_CACHE[k]
+    _MISSING_CACHE[id(reference)] = (weakref.ref(reference), key, best)
+    return best
 
 
 def segment_drift(
@@ -310,24 +367,42 @@ def segment_drift(
     current: pd.DataFrame,
     tests: Mapping[str, tuple[str, float, str]],
     config: MonitorConfig,
-) -> dict[str, dict[str, float]]:
-    """``feature -> {"setting=home": score}`` for features drifted within a segment."""
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
+    """Drift within each value of the ``segment_by`` columns (e.g. ``setting=home``).
+
+    A shift confined to one device or care setting (a wearable's firmware offset) is diluted
+    in the whole population; within its segment it is not. ``reference``/``current`` are
+    the frames the overall tests ran on: one row per patient when ``drift.unit`` is
+    ``patient`` (segments are then sized in patients), so the p-values stay honest. Returns
+    ``feature -> {"setting=home": score}`` for the drifted features and, per segment, its
+    sizes, whether it was tested and what drifted in it.
+    """
     out: dict[str, dict[str, float]] = {}
+    info: dict[str, dict[str, Any]] = {}
     margin = config.drift.noise_margin
     for col in config.segment_by:
         if col not in reference.columns or col not in current.columns:
             continue
         ref_v, cur_v = reference[col].astype(str), current[col].astype(str)
-        for value in sorted(set(ref_v.unique()) & set(cur_v.unique()) - {"None", "nan"}):
+        for value in sorted((set(ref_v.unique()) | set(cur_v.unique())) - {"None", "nan"}):
+            name = f"{col}={value}"
             rs, cs = reference[ref_v == value], current[cur_v == value]
-            if min(len(rs), len(cs)) < config.min_segment_rows:
+            tested = min(len(rs), len(cs)) >= config.min_segment_units
+            info[name] = {
+                "reference_units": len(rs),
+                "current_units": len(cs),
+                "tested": tested,
+                "drifted": [],
+            }
+            if not tested:
                 continue
             seg_tests = {c: t for c, t in tests.items() if c != col}
             floor, _ = noise_floor(rs, cs, seg_tests, [], config)
             for c, (score, drifted) in er.stat_test_scores(rs, cs, seg_tests).items():
                 if drifted and score >= margin * floor.get(c, 0.0):
-                    out.setdefault(c, {})[f"{col}={value}"] = score
-    return out
+                    out.setdefault(c, {})[name] = score
+                    info[name]["drifted"].append(c)
+    return out, info
 
 
 # --------------------------------------------------------------------------- performance
@@ -412,13 +487,16 @@ def evaluate(
     timestamp: datetime | None = None,
     tags: Iterable[str] = (),
     report: bool = True,
+    reference_units: pd.DataFrame | None = None,
 ) -> MonitorResult:
     """Run the Evidently report(s) and turn the findings into a verdict with reasons.
 
     ``report=False`` skips the Evidently snapshots (the findings and verdict are the same):
-    the benchmark's hundreds of resamples need the verdict only.
+    the benchmark's hundreds of resamples need the verdict only. ``reference_units``:
+    ``patient_units(reference, kinds)`` computed once by a caller that reuses the reference.
     """
     tests = drift_tests(kinds, config)
+    row_tests = drift_tests(kinds, config)
     numerical = [c for c, k in kinds.items() if k == "numerical"]
     categorical = [c for c, k in kinds.items() if k != "numerical"]
     cur = current.sample.copy()
@@ -453,7 +531,18 @@ def evaluate(
         and ref["patient_id"].notna().all()
         and cur["patient_id"].notna().all()
     )
-    ref_t, cur_t = (per_patient(ref, kinds), per_patient(cur, kinds)) if by_patient else (ref, cur)
+    if by_patient:
+        ref_t = reference_units if reference_units is not None else per_patient(ref, kinds)
+        cur_t = per_patient(cur, kinds)
+        # a flag becomes each patient's share of flagged rows: the numerical test applies
+        # (unless the feature has its own test in per_feature)
+        nt = config.drift.numerical
+        for c, k in kinds.items():
+            if k == "binary" and c in to_test and c not in config.drift.per_feature:
+                to_test[c] = (nt.method, nt.threshold, "num")
+                tests[c] = nt
+    else:
+        ref_t, cur_t = ref, cur
     # a feature constant across the reference's patients (a score that is nearly always 0)
     # has no spread to norm a distance by at patient level: it is tested over rows instead
     flat = (
@@ -471,14 +560,16 @@ def evaluate(
         ref_t, cur_t, per_unit, [] if by_patient else list(kinds), config
     )
     if by_patient:  # missing shares stay over rows, split by patient all the same
-        flat_floor, miss_floor = noise_floor(ref, cur, flat, list(kinds), config)
+        # ``reference``, not its category-converted copy: the same missing pattern, and the
+        # caller's frame keeps the split-half cache valid across runs
+        flat_floor, miss_floor = noise_floor(reference, cur, flat, list(kinds), config)
         results.update(er.stat_test_scores(ref, cur, flat))
         floor.update(flat_floor)
     scores = {c: r[0] for c, r in results.items()}
     margin = config.drift.noise_margin
     # drifted: past the configured threshold (Evidently's verdict) AND past the noise floor
     flags = {c: r[1] and r[0] >= margin * floor.get(c, 0.0) for c, r in results.items()}
-    segments = segment_drift(ref_t, cur_t, to_test, config)
+    segments, segment_info = segment_drift(ref_t, cur_t, to_test, config)
     for c in segments:
         flags[c] = True
 
@@ -497,7 +588,8 @@ def evaluate(
             cur,
             numerical=[c for c in numerical if c in usable],
             categorical=[c for c in categorical if c in usable],
-            tests={c: (tests[c].method, tests[c].threshold) for c in shown},
+            # the report's widgets test rows: each column type keeps its configured test
+            tests={c: (row_tests[c].method, row_tests[c].threshold) for c in shown},
             ranges={c: r for c, r in ranges.items() if c in usable and kinds[c] == "numerical"},
             categories={
                 c: sorted(ref_categories.get(c, set()))
@@ -533,7 +625,7 @@ def evaluate(
             "threshold": t.threshold,
             "score": score,
             "noise_floor": round(floor[c], 4) if c in floor else None,
-            "segments_drifted": {k: round(v, 4) for k, v in segments.get(c, {}).items()},
+            "segments_drifted": {k: float(f"{v:.4g}") for k, v in segments.get(c, {}).items()},
             "value_drift": bool(vd),
             "missing_share_reference": round(ref_miss, 4),
             "missing_share_current": round(cur_miss, 4),
@@ -664,6 +756,8 @@ def evaluate(
         "drifted_signals": dict(sorted(signals.items(), key=lambda kv: -kv[1])),
         "drift_share": round(share, 4),
         "monitored_features": len(kinds),
+        "drift_unit": "patient" if by_patient else "row",
+        "segments": segment_info,
         "window": {
             "start": None if current.start is None else current.start.isoformat(),
             "end": None if current.end is None else current.end.isoformat(),
@@ -748,6 +842,7 @@ def monitor_log(
             config.current_size,
             config.seed,
             config.chunk_rows,
+            by_patient=config.drift.unit == "patient",
         )
         expected = min(window.rows, config.current_size)
     current = collect_current(chunks, expected, kinds, ranges, cats, config)

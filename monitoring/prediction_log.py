@@ -214,6 +214,42 @@ def window_risk(path: str | Path, window: Window, role: str) -> tuple[float, int
 SAMPLE_BLOCK = 50
 
 
+def patient_sample_rows(frame: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
+    """About ``size`` rows balanced over patients: every patient keeps up to the same number
+    of their rows (chosen at random), the largest number that fits ``size``; with more
+    patients than ``size``, ``size`` random patients with one row each. All rows when the
+    frame has no more than ``size``.
+
+    Row (or block) samples include a patient with a probability that grows with their row
+    count, so the patient mix of a sample depends on the sampling rate: a reference and a
+    window sampled at different rates differ in their mix of hourly ward and 6-hourly home
+    patients although the populations do not.
+    """
+    if len(frame) <= size:
+        return frame
+    ids = frame["patient_id"].astype(str).to_numpy()
+    rng = np.random.default_rng(seed)
+    uniq, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    if len(uniq) >= size:  # one row each of ``size`` random patients
+        chosen = np.zeros(len(uniq), bool)
+        chosen[rng.choice(len(uniq), size, replace=False)] = True
+        cap = 1
+    else:  # largest per-patient cap whose total fits the budget (water filling)
+        chosen = np.ones(len(uniq), bool)
+        lo, hi = 1, int(counts.max())
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if np.minimum(counts, mid).sum() <= size else (lo, mid - 1)
+        cap = lo
+    order = rng.permutation(len(frame))  # random rank of each row within its patient
+    rank = np.empty(len(frame), np.int64)
+    by_patient = order[np.argsort(inverse[order], kind="stable")]
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    rank[by_patient] = np.arange(len(frame)) - np.repeat(starts, counts)
+    keep = chosen[inverse] & (rank < cap)
+    return frame[keep]
+
+
 def sample_window(
     path: str | Path,
     window: Window,
@@ -222,11 +258,16 @@ def sample_window(
     size: int,
     seed: int,
     chunk_rows: int,
+    by_patient: bool = False,
 ) -> Iterator[pd.DataFrame]:
     """Chunks of a random sample of ``size`` rows of the window (all if fewer).
 
     The sample is made of random blocks of 50 consecutive log rows (at least 100 blocks),
-    spread over the whole window.
+    spread over the whole window. ``by_patient``: a sample balanced over patients instead
+    (``patient_sample_rows``), for drift tests on one row per patient: row or block samples
+    include a patient with a probability that grows with their row count (hourly ward scores
+    vs 6-hourly home scores; a patient's rows sit together in a batch-written log), which
+    skews the patient mix of the window against the reference's.
 
     Only the sampled rows' feature JSON is read and parsed: parsing is what costs at a million
     rows, and a 20,000-row sample estimates a share to within about half a percentage point.
@@ -236,9 +277,18 @@ def sample_window(
     )
     lo, hi = _bound(window.start), _bound(window.end, upper=True)
     with closing(sqlite3.connect(str(path))) as con:
-        cur = con.execute(f"SELECT rowid FROM predictions WHERE {_where()}", (role, lo, hi))
-        rowids = np.sort(np.fromiter((r[0] for r in cur), dtype=np.int64))
-        if len(rowids) > size:
+        if by_patient:
+            ids = pd.DataFrame(
+                con.execute(
+                    f"SELECT rowid, patient_id FROM predictions WHERE {_where()}", (role, lo, hi)
+                ).fetchall(),
+                columns=["rowid", "patient_id"],
+            )
+            rowids = np.sort(patient_sample_rows(ids, size, seed)["rowid"].to_numpy(np.int64))
+        else:
+            cur = con.execute(f"SELECT rowid FROM predictions WHERE {_where()}", (role, lo, hi))
+            rowids = np.sort(np.fromiter((r[0] for r in cur), dtype=np.int64))
+        if len(rowids) > size and not by_patient:
             # random blocks of consecutive rows: the same sample size, but the reads are
             # sequential runs instead of one random page per row of a multi-GB file
             rng = np.random.default_rng(seed)

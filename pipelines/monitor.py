@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -267,14 +268,16 @@ def simulated_features(
     seed: int,
     raw_dir: Path,
     purpose: str = "care",
+    simulate: Mapping[str, Any] | None = None,
 ) -> Any:
     """Feature matrix of a simulated cohort, through the pipeline's own functions.
 
     The simulator's raw files (written to ``raw_dir``, replaced if present),
     ``features.ingestion.ingest`` and ``features.build.build_feature_matrix``, with the
     ``simulate``/``ingest``/``features`` params of ``params`` (``drift``, ``n_patients``,
-    ``seed`` and the consent ``purpose`` overridden). The drift demo, the monitor's tests and
-    its benchmark all draw their cohorts here.
+    ``seed`` and the consent ``purpose`` overridden, plus any other ``simulate`` keys, e.g.
+    ``{"hr_offset_bpm": 5}``). The drift demo, the monitor's tests and its benchmark all draw
+    their cohorts here.
     """
     from features.build import build_feature_matrix
     from features.config import FeaturesConfig
@@ -286,7 +289,13 @@ def simulated_features(
 
     raw = read_params(params)
     sim = SimulateConfig.model_validate(
-        {**(raw.get("simulate") or {}), "drift": drift, "n_patients": n_patients, "seed": seed}
+        {
+            **(raw.get("simulate") or {}),
+            **dict(simulate or {}),
+            "drift": drift,
+            "n_patients": n_patients,
+            "seed": seed,
+        }
     )
     ing = IngestConfig.model_validate({**(raw.get("ingest") or {}), "purpose": purpose})
     fcfg = load_section(FeaturesConfig, "features", params)
