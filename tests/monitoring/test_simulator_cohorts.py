@@ -39,23 +39,29 @@ def sim_config() -> MonitorConfig:
     return cfg.model_copy(update={"reference_size": 10**7, "current_size": 10**7})
 
 
-@pytest.fixture(scope="session")
-def cohorts(tmp_path_factory):
-    """Feature matrices, simulated once per session on first use."""
-    root = tmp_path_factory.mktemp("sim")
+def _cohorts(root, reference_n: int, current_n: int, simulate: dict | None = None):
+    """``get(kind)``: the reference (seed 0, training consent) or a current cohort (seed
+    ``SEED``, drift ``kind``; ``none`` = fresh), simulated on first use and kept."""
     cache: dict[str, pd.DataFrame] = {}
 
     def get(kind: str) -> pd.DataFrame:
         if kind not in cache:
             if kind == "reference":
-                cache[kind] = simulated_features(
-                    PARAMS, "none", REFERENCE_PATIENTS, 0, root / kind, purpose="model_training"
-                )
+                n, seed, purpose, drift = reference_n, 0, "model_training", "none"
             else:
-                cache[kind] = simulated_features(PARAMS, kind, CURRENT_PATIENTS, SEED, root / kind)
+                n, seed, purpose, drift = current_n, SEED, "care", kind
+            cache[kind] = simulated_features(
+                PARAMS, drift, n, seed, root / kind, purpose=purpose, simulate=simulate
+            )
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def cohorts(tmp_path_factory):
+    """Feature matrices, simulated once per session on first use."""
+    return _cohorts(tmp_path_factory.mktemp("sim"), REFERENCE_PATIENTS, CURRENT_PATIENTS)
 
 
 def _monitor(reference: pd.DataFrame, current: pd.DataFrame, config: MonitorConfig) -> dict:
@@ -111,22 +117,12 @@ HOME_CURRENT_PATIENTS = 600
 @pytest.fixture(scope="session")
 def home_cohorts(tmp_path_factory):
     """Large home-programme cohorts, simulated once per session on first use (~1 min)."""
-    root = tmp_path_factory.mktemp("sim_home")
-    cache: dict[str, pd.DataFrame] = {}
-
-    def get(kind: str) -> pd.DataFrame:
-        if kind not in cache:
-            if kind == "reference":
-                n, seed, purpose = HOME_REFERENCE_PATIENTS, 0, "model_training"
-                drift = "none"
-            else:
-                n, seed, purpose, drift = HOME_CURRENT_PATIENTS, SEED, "care", kind
-            cache[kind] = simulated_features(
-                PARAMS, drift, n, seed, root / kind, purpose=purpose, simulate=HOME_COHORT
-            )
-        return cache[kind]
-
-    return get
+    return _cohorts(
+        tmp_path_factory.mktemp("sim_home"),
+        HOME_REFERENCE_PATIENTS,
+        HOME_CURRENT_PATIENTS,
+        simulate=HOME_COHORT,
+    )
 
 
 def test_fresh_home_programme_window_raises_no_alarm(home_cohorts, sim_config):
