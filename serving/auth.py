@@ -163,6 +163,9 @@ class RateLimiter:
             self._buckets[name] = (tokens, t)
             return wait
 
+    def close(self) -> None:
+        """Nothing to release in memory (the shared limiter closes its database)."""
+
 
 class SharedRateLimiter(RateLimiter):
     """The same buckets in a small SQLite file, so every worker process draws from one limit.

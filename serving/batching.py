@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,10 +46,10 @@ class Job(Generic[T]):
 
 
 class ScoreQueue(Generic[T]):
-    """Collects requests while the scoring thread is busy and hands them over as one batch.
+    """Collects requests while a batch is being scored and scores them as the next batch.
 
-    ``score_batch(jobs)`` runs on the scoring thread and returns one result (or exception)
-    per job, in order; an exception only fails its own request.
+    ``score_batch(jobs)`` returns one result (or exception) per job, in order; an exception
+    only fails its own request.
     """
 
     def __init__(
@@ -61,11 +61,10 @@ class ScoreQueue(Generic[T]):
         self._score_batch = score_batch
         self._max_batch = max(1, max_batch)
         self._inline_observations = inline_observations
-        self._pending: list[Job[T]] = []
-        self._running = False
-        self._task: asyncio.Task[None] | None = None
+        self._pending: deque[Job[T]] = deque()
+        self._task: asyncio.Task[None] | None = None  # the drain task while batches remain
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitalrisk-score")
-        self._lock = threading.Lock()
+        # batches run one after the other (the drain task awaits each), so no lock is needed
         self.batches = 0
         self.requests = 0
 
@@ -76,8 +75,7 @@ class ScoreQueue(Generic[T]):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append(Job(payload, request_id, size, observations, fut))
-        if not self._running:
-            self._running = True
+        if self._task is None or self._task.done():
             # keep a reference: the loop holds tasks weakly
             self._task = loop.create_task(self._drain())
         return await fut
@@ -104,39 +102,35 @@ class ScoreQueue(Generic[T]):
             job = self._pending[0]
             if batch and total + job.size > self._max_batch:
                 break
-            batch.append(self._pending.pop(0))
+            batch.append(self._pending.popleft())
             total += job.size
         return batch
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            while self._pending:
-                await self._settle()
-                batch = [j for j in self._take() if not j.future.cancelled()]
-                if not batch:
+        while self._pending:
+            await self._settle()
+            batch = [j for j in self._take() if not j.future.cancelled()]
+            if not batch:
+                continue
+            try:
+                if sum(j.observations for j in batch) <= self._inline_observations:
+                    results = self._run(batch)
+                else:
+                    results = await loop.run_in_executor(self._executor, self._run, batch)
+            except Exception as exc:  # the batch as a whole failed: tell every request
+                results = [exc] * len(batch)
+            for job, res in zip(batch, results, strict=True):
+                if job.future.done():
                     continue
-                try:
-                    if sum(j.observations for j in batch) <= self._inline_observations:
-                        results = self._run(batch)
-                    else:
-                        results = await loop.run_in_executor(self._executor, self._run, batch)
-                except BaseException as exc:  # the batch as a whole failed: tell every request
-                    results = [exc] * len(batch)
-                for job, res in zip(batch, results, strict=True):
-                    if job.future.done():
-                        continue
-                    if isinstance(res, BaseException):
-                        job.future.set_exception(res)
-                    else:
-                        job.future.set_result(res)
-        finally:
-            self._running = False
+                if isinstance(res, BaseException):
+                    job.future.set_exception(res)
+                else:
+                    job.future.set_result(res)
 
     def _run(self, batch: list[Job[T]]) -> list[Any]:
-        with self._lock:
-            self.batches += 1
-            self.requests += len(batch)
+        self.batches += 1
+        self.requests += len(batch)
         out = self._score_batch(batch)
         if len(out) != len(batch):  # pragma: no cover - a programming error, not bad input
             raise RuntimeError("score_batch returned a different number of results")

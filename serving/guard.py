@@ -157,6 +157,7 @@ class GuardMiddleware:
                     return
                 body_parts = [m.get("body", b"") for m in held[1:]]
                 status, payload = bentoml_error(b"".join(body_parts), rid)
+                status_box["status"] = status  # the audit log records what the client got
                 await send_json(send, status, payload, [rid_header])
                 return
             await send(message)

@@ -37,7 +37,6 @@ from serving.schemas import (
     ObservationsResponse,
     PatientIn,
     PatientScore,
-    ScoreRequest,
     ScoreResponse,
 )
 from serving.scoring import (
@@ -147,36 +146,12 @@ class Runtime:
         scored_at = _now_iso()
         rids = [r.request_id or uuid.uuid4().hex for r in rows]
         texts = [features_json(f) for f in feats]  # serialised once, shared with the shadow
-        records = [
-            PredictionRecord(
-                rid,
-                scored_at,
-                pid or "",
-                self.champion.name,
-                self.champion.version,
-                "champion",
-                float(pi),
-                _num(f.get("news2_total")),
-                t,
-            )
-            for rid, pid, pi, f, t in zip(rids, ids, p, feats, texts, strict=True)
-        ]
+        news2 = [_num(f.get("news2_total")) for f in feats]
+        pids = [pid or "" for pid in ids]
+        records = _records(self.champion, "champion", scored_at, rids, pids, p, news2, texts)
         if self.shadow is not None:
             ps = self.shadow.predict_matrix(self.shadow.matrix(feats))
-            records += [
-                PredictionRecord(
-                    rid,
-                    scored_at,
-                    pid or "",
-                    self.shadow.name,
-                    self.shadow.version,
-                    "shadow",
-                    float(pi),
-                    _num(f.get("news2_total")),
-                    t,
-                )
-                for rid, pid, pi, f, t in zip(rids, ids, ps, feats, texts, strict=True)
-            ]
+            records += _records(self.shadow, "shadow", scored_at, rids, pids, ps, news2, texts)
         self.predlog.append(records)
         bands = self.config.risk_bands
         return [
@@ -191,11 +166,6 @@ class Runtime:
         ]
 
     # -- /v1/score ------------------------------------------------------------------------
-    def compute_features(self, prepared: list[PreparedPatient]) -> pd.DataFrame:
-        """Feature frame, one row per prepared patient in request order."""
-        arrays = self.feature_arrays(prepared)
-        return arrays.frame()
-
     def feature_arrays(self, prepared: list[PreparedPatient]) -> FeatureArrays:
         """The training feature code's output, rows in request order (patients are distinct)."""
         from features.build import compute_feature_arrays
@@ -265,13 +235,15 @@ class Runtime:
             )
         return prepare_patients(patients, self.vocab, self.config)
 
-    def score_patients(
+    async def score(
         self, patients: Sequence[PatientIn], request_id: str
     ) -> tuple[ScoreResponse, list[str]]:
-        """Score one request's patients now, on the calling thread."""
-        prepared = self.prepare(patients)
-        resp = self.score_prepared([(prepared, request_id)])[0]
-        return resp, [pp.pseudonym for pp in prepared]
+        """Score one request's patients in the next batch (``serving/batching.py``)."""
+        n_obs = sum(len(p.observations) for p in patients)
+        result: tuple[ScoreResponse, list[str]] = await self.queue.submit(
+            patients, request_id, len(patients), n_obs
+        )
+        return result
 
     def score_jobs(
         self, jobs: Sequence[Job[Sequence[PatientIn]]]
@@ -318,58 +290,29 @@ class Runtime:
     ) -> list[ScoreResponse]:
         """Features, probabilities, reasons and one prediction-log commit for all requests.
 
-        Patients must be distinct across ``requests`` (see :meth:`score_jobs`); each request
-        keeps its own request id in its answer and in the prediction log.
+        Every request has a patient, and patients are distinct across ``requests`` (see
+        :meth:`score_jobs`); each request keeps its own request id in its answer and in the
+        prediction log.
         """
         prepared = [pp for prep, _ in requests for pp in prep]
         rids = [rid for prep, rid in requests for _ in prep]
+        pids = [pp.pseudonym for pp in prepared]
         names = self.champion.feature_names
-        if prepared:
-            frame = self.feature_arrays(prepared)
-            X = self._feature_matrix(frame, self.champion)
-            p = self.champion.predict_matrix(X)
-            contrib = self.champion.contributions_matrix(X)
-            values = self._logged_values(frame, self._logged_cols)
-        else:  # every request was empty
-            frame = None
-            X = contrib = values = np.zeros((0, len(names)))
-            p = np.zeros(0)
+        frame = self.feature_arrays(prepared)
+        X = self._feature_matrix(frame, self.champion)
+        p = self.champion.predict_matrix(X)
+        contrib = self.champion.contributions_matrix(X)
         logged_cols = self._logged_cols
-        news2 = values[:, logged_cols.index("news2_total")] if len(values) else np.zeros(0)
+        values = self._logged_values(frame, logged_cols)
+        news2 = [_num(v) for v in values[:, logged_cols.index("news2_total")]]
         scored_at = _now_iso()
         logged = [
             features_json(dict(zip(logged_cols, row.tolist(), strict=True))) for row in values
         ]
-        records = [
-            PredictionRecord(
-                rids[i],
-                scored_at,
-                pp.pseudonym,
-                self.champion.name,
-                self.champion.version,
-                "champion",
-                float(p[i]),
-                _num(news2[i]),
-                logged[i],
-            )
-            for i, pp in enumerate(prepared)
-        ]
-        if self.shadow is not None and frame is not None:
+        records = _records(self.champion, "champion", scored_at, rids, pids, p, news2, logged)
+        if self.shadow is not None:
             ps = self.shadow.predict_matrix(self._feature_matrix(frame, self.shadow))
-            records += [
-                PredictionRecord(
-                    rids[i],
-                    scored_at,
-                    pp.pseudonym,
-                    self.shadow.name,
-                    self.shadow.version,
-                    "shadow",
-                    float(ps[i]),
-                    _num(news2[i]),
-                    logged[i],
-                )
-                for i, pp in enumerate(prepared)
-            ]
+            records += _records(self.shadow, "shadow", scored_at, rids, pids, ps, news2, logged)
         self.predlog.append(records)
         scores = []
         for i, pp in enumerate(prepared):
@@ -380,7 +323,7 @@ class Runtime:
                     as_of=pp.as_of.isoformat().replace("+00:00", "Z"),
                     probability=round(float(p[i]), 6),
                     risk_band=self.config.risk_bands.band(float(p[i])),  # type: ignore[arg-type]
-                    news2_total=_num(news2[i]),
+                    news2_total=news2[i],
                     top_features=explain(
                         names, X[i], contrib[i], self.texts, self.config.top_features
                     ),
@@ -398,9 +341,6 @@ class Runtime:
             )
             start += len(prep)
         return out
-
-    def score_request(self, req: ScoreRequest, request_id: str) -> tuple[ScoreResponse, list[str]]:
-        return self.score_patients(req.patients, request_id)
 
     # -- /v1/observations -----------------------------------------------------------------
     def collect(
@@ -433,6 +373,25 @@ class Runtime:
             landing_file=path.name if path else None,
         )
         return resp, pats
+
+
+def _records(
+    model: LoadedModel,
+    role: str,
+    scored_at: str,
+    request_ids: Sequence[str],
+    patient_ids: Sequence[str],
+    probabilities: np.ndarray | Sequence[float],
+    news2: Sequence[float | None],
+    features: Sequence[str],
+) -> list[PredictionRecord]:
+    """Prediction-log rows of one model (``champion`` or its ``shadow``) for scored rows."""
+    return [
+        PredictionRecord(rid, scored_at, pid, model.name, model.version, role, float(p), n2, f)
+        for rid, pid, p, n2, f in zip(
+            request_ids, patient_ids, probabilities, news2, features, strict=True
+        )
+    ]
 
 
 def _num(v: Any) -> float | None:

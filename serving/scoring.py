@@ -214,8 +214,7 @@ def pseudonym_of(patient_id: str) -> str:
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-
-
+#: what datetime64[ns] can hold (years 1678 to 2261)
 _NS_MIN, _NS_MAX = -(2**63) + 1, 2**63 - 1
 
 
@@ -247,12 +246,9 @@ def _canonical_values(
             out[num] = np.where(v > conv.threshold, 1.0, 0.0)
         else:
             out[num] = v * conv.scale + conv.offset
-        num_set: set[int] = set(num)
-    else:
-        num_set = set()
     for i, value in enumerate(raw):
-        if i in num_set:
-            continue
+        if conv is not None and not isinstance(value, str):
+            continue  # converted above
         try:
             out[i] = vocab.to_canonical(key, value, unit)
         except ValueError as exc:
@@ -269,8 +265,8 @@ def _prepare_one(
     problems: list[tuple[int, int, str, str]] = []  # (observation, order, loc, message)
     warn_at: list[tuple[int, str]] = []
     ns = [_ns_of(o.time) for o in obs]
-    if any(not _NS_MIN <= x <= _NS_MAX for x in ns):  # datetime64[ns] covers 1677-2262
-        bad = [j for j, x in enumerate(ns) if not _NS_MIN <= x <= _NS_MAX]
+    bad = [j for j, x in enumerate(ns) if not _NS_MIN <= x <= _NS_MAX]
+    if bad:
         return None, [
             (
                 f"{loc}.observations[{j}].time",
@@ -413,15 +409,16 @@ def frames_for(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(observations, patients, times) in the data-contract shapes for ``compute_features``.
 
-    ``prepared`` holds at least one patient. Observations up to each patient's ``as_of``, sorted by (patient_id, time, code), stably;
-    ``patient_id`` and ``code`` as categoricals (the feature code's fast path), built from
-    numpy arrays: for a few patients a frame from a list of dicts would cost more than the
-    features themselves.
+    ``prepared`` holds at least one patient. Observations up to each patient's ``as_of``,
+    sorted by (patient_id, time, code), stably; ``patient_id`` and ``code`` as categoricals
+    (the feature code's fast path), built from numpy arrays: for a few patients a frame from
+    a list of dicts would cost more than the features themselves.
     """
     pids = [p.pseudonym for p in prepared]
     pid_cats = sorted(set(pids))
     pid_rank = {pid: i for i, pid in enumerate(pid_cats)}
-    keep = [p.time_ns <= _ns_of(p.as_of) for p in prepared]
+    as_of_ns = [_ns_of(p.as_of) for p in prepared]
+    keep = [p.time_ns <= a for p, a in zip(prepared, as_of_ns, strict=True)]
     t_ns = np.concatenate([p.time_ns[k] for p, k in zip(prepared, keep, strict=True)])
     codes = np.concatenate([p.codes[k] for p, k in zip(prepared, keep, strict=True)])
     values = np.concatenate([p.values[k] for p, k in zip(prepared, keep, strict=True)])
@@ -435,16 +432,14 @@ def frames_for(
     code_cats = sorted({str(c) for c in codes.tolist()})
     code_rank = {c: i for i, c in enumerate(code_cats)}
     c_idx = np.fromiter((code_rank[c] for c in codes.tolist()), dtype=np.int32, count=len(codes))
-    order = np.lexsort((c_idx, t_ns.astype(np.int64), p_idx))
+    order = np.lexsort((c_idx, t_ns, p_idx))
     obs = pd.DataFrame(
         {
             "patient_id": pd.Categorical.from_codes(p_idx[order], categories=pid_cats),
-            "time": pd.DatetimeIndex(
-                t_ns.astype(np.int64)[order].view("datetime64[ns]"), dtype="datetime64[ns, UTC]"
-            ),
+            "time": _ns_index(t_ns[order]),
             "code": pd.Categorical.from_codes(c_idx[order], categories=code_cats),
-            "value": values.astype(np.float64)[order],
-            "source": sources.astype(object)[order],
+            "value": values[order],
+            "source": sources[order],
         }
     )
     pats: list[dict[str, Any]] = []
@@ -468,7 +463,6 @@ def frames_for(
     for row in pats:
         keys.update(dict.fromkeys(row))
     columns: dict[str, Any] = {k: [row.get(k, np.nan) for row in pats] for k in keys}
-    as_of_ns = [_ns_of(p.as_of) for p in prepared]
     columns["followup_start"] = _ns_index(
         [
             min(int(p.time_ns.min()), a) if p.n_observations else a
@@ -481,7 +475,7 @@ def frames_for(
     return obs, patients, times
 
 
-def _ns_index(ns: Sequence[int]) -> pd.DatetimeIndex:
+def _ns_index(ns: Sequence[int] | np.ndarray) -> pd.DatetimeIndex:
     return pd.DatetimeIndex(
         np.asarray(ns, dtype=np.int64).view("datetime64[ns]"), dtype="datetime64[ns, UTC]"
     )

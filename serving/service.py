@@ -152,10 +152,10 @@ class VitalRisk:
     """Deterioration-risk scoring: the MLflow registry's champion behind versioned routes."""
 
     def __init__(self) -> None:
-        # fail fast: without a champion, keys or valid params the server must not start (BentoML
-        # would otherwise restart the worker forever), so stop the supervising process too
         # BentoML sets up its own loggers only: let ours say which model serves, and stats
         logging.getLogger("serving").setLevel(logging.INFO)
+        # fail fast: without a champion, keys or valid params the server must not start (BentoML
+        # would otherwise restart the worker forever), so stop the supervising process too
         try:
             set_runtime(build_runtime())
             # a full garbage collection walks every object of MLflow, pandas and BentoML
@@ -172,9 +172,7 @@ class VitalRisk:
         rt = current_runtime()
         if rt is not None:
             rt.queue.close()
-            close = getattr(rt.limiter, "close", None)
-            if close is not None:
-                close()
+            rt.limiter.close()
             rt.audit.close()
             rt.predlog.close()
 
@@ -185,11 +183,7 @@ class VitalRisk:
     async def score(self, request: Request, body: ScoreRequest) -> Response:
         """Score patients from raw observations with the training feature code."""
         rt = _rt()
-        # queued requests are scored together on the scoring thread (serving/batching.py)
-        n_obs = sum(len(p.observations) for p in body.patients)
-        resp, patients = await rt.queue.submit(
-            body.patients, _rid(request), len(body.patients), n_obs
-        )
+        resp, patients = await rt.score(body.patients, _rid(request))
         _audit(request, patients, rt.champion.version)
         # serialised here: returning the model would make FastAPI validate it once more;
         # ``response_model`` still documents it
@@ -200,9 +194,7 @@ class VitalRisk:
         """FHIR R4 Bundle (Observations, optional Patient) in; FHIR R4 RiskAssessment out."""
         rt = _rt()
         patient, warnings = bundle_to_patient(body.model_dump(exclude_none=True), rt.vocab)
-        resp, patients = await rt.queue.submit(
-            [patient], _rid(request), 1, len(patient.observations)
-        )
+        resp, patients = await rt.score([patient], _rid(request))
         _audit(request, patients, rt.champion.version)
         score = resp.results[0]
         score.warnings = warnings + score.warnings
