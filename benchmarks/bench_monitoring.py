@@ -70,24 +70,10 @@ def _named(summary: dict, expected: str) -> bool:
     return bool(by_code) and max(by_code, key=by_code.get) == expected
 
 
-def _evaluate(
-    reference: pd.DataFrame,
-    current: pd.DataFrame,
-    config: MonitorConfig,
-    vocab,
-    report: bool = True,
-) -> dict:
-    kinds = mon.column_kinds(reference, config.exclude)
-    codes = mon.feature_codes(kinds, vocab)
-    ranges = mon.vocabulary_ranges(codes, vocab, config.quality.range_stats)
-    cats = mon.reference_categories(reference, kinds)
-    cw = mon.collect_current([current], len(current), kinds, ranges, cats, config)
-    return mon.evaluate(reference, cw, kinds, codes, ranges, cats, config, report=report).summary
-
-
 def rates(vocab) -> dict:
     config = MonitorConfig(reference_size=RATE_REFERENCE, current_size=RATE_CURRENT)
     reference = syn.feature_frame(RATE_REFERENCE, seed=10_000, codes=(), windows=RATE_WINDOWS)
+    monitor = mon.FrameMonitor(reference, config, vocab)
     out: dict[str, dict] = {}
     t0 = time.perf_counter()
     for kind in ["none", *EXPECTED]:
@@ -96,7 +82,7 @@ def rates(vocab) -> dict:
             cur = syn.feature_frame(
                 RATE_CURRENT, seed=seed, drift=kind, codes=(), windows=RATE_WINDOWS
             )
-            s = _evaluate(reference, cur, config, vocab)
+            s = monitor.evaluate(cur, report=True).summary
             verdicts[s["verdict"]] += 1
             alarms += s["verdict"] != "ok"
             if kind != "none" and s["verdict"] != "ok" and _named(s, EXPECTED[kind]):
@@ -157,35 +143,6 @@ def _sim_named(summary: dict, expected: str) -> bool:
     return expected in by_code and by_code[expected] == max(by_code.values())
 
 
-class _Reference:
-    """The reference pool prepared once: column kinds, ranges, per-patient units."""
-
-    def __init__(self, frame: pd.DataFrame, config: MonitorConfig, vocab) -> None:
-        self.frame = frame
-        self.config = config
-        self.kinds = mon.column_kinds(frame, config.exclude)
-        self.codes = mon.feature_codes(self.kinds, vocab)
-        self.ranges = mon.vocabulary_ranges(self.codes, vocab, config.quality.range_stats)
-        self.cats = mon.reference_categories(frame, self.kinds)
-        self.units = mon.patient_units(frame, self.kinds)
-
-    def evaluate(self, current: pd.DataFrame) -> dict:
-        cw = mon.collect_current(
-            [current], len(current), self.kinds, self.ranges, self.cats, self.config
-        )
-        return mon.evaluate(
-            self.frame,
-            cw,
-            self.kinds,
-            self.codes,
-            self.ranges,
-            self.cats,
-            self.config,
-            report=False,
-            reference_units=self.units,
-        ).summary
-
-
 def _resample(patients: np.ndarray, size: int, seed: int) -> np.ndarray:
     """Seeded patient resample of one window (the same patients in every variant pool)."""
     return np.random.default_rng(seed).choice(patients, size, replace=False)
@@ -217,7 +174,7 @@ def _rates(runs: list[dict], kind: str) -> dict:
 
 
 def _run_pool(
-    ref: _Reference, pool: pd.DataFrame, kind: str, sizes: tuple[int, ...], label: str
+    ref: mon.FrameMonitor, pool: pd.DataFrame, kind: str, sizes: tuple[int, ...], label: str
 ) -> dict[int, dict]:
     patients = np.sort(pool["patient_id"].unique())
     pid = pool["patient_id"].to_numpy()
@@ -230,7 +187,7 @@ def _run_pool(
         t0 = time.perf_counter()
         for seed in range(SEEDS):
             chosen = _resample(patients, size, 1000 + seed)
-            s = ref.evaluate(pool[np.isin(pid, chosen)])
+            s = ref.evaluate(pool[np.isin(pid, chosen)]).summary
             runs.append(
                 {
                     "verdict": s["verdict"],
@@ -263,7 +220,9 @@ def simulator_rates() -> dict:
     t0 = time.perf_counter()
     config = sim_config()
     vocab = load_vocabulary()
-    ref = _Reference(pd.read_parquet(pools.reference_pool(SIM_REFERENCE_PATIENTS)), config, vocab)
+    ref = mon.FrameMonitor(
+        pd.read_parquet(pools.reference_pool(SIM_REFERENCE_PATIENTS)), config, vocab
+    )
     t_ref = time.perf_counter() - t0
     out: dict[str, dict] = {}
     for kind in SIM_VARIANTS:
@@ -294,8 +253,8 @@ def simulator_rates() -> dict:
     ]
     return {
         "seeds": SEEDS,
-        "reference_patients": int(ref.units.shape[0]),
-        "reference_rows": len(ref.frame),
+        "reference_patients": int(ref.reference["patient_id"].nunique()),
+        "reference_rows": len(ref.reference),
         "pool_patients": SIM_POOL_PATIENTS,
         "window_patients": list(SIM_WINDOWS),
         "features": len(ref.kinds),

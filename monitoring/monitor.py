@@ -227,11 +227,16 @@ def patient_units(frame: pd.DataFrame, kinds: Mapping[str, ColumnKind]) -> pd.Da
     once for the reference and pass it to ``evaluate(reference_units=...)``: the per-patient
     medians of a reference of a few thousand patients cost seconds per run otherwise.
     """
+    return per_patient(_categories_as_text(frame, kinds), kinds)
+
+
+def _categories_as_text(frame: pd.DataFrame, kinds: Mapping[str, ColumnKind]) -> pd.DataFrame:
+    """A copy with every non-numerical column as text: one dtype per side for Evidently."""
     out = frame.copy()
     for c, k in kinds.items():
         if k != "numerical" and c in out.columns:
             out[c] = _as_category(out[c])
-    return per_patient(out, kinds)
+    return out
 
 
 def per_patient(frame: pd.DataFrame, kinds: Mapping[str, ColumnKind]) -> pd.DataFrame:
@@ -495,15 +500,12 @@ def evaluate(
     the benchmark's hundreds of resamples need the verdict only. ``reference_units``:
     ``patient_units(reference, kinds)`` computed once by a caller that reuses the reference.
     """
-    tests = drift_tests(kinds, config)
     row_tests = drift_tests(kinds, config)
+    tests = dict(row_tests)  # per patient, flags get the numerical test below
     numerical = [c for c, k in kinds.items() if k == "numerical"]
     categorical = [c for c, k in kinds.items() if k != "numerical"]
-    cur = current.sample.copy()
-    ref = reference.copy()
-    for c in categorical:  # one dtype per side so Evidently sees the same categories
-        ref[c] = _as_category(ref[c])
-        cur[c] = _as_category(cur[c])
+    cur = _categories_as_text(current.sample, kinds)
+    ref = _categories_as_text(reference, kinds)
     has_pred = (
         PREDICTION in ref.columns and PREDICTION in cur.columns and ref[PREDICTION].notna().any()
     )
@@ -869,3 +871,43 @@ def monitor_log(
         timestamp=timestamp or window.end.floor("s").to_pydatetime(),
         tags=tags,
     )
+
+
+class FrameMonitor:
+    """A reference feature frame prepared once, to monitor in-memory feature frames against.
+
+    For callers that hold the current rows themselves (tests, benchmarks, a scheduler that
+    compares many windows with one reference): the steps of :func:`monitor_log` without the
+    prediction log. The per-patient reference is computed on first use and kept.
+    """
+
+    def __init__(self, reference: pd.DataFrame, config: MonitorConfig, vocab: Vocabulary) -> None:
+        self.reference = reference
+        self.config = config
+        self.kinds = column_kinds(reference, config.exclude)
+        self.codes = feature_codes(self.kinds, vocab)
+        self.ranges = vocabulary_ranges(self.codes, vocab, config.quality.range_stats)
+        self.cats = reference_categories(reference, self.kinds)
+        self._units: pd.DataFrame | None = None
+
+    def evaluate(self, current: pd.DataFrame, report: bool = False) -> MonitorResult:
+        cw = collect_current(
+            [current], len(current), self.kinds, self.ranges, self.cats, self.config
+        )
+        if (
+            self._units is None
+            and self.config.drift.unit == "patient"
+            and "patient_id" in self.reference.columns
+        ):
+            self._units = patient_units(self.reference, self.kinds)
+        return evaluate(
+            self.reference,
+            cw,
+            self.kinds,
+            self.codes,
+            self.ranges,
+            self.cats,
+            self.config,
+            report=report,
+            reference_units=self._units,
+        )

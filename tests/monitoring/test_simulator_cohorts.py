@@ -65,13 +65,7 @@ def cohorts(tmp_path_factory):
 
 
 def _monitor(reference: pd.DataFrame, current: pd.DataFrame, config: MonitorConfig) -> dict:
-    vocab = load_vocabulary()
-    kinds = mon.column_kinds(reference, config.exclude)
-    codes = mon.feature_codes(kinds, vocab)
-    ranges = mon.vocabulary_ranges(codes, vocab, config.quality.range_stats)
-    cats = mon.reference_categories(reference, kinds)
-    cw = mon.collect_current([current], len(current), kinds, ranges, cats, config)
-    return mon.evaluate(reference, cw, kinds, codes, ranges, cats, config, report=False).summary
+    return mon.FrameMonitor(reference, config, load_vocabulary()).evaluate(current).summary
 
 
 def test_fresh_simulated_cohort_raises_no_alarm(cohorts, sim_config):
