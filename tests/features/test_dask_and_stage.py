@@ -82,37 +82,17 @@ def test_stage_cli_writes_features_dictionary_and_report(obs_dir, tmp_path, caps
 
 
 def test_stage_cli_user_errors(obs_dir, tmp_path, capsys):
-    bad = _params(tmp_path, "  windows:\n    hourz: {}\n")
-    rc = main(
-        [
-            "features",
-            "--observations",
-            str(obs_dir),
-            "--out",
-            str(tmp_path / "o"),
-            "--params",
-            str(bad),
-        ]
-    )
+    def run(observations, params) -> int:
+        args = ["--observations", str(observations), "--out", str(tmp_path / "o")]
+        return main(["features", *args, "--params", str(params)])
+
+    rc = run(obs_dir, _params(tmp_path, "  windows:\n    hourz: {}\n"))
     err = capsys.readouterr().err
     assert rc == 2 and "features.windows.hourz" in err and "unknown key" in err
-    rc = main(
-        ["features", "--observations", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
-         "--params", str(_params(tmp_path))]
-    )  # fmt: skip
+    rc = run(tmp_path / "nowhere", _params(tmp_path))
     err = capsys.readouterr().err
     assert rc == 2 and "observations.parquet" in err
     short = _params(tmp_path).read_text().replace("lookback_hours: 168", "lookback_hours: 10")
     (tmp_path / "short.yaml").write_text(short)
-    rc = main(
-        [
-            "features",
-            "--observations",
-            str(obs_dir),
-            "--out",
-            str(tmp_path / "o"),
-            "--params",
-            str(tmp_path / "short.yaml"),
-        ]
-    )
+    rc = run(obs_dir, tmp_path / "short.yaml")
     assert rc == 2 and "lookback_hours" in capsys.readouterr().err
