@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     env["VITALRISK_MAX_BATCH_SIZE"] = str(config.max_batch_size)
     env["VITALRISK_MAX_LATENCY_MS"] = str(config.max_latency_ms)
     env["VITALRISK_ACCESS_LOG"] = "1" if config.access_log else "0"
+    env["VITALRISK_TRACING"] = "1" if config.tracing else "0"
     cmd = build_command(host, port)
     log.info("serving %s@champion on http://%s:%d (%s)", name, host, port, " ".join(cmd))
     sys.stdout.flush()

@@ -285,6 +285,8 @@ class GuardMiddleware:
             "patients": [],
             "model_version": None,
         }
+        if method in ("POST", "PUT", "PATCH"):
+            ctx["json"] = parsed  # the FastAPI routes validate this instead of parsing again
         if path == FEATURES_PATH and method == "POST":
             problem = rt.check_feature_rows(parsed)
             if problem is not None:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from features.build import FeatureArrays
+from features.build import FeatureArrays, input_codes
 from features.vocabulary import Vocabulary, load_vocabulary
 from governance.audit import AuditLog
 from serving.auditq import AuditBatcher
@@ -44,7 +44,7 @@ from serving.scoring import (
     LoadedModel,
     PreparedPatient,
     explain,
-    frames_for,
+    feature_inputs_for,
     load_feature_texts,
     missing_warnings,
     prepare_patients,
@@ -103,6 +103,7 @@ class Runtime:
         self._categorical = set(getattr(self.champion.model, "categories", None) or {})
         self._logged_cols = list(dict.fromkeys([*self.champion.feature_names, "news2_total"]))
         self._column_cache: dict[tuple[Any, ...], np.ndarray | None] = {}
+        self._input_codes = input_codes(self.feature_config, self.vocab)
         #: raw-observation requests are scored in batches on one thread (serving/batching.py)
         self.queue: ScoreQueue[Sequence[PatientIn]] = ScoreQueue(
             self.score_jobs, self.config.score_batch_patients, self.config.inline_observations
@@ -168,10 +169,10 @@ class Runtime:
     # -- /v1/score ------------------------------------------------------------------------
     def feature_arrays(self, prepared: list[PreparedPatient]) -> FeatureArrays:
         """The training feature code's output, rows in request order (patients are distinct)."""
-        from features.build import compute_feature_arrays
+        from features.build import features_from_arrays
 
-        obs, patients, times = frames_for(prepared)
-        out = compute_feature_arrays(obs, patients, times, self.feature_config, self.vocab)
+        inputs = feature_inputs_for(prepared, self._input_codes)
+        out = features_from_arrays(inputs, self.feature_config, self.vocab)
         row_of = {pid: i for i, pid in enumerate(out.patient_id.tolist())}
         rows = [row_of[p.pseudonym] for p in prepared]
         if rows != list(range(len(out.patient_id))):

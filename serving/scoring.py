@@ -13,12 +13,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from features.vocabulary import Vocabulary
+
+if TYPE_CHECKING:
+    from features.build import FeatureInputs
 from governance.pseudonym import get_key, pseudonymise
 from serving.config import ServeConfig
 from serving.schemas import Contribution, PatientIn
@@ -223,47 +225,40 @@ def _ns_of(t: datetime) -> int:
     return (t - _EPOCH) // _MICROSECOND * 1000
 
 
-def _canonical_values(
-    vocab: Vocabulary,
-    key: str,
-    unit: str | None,
-    raw: list[float | str],
-) -> tuple[np.ndarray, list[str | None]]:
-    """(canonical values, error per value or None) for one (code, unit) group.
+@dataclass(frozen=True)
+class _Rule:
+    """How one request's (code, unit) pair becomes canonical: the vocabulary key (None when
+    unknown), its unit conversion (None when the unit is not convertible) and its range."""
 
-    Numbers go through the unit conversion in one numpy expression (the same IEEE operations
-    as ``Vocabulary.to_canonical`` per value); text values (categories) one at a time.
-    """
-    out = np.full(len(raw), np.nan)
-    errors: list[str | None] = [None] * len(raw)
+    key: str | None
+    conv: Any  # features.vocabulary.UnitConversion | None
+    lo: float
+    hi: float
+
+
+def _rule(vocab: Vocabulary, code: str, unit: str | None) -> _Rule:
+    key = vocab.resolve_code(code)
+    if key is None:
+        return _Rule(None, None, np.nan, np.nan)
     spec = vocab.codes[key]
     u = spec.unit if unit is None or str(unit).strip() == "" else str(unit).strip()
-    conv = spec.units.get(u)
-    num = [i for i, v in enumerate(raw) if not isinstance(v, str)]
-    if num and conv is not None:
-        v = np.fromiter((raw[i] for i in num), dtype=np.float64, count=len(num))
-        if conv.threshold is not None:
-            out[num] = np.where(v > conv.threshold, 1.0, 0.0)
-        else:
-            out[num] = v * conv.scale + conv.offset
-    for i, value in enumerate(raw):
-        if conv is not None and not isinstance(value, str):
-            continue  # converted above
-        try:
-            out[i] = vocab.to_canonical(key, value, unit)
-        except ValueError as exc:
-            errors[i] = str(exc)
-    return out, errors
+    lo, hi = spec.range
+    return _Rule(key, spec.units.get(u), float(lo), float(hi))
 
 
 def _prepare_one(
     loc: str, p: PatientIn, vocab: Vocabulary, now: datetime, latest: datetime
 ) -> tuple[PreparedPatient | None, list[tuple[str, str]]]:
-    """Canonical arrays and warnings for one patient, or the problems that make it a 422."""
+    """Canonical arrays and warnings for one patient, or the problems that make it a 422.
+
+    One pass over the observations, then numpy over all of them: each value is converted by
+    its (code, unit) rule with the same IEEE operations as ``Vocabulary.to_canonical``
+    (``value * scale + offset``, or ``value > threshold``); text values, and units without a
+    conversion, go through ``to_canonical`` one by one (its message names what was expected).
+    """
     obs = p.observations
     n = len(obs)
     problems: list[tuple[int, int, str, str]] = []  # (observation, order, loc, message)
-    warn_at: list[tuple[int, str]] = []
     ns = [_ns_of(o.time) for o in obs]
     bad = [j for j, x in enumerate(ns) if not _NS_MIN <= x <= _NS_MAX]
     if bad:
@@ -275,51 +270,72 @@ def _prepare_one(
             for j in bad
         ]
     t_ns = np.array(ns, dtype=np.int64)
-    latest_ns = _ns_of(latest)
-    keys = np.empty(n, dtype=object)
-    values = np.full(n, np.nan)
-    ok = np.zeros(n, dtype=bool)
-    groups: dict[tuple[str, str | None], list[int]] = {}
-    for j, o in enumerate(obs):
-        groups.setdefault((o.code, o.unit), []).append(j)
-    future = t_ns > latest_ns
-    for (code, unit), idx in groups.items():
-        key = vocab.resolve_code(code)
-        if key is None:
-            msg = f"unknown code {code!r}: expected a vocabulary key or LOINC code"
-            problems.extend((j, 0, f"{loc}.observations[{j}].code", msg) for j in idx)
-            continue
-        conv, errs = _canonical_values(vocab, key, unit, [obs[j].value for j in idx])
-        lo, hi = vocab.codes[key].range
-        for k, j in enumerate(idx):
-            if future[j]:
-                problems.append(
-                    (
-                        j,
-                        1,
-                        f"{loc}.observations[{j}].time",
-                        f"{obs[j].time.isoformat()} is in the future "
-                        f"(server time {latest:%Y-%m-%dT%H:%M}Z + tolerance)",
-                    )
-                )
-            err = errs[k]
-            if err is not None:
-                field_name = "unit" if err.startswith("unit") else "value"
-                problems.append((j, 2, f"{loc}.observations[{j}].{field_name}", err))
-                continue
-            if future[j]:
-                continue
-            v = conv[k]
-            if not lo <= v <= hi:
-                warn_at.append((j, f"observations[{j}]: {vocab.check_range(key, v)}: ignored"))
-                continue
-            keys[j] = key
-            values[j] = v
-            ok[j] = True
+    future = t_ns > _ns_of(latest)
+    # one rule per distinct (code, unit) of this patient
+    pairs: dict[tuple[str, str | None], int] = {}
+    gid = np.fromiter(
+        (pairs.setdefault((o.code, o.unit), len(pairs)) for o in obs), dtype=np.intp, count=n
+    )
+    rules = [_rule(vocab, code, unit) for code, unit in pairs]
+    raw = [o.value for o in obs]
+    known = np.array([r.key is not None for r in rules], dtype=bool)[gid]
+    linear = np.array([r.conv is not None and r.conv.threshold is None for r in rules], dtype=bool)[
+        gid
+    ]
+    step = np.array(
+        [r.conv is not None and r.conv.threshold is not None for r in rules], dtype=bool
+    )[gid]
+    text = np.fromiter((isinstance(v, str) for v in raw), dtype=bool, count=n)
+    v = np.fromiter((np.nan if isinstance(x, str) else x for x in raw), dtype=np.float64, count=n)
+    g_scale = np.array([r.conv.scale if r.conv is not None else 1.0 for r in rules], dtype=float)
+    g_offset = np.array([r.conv.offset if r.conv is not None else 0.0 for r in rules], dtype=float)
+    g_thr = np.array(
+        [
+            r.conv.threshold if r.conv is not None and r.conv.threshold is not None else 0.0
+            for r in rules
+        ],
+        dtype=float,
+    )
+    values = np.where(
+        step,
+        np.where(v > g_thr[gid], 1.0, 0.0),
+        v * g_scale[gid] + g_offset[gid],
+    )
+    for j in np.flatnonzero(~known).tolist():
+        msg = f"unknown code {obs[j].code!r}: expected a vocabulary key or LOINC code"
+        problems.append((j, 0, f"{loc}.observations[{j}].code", msg))
+    for j in np.flatnonzero(known & future).tolist():
+        problems.append(
+            (
+                j,
+                1,
+                f"{loc}.observations[{j}].time",
+                f"{obs[j].time.isoformat()} is in the future "
+                f"(server time {latest:%Y-%m-%dT%H:%M}Z + tolerance)",
+            )
+        )
+    # text values and units without a conversion: one by one, with the vocabulary's message
+    for j in np.flatnonzero(known & (text | ~(linear | step))).tolist():
+        key = rules[gid[j]].key
+        assert key is not None
+        try:
+            values[j] = vocab.to_canonical(key, raw[j], obs[j].unit)
+        except ValueError as exc:
+            err = str(exc)
+            field_name = "unit" if err.startswith("unit") else "value"
+            problems.append((j, 2, f"{loc}.observations[{j}].{field_name}", err))
     if problems:
         problems.sort(key=lambda x: (x[0], x[1]))
         return None, [(where, msg) for _, _, where, msg in problems]
-    warnings = [w for _, w in sorted(warn_at)]
+    lo = np.array([r.lo for r in rules], dtype=float)[gid]
+    hi = np.array([r.hi for r in rules], dtype=float)[gid]
+    with np.errstate(invalid="ignore"):
+        ok = (values >= lo) & (values <= hi)  # NaN is outside, as ``not lo <= v <= hi``
+    warnings = [
+        f"observations[{j}]: {vocab.check_range(str(rules[gid[j]].key), values[j])}: ignored"
+        for j in np.flatnonzero(~ok).tolist()
+    ]
+    keys = np.array([r.key for r in rules], dtype=object)[gid]
     sel = np.flatnonzero(ok)
     if p.as_of is not None:
         as_of = p.as_of.astimezone(UTC)
@@ -404,80 +420,61 @@ def prepare_patients(
     return out
 
 
-def frames_for(
-    prepared: Sequence[PreparedPatient],
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(observations, patients, times) in the data-contract shapes for ``compute_features``.
+def feature_inputs_for(prepared: Sequence[PreparedPatient], codes: Sequence[str]) -> FeatureInputs:
+    """The training feature code's arrays-level input (``features.build.FeatureInputs``).
 
-    ``prepared`` holds at least one patient. Observations up to each patient's ``as_of``,
-    sorted by (patient_id, time, code), stably; ``patient_id`` and ``code`` as categoricals
-    (the feature code's fast path), built from numpy arrays: for a few patients a frame from
-    a list of dicts would cost more than the features themselves.
+    ``prepared`` holds distinct patients; each is queried once, at its ``as_of``, with its
+    observations up to then. ``codes`` are the vocabulary keys the features use
+    (``features.build.input_codes``). Built straight from the prepared arrays: for a few
+    patients, data-contract frames would cost more than the features themselves.
     """
-    pids = [p.pseudonym for p in prepared]
-    pid_cats = sorted(set(pids))
-    pid_rank = {pid: i for i, pid in enumerate(pid_cats)}
+    from features.build import FeatureInputs
+
+    pids = sorted(p.pseudonym for p in prepared)
+    rank = {pid: i for i, pid in enumerate(pids)}
+    code_index = {c: i for i, c in enumerate(codes)}
     as_of_ns = [_ns_of(p.as_of) for p in prepared]
     keep = [p.time_ns <= a for p, a in zip(prepared, as_of_ns, strict=True)]
-    t_ns = np.concatenate([p.time_ns[k] for p, k in zip(prepared, keep, strict=True)])
-    codes = np.concatenate([p.codes[k] for p, k in zip(prepared, keep, strict=True)])
-    values = np.concatenate([p.values[k] for p, k in zip(prepared, keep, strict=True)])
-    sources = np.concatenate([p.sources[k] for p, k in zip(prepared, keep, strict=True)])
-    p_idx = np.concatenate(
-        [
-            np.full(int(k.sum()), pid_rank[p.pseudonym], dtype=np.int32)
-            for p, k in zip(prepared, keep, strict=True)
-        ]
-    )
-    code_cats = sorted({str(c) for c in codes.tolist()})
-    code_rank = {c: i for i, c in enumerate(code_cats)}
-    c_idx = np.fromiter((code_rank[c] for c in codes.tolist()), dtype=np.int32, count=len(codes))
-    order = np.lexsort((c_idx, t_ns, p_idx))
-    obs = pd.DataFrame(
-        {
-            "patient_id": pd.Categorical.from_codes(p_idx[order], categories=pid_cats),
-            "time": _ns_index(t_ns[order]),
-            "code": pd.Categorical.from_codes(c_idx[order], categories=code_cats),
-            "value": values[order],
-            "source": sources[order],
-        }
-    )
-    pats: list[dict[str, Any]] = []
-    for p in prepared:
-        setting = p.covariates.get("setting") or _guess_setting(p.sources)
-        row = {
-            "patient_id": p.pseudonym,
-            "setting": setting,
-            "age": np.nan if p.covariates.get("age") is None else float(p.covariates["age"]),
-            "sex": p.covariates.get("sex"),
-            "followup_start": None,  # filled below, column-wise
-            "followup_end": None,
-            "consent_care": True,
-            "consent_model_training": False,
-            "consent_research": False,
-        }
-        row.update({k: v for k, v in p.covariates.items() if k.startswith("cm_")})
-        pats.append(row)
-    # column-wise, as a frame from records would have them (a missing cm_ key -> NaN)
-    keys: dict[str, None] = {}
-    for row in pats:
-        keys.update(dict.fromkeys(row))
-    columns: dict[str, Any] = {k: [row.get(k, np.nan) for row in pats] for k in keys}
-    columns["followup_start"] = _ns_index(
-        [
-            min(int(p.time_ns.min()), a) if p.n_observations else a
-            for p, a in zip(prepared, as_of_ns, strict=True)
-        ]
-    )
-    columns["followup_end"] = _ns_index(as_of_ns)
-    patients = pd.DataFrame(columns)
-    times = pd.DataFrame({"patient_id": pids, "time": _ns_index(as_of_ns)})
-    return obs, patients, times
-
-
-def _ns_index(ns: Sequence[int] | np.ndarray) -> pd.DatetimeIndex:
-    return pd.DatetimeIndex(
-        np.asarray(ns, dtype=np.int64).view("datetime64[ns]"), dtype="datetime64[ns, UTC]"
+    obs_codes = np.concatenate([p.codes[k] for p, k in zip(prepared, keep, strict=True)])
+    by_pid = {p.pseudonym: p for p in prepared}
+    ordered = [by_pid[pid] for pid in pids]
+    columns: dict[str, np.ndarray] = {
+        "age": np.array(
+            [np.nan if p.covariates.get("age") is None else p.covariates["age"] for p in ordered],
+            dtype=np.float64,
+        ),
+        "sex": np.array([p.covariates.get("sex") for p in ordered], dtype=object),
+        "setting": np.array(
+            [p.covariates.get("setting") or _guess_setting(p.sources) for p in ordered],
+            dtype=object,
+        ),
+    }
+    # 0/1 flags (``cm_*`` comorbidities, ``spo2_scale2``, ...); absent for a patient -> missing
+    flags = sorted({k for p in ordered for k in p.covariates if k not in columns})
+    for k in flags:
+        columns[k] = np.array(
+            [np.nan if p.covariates.get(k) is None else p.covariates[k] for p in ordered],
+            dtype=np.float64,
+        )
+    return FeatureInputs(
+        patient_ids=np.array(pids, dtype=object),
+        obs_patient=np.concatenate(
+            [
+                np.full(int(k.sum()), rank[p.pseudonym], dtype=np.int32)
+                for p, k in zip(prepared, keep, strict=True)
+            ]
+        ),
+        obs_code=np.fromiter(
+            (code_index.get(c, -1) for c in obs_codes.tolist()),
+            dtype=np.int16,
+            count=len(obs_codes),
+        ),
+        codes=list(codes),
+        obs_time_ns=np.concatenate([p.time_ns[k] for p, k in zip(prepared, keep, strict=True)]),
+        obs_value=np.concatenate([p.values[k] for p, k in zip(prepared, keep, strict=True)]),
+        query_patient=np.array([rank[p.pseudonym] for p in prepared], dtype=np.int64),
+        query_time_ns=np.array(as_of_ns, dtype=np.int64),
+        patient_columns=columns,
     )
 
 

@@ -184,6 +184,17 @@ def test_served_features_are_the_training_features(server: Server) -> None:
             assert g == w, name  # bit for bit: the same code on the same values
 
 
+def test_spo2_scale2_flag_reaches_news2(server: Server) -> None:
+    """``covariates.spo2_scale2`` (hypercapnic target 88-92%) switches NEWS2 to SpO2 scale 2."""
+    obs = vitals(18, 80, 89, 130, 37.0)  # on air: only SpO2 scores
+    with server.client() as c:
+        r1 = c.post("/v1/score", json={"patients": [patient("S2-1", obs)]})
+        r2 = c.post("/v1/score", json={"patients": [patient("S2-2", obs, spo2_scale2=1)]})
+    assert r1.status_code == r2.status_code == 200, (r1.text, r2.text)
+    assert r1.json()["results"][0]["news2_total"] == 3  # scale 1: SpO2 <= 91 -> 3
+    assert r2.json()["results"][0]["news2_total"] == 0  # scale 2: 88-92 on air -> 0
+
+
 def test_concurrent_raw_requests_are_batched_correctly(server: Server) -> None:
     """Requests scored together answer exactly as when each is scored alone, including two
     requests for the same patient with different data and a bad request in the crowd."""
