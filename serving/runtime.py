@@ -124,14 +124,18 @@ class Runtime:
             feats = row.get("features") if isinstance(row, dict) else None
             if not isinstance(feats, dict):
                 return 422, f"rows[{i}].features: expected an object of feature -> number or null"
-            bad = [k for k, v in feats.items() if isinstance(v, str) and k not in self._categorical]
-            if bad:
-                return (
-                    422,
-                    f"rows[{i}].features: {bad[:5]} must be numbers or null (text only for categorical features)",
-                )
-            unknown = [k for k in feats if k not in self._known]
-            if unknown:
+            # set operations in C first: rows of hundreds of features, up to thousands of rows
+            if str in set(map(type, feats.values())):
+                bad = [
+                    k for k, v in feats.items() if isinstance(v, str) and k not in self._categorical
+                ]
+                if bad:
+                    return (
+                        422,
+                        f"rows[{i}].features: {bad[:5]} must be numbers or null (text only for categorical features)",
+                    )
+            if not feats.keys() <= self._known:
+                unknown = [k for k in feats if k not in self._known]
                 return 422, (
                     f"rows[{i}].features: unknown feature(s) {unknown[:5]}; "
                     f"GET /v1/model lists the {len(self.champion.feature_names)} features"
