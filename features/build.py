@@ -1,11 +1,11 @@
 """The one feature entry point for training and serving.
 
 ``compute_features`` turns long observations into one row of point-in-time features per
-(patient, prediction time). Batch training, the Dask backend and the serving helper
-``features_for_patient`` all call it, so the two paths cannot drift apart. Underneath it,
-``features_from_arrays`` takes plain arrays (:class:`FeatureInputs`): the service calls that
-directly and skips building DataFrames; ``compute_features`` is ``feature_inputs`` (frames ->
-arrays) followed by it, so there is still one implementation.
+(patient, prediction time); batch training, the Dask backend and the one-patient helper
+``features_for_patient`` call it. Underneath it, ``features_from_arrays`` takes plain arrays
+(:class:`FeatureInputs`): the service calls that directly and skips building DataFrames;
+``compute_features`` is ``feature_inputs`` (frames -> arrays) followed by it, so training and
+serving cannot drift apart.
 
 Small inputs (a few queries: serving) take a stacked path over all codes at once
 (``_small_chunk_features``), large ones the per-code path (``_chunk_features``); both give the
@@ -35,7 +35,14 @@ from features.config import FeaturesConfig
 from features.labels import HOUR_NS, _ns, label_times, prediction_times
 from features.news2 import NEWS2_CODES, news2_scores
 from features.vocabulary import CodeSpec, Vocabulary
-from features.windows import CodeSeries, moments_to_stats, range_reduce, segmented_cumsum
+from features.windows import (
+    CodeSeries,
+    centred_moments,
+    moments_to_stats,
+    range_reduce,
+    segmented_cumsum,
+    sort_series,
+)
 
 log = logging.getLogger(__name__)
 
@@ -973,34 +980,17 @@ def _small_chunk_features(
     if unit > 1:
         t_u = -(-t_u // unit)  # ceil: an observation never moves earlier
     key = (c_idx.astype(np.int64) * n_pat + p_idx) * span + t_u
-    order = np.argsort(key, kind="stable")
-    key, t_u, v = key[order], t_u[order], val[order]
-    if len(key) > 1 and bool((key[1:] == key[:-1]).any()):
-        order = np.lexsort((v, key))  # stable: equal (key, value) rows keep their order
-        key, t_u, v = key[order], t_u[order], v[order]
-        dup = (key[1:] == key[:-1]) & (v[1:] == v[:-1])
-        if dup.any():
-            keep = np.concatenate([[True], ~dup])
-            key, t_u, v = key[keep], t_u[keep], v[keep]
+    key, t_u, v = sort_series(key, t_u, val)
     n = len(key)
     seg = np.searchsorted(key, np.arange(n_codes * n_pat + 1, dtype=np.int64) * span)
-    lengths = np.diff(seg)
 
     # -- centred moments and their segment-local prefix sums (as CodeSeries.build) ----------
     csum = np.empty((5, n))
     if n:
-        has = lengths > 0
-        first_rows = seg[:-1][has]
-        reps = lengths[has]
-        np.subtract(v, np.repeat(v[first_rows], reps), out=csum[0])
-        np.multiply(csum[0], csum[0], out=csum[1])
-        np.subtract(t_u, np.repeat(t_u[first_rows], reps), out=csum[2], casting="unsafe")
-        csum[2] *= hpu
-        np.multiply(csum[2], csum[0], out=csum[3])
-        np.multiply(csum[2], csum[2], out=csum[4])
+        centred_moments(csum, v, t_u, seg, hpu)
         # (segmented_cumsum leaves a code's all-zero row at +0.0 instead of summing it; the
         # sums are +0.0 anyway, since each segment starts at +0.0: centred on itself)
-        csum = _padded_cumsum(csum, seg[:-1], lengths)
+        csum = _padded_cumsum(csum, seg[:-1], np.diff(seg))
 
     # -- every after() bound of every code in one search --------------------------------------
     cq = np.arange(n_codes, dtype=np.int64)[:, None] * n_pat + qp[None, :]  # segment ids

@@ -88,6 +88,59 @@ def range_reduce(ufunc: np.ufunc, a_ext: np.ndarray, lo: np.ndarray, hi: np.ndar
     return res
 
 
+def sort_series(
+    key: np.ndarray, t: np.ndarray, v: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows sorted by ``key`` (stably); ties at one key ordered by value, so "last" does not
+    depend on row order; exact duplicates (same key and value) dropped."""
+    if len(key) < 2:
+        return key, t, v
+    d = np.diff(key)
+    if d.min() < 0:
+        order = np.argsort(key, kind="stable")
+        key, t, v = key[order], t[order], v[order]
+        d = np.diff(key)
+    if not (d == 0).any():
+        return key, t, v
+    order = np.lexsort((v, key))
+    key, t, v = key[order], t[order], v[order]
+    dup = (key[1:] == key[:-1]) & (v[1:] == v[:-1])
+    if dup.any():
+        keep = np.concatenate([[True], ~dup])
+        key, t, v = key[keep], t[keep], v[keep]
+    return key, t, v
+
+
+def centred_moments(
+    out: np.ndarray,
+    v: np.ndarray,
+    t: np.ndarray,
+    starts: np.ndarray,
+    hours_per_unit: float,
+    moments: frozenset[str] = frozenset(MOMENTS),
+) -> None:
+    """Fill ``out`` (5, n) with the moments of :data:`MOMENTS` per row, value and time centred
+    on the first row of the row's segment (``starts``: segment bounds, len segments + 1);
+    rows of moments not asked for are zero."""
+    lengths = np.diff(starts)
+    has = lengths > 0
+    firsts = starts[:-1][has]
+    v_c = out[0]
+    np.subtract(v, np.repeat(v[firsts], lengths[has]), out=v_c)
+    if "vv" in moments:
+        np.multiply(v_c, v_c, out=out[1])
+    else:
+        out[1] = 0.0
+    if moments & {"t", "tv", "tt"}:
+        t_h = out[2]
+        np.subtract(t, np.repeat(t[firsts], lengths[has]), out=t_h, casting="unsafe")
+        t_h *= hours_per_unit
+        np.multiply(t_h, v_c, out=out[3])
+        np.multiply(t_h, t_h, out=out[4])
+    else:
+        out[2:] = 0.0
+
+
 @dataclass
 class CodeSeries:
     """One code's observations, sorted by (patient, time), with segment-local prefix sums.
@@ -118,49 +171,13 @@ class CodeSeries:
     ) -> CodeSeries:
         key = pidx.astype(np.int64, copy=False) * span
         key += t
-        tie = False
-        if len(key) > 1:
-            d = np.diff(key)
-            if d.min() < 0:
-                order = np.argsort(key, kind="stable")
-                key, t, v = key[order], t[order], v[order]
-                d = np.diff(key)
-            tie = bool((d == 0).any())
-            del d
-        if tie:
-            # Ties at one timestamp: order by value so "last" does not depend on row order,
-            # then drop exact duplicates (same patient, code, time and value).
-            order = np.lexsort((v, key))
-            key, t, v = key[order], t[order], v[order]
-            dup = np.zeros(len(key), dtype=bool)
-            dup[1:] = (key[1:] == key[:-1]) & (v[1:] == v[:-1])
-            if dup.any():
-                keep = ~dup
-                key, t, v = key[keep], t[keep], v[keep]
+        key, t, v = sort_series(key, t, v)
         starts = np.searchsorted(key, np.arange(n_patients + 1, dtype=np.int64) * span)
         n = len(key)
         csum = np.zeros((5, n)) if not moments else np.empty((5, n))
         if moments and n:
-            lengths = np.diff(starts)
-            has = lengths > 0
-            firsts = starts[:-1][has]
-            x = csum  # built in place, then replaced by its prefix sums
-            v_c = x[0]
-            np.subtract(v, np.repeat(v[firsts], lengths[has]), out=v_c)
-            if "vv" in moments:
-                np.multiply(v_c, v_c, out=x[1])
-            else:
-                x[1] = 0.0
-            if moments & {"t", "tv", "tt"}:
-                t_h = x[2]
-                np.subtract(t, np.repeat(t[firsts], lengths[has]), out=t_h, casting="unsafe")
-                t_h *= hours_per_unit
-                np.multiply(t_h, v_c, out=x[3])
-                np.multiply(t_h, t_h, out=x[4])
-            else:
-                x[2:] = 0.0
-            csum = segmented_cumsum(x, starts[:-1], lengths, inplace=True)
-            del x
+            centred_moments(csum, v, t, starts, hours_per_unit, moments)
+            csum = segmented_cumsum(csum, starts[:-1], np.diff(starts), inplace=True)
         v_ext = np.append(v, 0.0)
         return cls(key=key, t=t, v=v, starts=starts, csum=csum, v_ext=v_ext)
 
