@@ -153,11 +153,7 @@ def normalise_observations(
                         f"unknown unit {u!r} for {key}: expected one of {sorted(spec.units)}",
                     )
                     continue
-                v = knum.loc[uidx].astype(float)
-                if conv.threshold is not None:
-                    value.loc[uidx] = (v > conv.threshold).astype(float)
-                else:
-                    value.loc[uidx] = v * conv.scale + conv.offset
+                value.loc[uidx] = conv.apply_array(knum.loc[uidx].to_numpy(dtype=float))
         lo, hi = spec.range
         kv = value.loc[kidx]
         out = (kv < lo) | (kv > hi) | ~np.isfinite(kv)

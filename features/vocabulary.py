@@ -11,6 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -29,6 +30,12 @@ class UnitConversion(BaseModel):
         if self.threshold is not None:
             return 1.0 if value > self.threshold else 0.0
         return value * self.scale + self.offset
+
+    def apply_array(self, values: np.ndarray) -> np.ndarray:
+        """:meth:`apply` over a float64 array: the same IEEE operations for every value."""
+        if self.threshold is not None:
+            return np.where(values > self.threshold, 1.0, 0.0)
+        return values * self.scale + self.offset
 
 
 class CodeSpec(BaseModel):

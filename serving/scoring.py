@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from features.vocabulary import Vocabulary
-
-if TYPE_CHECKING:
-    from features.build import FeatureInputs
 from governance.pseudonym import get_key, pseudonymise
 from serving.config import ServeConfig
 from serving.schemas import Contribution, PatientIn
+
+if TYPE_CHECKING:
+    from features.build import FeatureInputs
 
 logger = logging.getLogger(__name__)
 
@@ -197,10 +197,6 @@ class PreparedPatient:
     covariates: dict[str, Any]
     warnings: list[str]
 
-    @property
-    def n_observations(self) -> int:
-        return len(self.time_ns)
-
 
 @lru_cache(maxsize=1)
 def _key() -> bytes:
@@ -251,10 +247,9 @@ def _prepare_one(
 ) -> tuple[PreparedPatient | None, list[tuple[str, str]]]:
     """Canonical arrays and warnings for one patient, or the problems that make it a 422.
 
-    One pass over the observations, then numpy over all of them: each value is converted by
-    its (code, unit) rule with the same IEEE operations as ``Vocabulary.to_canonical``
-    (``value * scale + offset``, or ``value > threshold``); text values, and units without a
-    conversion, go through ``to_canonical`` one by one (its message names what was expected).
+    One pass over the observations, then numpy per (code, unit): numbers are converted by the
+    vocabulary's ``UnitConversion.apply_array``; text values, and units without a conversion,
+    go through ``to_canonical`` one by one (its message names what was expected).
     """
     obs = p.observations
     n = len(obs)
@@ -279,28 +274,15 @@ def _prepare_one(
     rules = [_rule(vocab, code, unit) for code, unit in pairs]
     raw = [o.value for o in obs]
     known = np.array([r.key is not None for r in rules], dtype=bool)[gid]
-    linear = np.array([r.conv is not None and r.conv.threshold is None for r in rules], dtype=bool)[
-        gid
-    ]
-    step = np.array(
-        [r.conv is not None and r.conv.threshold is not None for r in rules], dtype=bool
-    )[gid]
     text = np.fromiter((isinstance(v, str) for v in raw), dtype=bool, count=n)
     v = np.fromiter((np.nan if isinstance(x, str) else x for x in raw), dtype=np.float64, count=n)
-    g_scale = np.array([r.conv.scale if r.conv is not None else 1.0 for r in rules], dtype=float)
-    g_offset = np.array([r.conv.offset if r.conv is not None else 0.0 for r in rules], dtype=float)
-    g_thr = np.array(
-        [
-            r.conv.threshold if r.conv is not None and r.conv.threshold is not None else 0.0
-            for r in rules
-        ],
-        dtype=float,
-    )
-    values = np.where(
-        step,
-        np.where(v > g_thr[gid], 1.0, 0.0),
-        v * g_scale[gid] + g_offset[gid],
-    )
+    values = np.full(n, np.nan)
+    numbers = ~text
+    for g, r in enumerate(rules):
+        if r.conv is not None:
+            at = np.flatnonzero((gid == g) & numbers)
+            values[at] = r.conv.apply_array(v[at])
+    converted = np.array([r.conv is not None for r in rules], dtype=bool)[gid] & numbers
     for j in np.flatnonzero(~known).tolist():
         msg = f"unknown code {obs[j].code!r}: expected a vocabulary key or LOINC code"
         problems.append((j, 0, f"{loc}.observations[{j}].code", msg))
@@ -315,7 +297,7 @@ def _prepare_one(
             )
         )
     # text values and units without a conversion: one by one, with the vocabulary's message
-    for j in np.flatnonzero(known & (text | ~(linear | step))).tolist():
+    for j in np.flatnonzero(known & ~converted).tolist():
         key = rules[gid[j]].key
         assert key is not None
         try:
