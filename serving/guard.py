@@ -11,7 +11,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -100,6 +100,23 @@ def error_loc(parts: Any) -> str:
     return out
 
 
+def problems_payload(
+    errors: Sequence[Mapping[str, Any]], rid: str, one_per_place: bool = False
+) -> dict[str, Any]:
+    """Our 4xx body for pydantic errors: each problem's place and message (the first 50), a
+    one-line summary and the request id. ``one_per_place`` keeps one problem per location
+    (pydantic reports each member of a union) and counts those."""
+    detail: list[dict[str, str]] = []
+    for e in errors[:50]:
+        loc = error_loc(e.get("loc", ()))
+        if one_per_place and any(d["loc"] == loc for d in detail):
+            continue
+        detail.append({"loc": loc, "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))})
+    total = len(detail) if one_per_place else len(errors)
+    first = f"{detail[0]['loc']}: {detail[0]['msg']}" if detail else "invalid request"
+    return {"error": f"{total} problem(s); first: {first}", "detail": detail, "request_id": rid}
+
+
 def bentoml_error(body: bytes, rid: str) -> tuple[int, dict[str, Any]]:
     """BentoML's 400 for a body that breaks the schema -> our 422 shape with the request id."""
     try:
@@ -109,18 +126,7 @@ def bentoml_error(body: bytes, rid: str) -> tuple[int, dict[str, Any]]:
     raw = doc.get("detail") if isinstance(doc, dict) else None
     if not isinstance(raw, list):
         return 400, {"error": str(doc.get("error", "bad request")), "request_id": rid}
-    detail: list[dict[str, str]] = []
-    for e in raw[:50]:
-        loc = error_loc(e.get("loc", ()))
-        if any(d["loc"] == loc for d in detail):
-            continue  # one problem per place (pydantic reports each union member)
-        detail.append({"loc": loc, "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))})
-    first = f"{detail[0]['loc']}: {detail[0]['msg']}" if detail else "invalid request"
-    return 422, {
-        "error": f"{len(detail)} problem(s); first: {first}",
-        "detail": detail,
-        "request_id": rid,
-    }
+    return 422, problems_payload(raw, rid, one_per_place=True)
 
 
 class GuardMiddleware:

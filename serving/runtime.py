@@ -104,7 +104,7 @@ class Runtime:
         self._logged_cols = list(dict.fromkeys([*self.champion.feature_names, "news2_total"]))
         self._column_cache: dict[tuple[Any, ...], np.ndarray | None] = {}
         self._input_codes = input_codes(self.feature_config, self.vocab)
-        #: raw-observation requests are scored in batches on one thread (serving/batching.py)
+        #: raw-observation requests queue up and are scored in batches (serving/batching.py)
         self.queue: ScoreQueue[Sequence[PatientIn]] = ScoreQueue(
             self.score_jobs, self.config.score_batch_patients, self.config.inline_observations
         )

@@ -30,7 +30,7 @@ from pydantic import Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.fhir import bundle_to_patient, risk_assessment
-from serving.guard import GuardMiddleware, error_loc
+from serving.guard import GuardMiddleware, problems_payload
 from serving.runtime import (
     Runtime,
     StartupError,
@@ -124,20 +124,9 @@ def _rt() -> Runtime:
 
 @app.exception_handler(RequestValidationError)
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [
-        {"loc": error_loc(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-        for e in exc.errors()[:50]
-    ]
-    status = 400 if any(e["type"] == "json_invalid" for e in errors) else 422
-    first = f"{errors[0]['loc']}: {errors[0]['msg']}" if errors else "invalid request"
-    return JSONResponse(
-        {
-            "error": f"{len(exc.errors())} problem(s); first: {first}",
-            "detail": errors,
-            "request_id": _rid(request),
-        },
-        status_code=status,
-    )
+    payload = problems_payload(exc.errors(), _rid(request))
+    status = 400 if any(e["type"] == "json_invalid" for e in payload["detail"]) else 422
+    return JSONResponse(payload, status_code=status)
 
 
 @app.exception_handler(InputError)
