@@ -1,7 +1,7 @@
 """Serving speed: vitalrisk's BentoML API vs ``mlflow models serve`` on the same model.
 
 Starts both servers on 127.0.0.1 (the same number of worker processes each) on a tiny real
-champion registered in a temporary MLflow store, then measures with an asyncio httpx client
+champion registered in a temporary MLflow store, then measures with an asyncio aiohttp client
 (bounded request counts), plus each server's own CPU time per request (from /proc):
 
 * ``/v1/score`` one patient from raw observations (24 h of 7 vitals) at concurrency 1, 8, 32
