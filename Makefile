@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@echo "installing the tested versions from requirements.lock into $(VENV) (log: $(VENV)/pip.log)"
 	@$(BIN)/python -m pip install -r requirements.lock > $(VENV)/pip.log 2>&1 || (tail -n 30 $(VENV)/pip.log; exit 1)
 	@$(BIN)/python -m pip install --no-deps -e . --config-settings editable_mode=compat >> $(VENV)/pip.log 2>&1 || (tail -n 30 $(VENV)/pip.log; exit 1)
-	$(BIN)/python -c "import features, models, serving, monitoring, pipelines, governance, lightgbm, mlflow, bentoml, evidently, dvc"
+	$(BIN)/python -c "import core, governance, ingest, simulate, features, models, serving, monitoring, pipelines, lightgbm, mlflow, bentoml, evidently, dvc"
 	@touch $@
 
 ## demo: generate the default cohort, run the whole DVC pipeline, print a summary

@@ -12,11 +12,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from features.data_config import IngestConfig, SimulateConfig
-from features.ingestion import ingest
-from features.simulate import simulate_cohort, write_cohort
-from features.vocabulary import load_vocabulary
-from pipelines.params import load_section
+from core.params import load_section
+from core.vocabulary import load_vocabulary
+from ingest.config import IngestConfig
+from ingest.ingestion import ingest
+from simulate.cohort import simulate_cohort, write_cohort
+from simulate.config import SimulateConfig
 
 PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
 

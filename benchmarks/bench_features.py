@@ -157,8 +157,8 @@ def child_run(obs_dir: str, out_dir: str) -> dict[str, Any]:
     """The timed end-to-end stage (run in a fresh process by :func:`main`)."""
     import resource
 
+    from core.vocabulary import load_vocabulary
     from features.stage import run_local, tune_process
-    from features.vocabulary import load_vocabulary
 
     tune_process()  # as the CLI does
     config = _config()
@@ -187,7 +187,7 @@ def _config() -> Any:
 
     params = Path(__file__).resolve().parent.parent / "params.yaml"
     try:
-        from pipelines.params import load_section
+        from core.params import load_section
 
         return load_section(FeaturesConfig, "features", params)
     except Exception:  # params not written yet or invalid: the defaults
@@ -270,9 +270,9 @@ def serving_sized_calls(config: Any, vocab: Any) -> dict[str, dict[str, float]]:
 
 
 def main() -> dict[str, Any]:
+    from core.vocabulary import load_vocabulary
     from features.build import compute_features, read_observations
     from features.labels import label_times, prediction_times
-    from features.vocabulary import load_vocabulary
 
     n_pat = int(os.environ.get("BENCH_FEATURES_PATIENTS", "2000"))
     days = float(os.environ.get("BENCH_FEATURES_DAYS", "30"))

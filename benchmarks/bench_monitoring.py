@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
-from features.vocabulary import load_vocabulary
+from core.vocabulary import load_vocabulary
 from monitoring import monitor as mon
 from monitoring import prediction_log as plog
 from monitoring import synthetic as syn
@@ -129,7 +129,7 @@ SIM_OFFSETS = tuple(
 
 def sim_config(params: str | Path = "params.yaml") -> MonitorConfig:
     """The ``monitor`` params, with every row of the cohorts used."""
-    from pipelines.params import load_section
+    from core.params import load_section
 
     config = load_section(MonitorConfig, "monitor", params)
     return config.model_copy(update={"reference_size": 10**7, "current_size": 10**7})
@@ -311,7 +311,7 @@ SCALE_CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 import pandas as pd
-from features.vocabulary import load_vocabulary
+from core.vocabulary import load_vocabulary
 from monitoring import monitor as mon
 from monitoring import evidently_reports as er
 from monitoring.config import MonitorConfig

@@ -47,17 +47,18 @@ def pool_dir() -> Path:
 
 def _fingerprint(params: Path, extra: str) -> str:
     """The simulate/ingest/features params + their code: a change rebuilds the pools."""
-    from pipelines.params import read_params
+    from core.params import read_params
 
     raw = read_params(params) if params.is_file() else {}
     sections = {k: raw.get(k) for k in ("simulate", "ingest", "features")}
     h = hashlib.sha256(extra.encode())
     h.update(json.dumps(sections, sort_keys=True, default=str).encode())
     for f in [
-        ROOT / "features" / "simulate.py",
-        ROOT / "features" / "data_config.py",
+        ROOT / "simulate" / "cohort.py",
+        ROOT / "simulate" / "config.py",
+        ROOT / "ingest" / "config.py",
         ROOT / "features" / "build.py",
-        ROOT / "features" / "ingestion.py",
+        ROOT / "ingest" / "ingestion.py",
     ]:
         if f.is_file():
             h.update(f.read_bytes())

@@ -1,4 +1,3 @@
-"""Observation schema and vocabulary, readers, cleaning, windows, NEWS2 and labels.
-
-This package imports nothing else of ours: every later step builds on it.
+"""Point-in-time features and labels: windows, baselines, NEWS2, labels, the stage and its
+backends. Imports ``core`` only.
 """

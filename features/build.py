@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.vocabulary import CodeSpec, Vocabulary
 from features.config import FeaturesConfig
 from features.labels import HOUR_NS, _ns, label_times, prediction_times
 from features.news2 import NEWS2_CODES, news2_scores
-from features.vocabulary import CodeSpec, Vocabulary
 from features.windows import (
     CodeSeries,
     centred_moments,

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.vocabulary import Vocabulary
 from features.build import BuildReport, build_feature_matrix_with_report, read_observations
 from features.config import FeaturesConfig
 from features.labels import EXCLUSION_REASONS
-from features.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from core.vocabulary import Vocabulary
 from features.build import (
     BuildReport,
     build_feature_matrix_with_report,
@@ -22,7 +23,6 @@ from features.build import (
     write_features,
 )
 from features.config import FeaturesConfig
-from features.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
 

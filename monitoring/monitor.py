@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
-from features.vocabulary import Vocabulary
+from core.vocabulary import Vocabulary
 from monitoring import evidently_reports as er
 from monitoring.config import DISTANCE_METHODS, DriftTest, MonitorConfig
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
-from features.schema import (
+from core.schema import (
     OUTCOME_LOG_COLUMNS,
     OUTCOMES_DDL,
     PREDICTION_LOG_COLUMNS,

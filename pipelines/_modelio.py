@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 
 def read_features(path: str | Path, cohort: bool = False) -> pd.DataFrame:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 HELP = "verify the hash-chained audit log (exit 1 on tampering), show entries, print the head"
 

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 #: subcommand -> module under ``pipelines``
 COMMANDS: dict[str, str] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 HELP = "evaluate the trained model against NEWS2 on the test patients (metrics, plots, model card)"
 
@@ -36,10 +36,10 @@ def _event_times(path: str | None):  # type: ignore[no-untyped-def]
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.params import load_section
     from models.config import EvaluateConfig, RegisterConfig
     from models.workflow import evaluate_and_log
     from pipelines._modelio import read_features, read_json
-    from pipelines.params import load_section
 
     config = load_section(EvaluateConfig, "evaluate", args.params)
     reg = load_section(RegisterConfig, "register", args.params)

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 HELP = "write a minimised research dataset (research consent, date shift, age bands, k-anonymity)"
 
@@ -46,10 +46,10 @@ def actor() -> str:
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from core.params import load_section, validate_section
     from governance.audit import AuditLog
     from governance.export import ExportConfig, ExportRefused, build_export
     from governance.pseudonym import PseudonymKeyError, get_key
-    from pipelines.params import load_section, validate_section
 
     config = load_section(ExportConfig, "export", args.params)
     if args.k is not None:

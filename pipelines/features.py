@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 HELP = "build point-in-time features and labels from canonical observations (local or Dask)"
 
@@ -46,11 +46,11 @@ def run(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
+    from core.params import load_section
+    from core.vocabulary import load_vocabulary
     from features.config import FeaturesConfig
     from features.stage import run as run_stage
     from features.stage import tune_process
-    from features.vocabulary import load_vocabulary
-    from pipelines.params import load_section
 
     config = load_section(FeaturesConfig, "features", args.params)
     if args.backend:

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 HELP = "read raw observation files (CSV, wide CSV, Parquet, FHIR, PSV), normalise, pseudonymise, quarantine bad rows"
 
@@ -96,12 +96,12 @@ def _print_table(counts, report: dict, quiet: bool) -> None:  # type: ignore[no-
 
 
 def run(args: argparse.Namespace) -> int:
-    from features.data_config import IngestConfig
-    from features.ingestion import ingest
-    from features.readers import StructuralError
-    from features.vocabulary import load_vocabulary
+    from core.params import load_section, validate_section
+    from core.vocabulary import load_vocabulary
     from governance.pseudonym import PseudonymKeyError, get_key
-    from pipelines.params import load_section, validate_section
+    from ingest.config import IngestConfig
+    from ingest.ingestion import ingest
+    from ingest.readers import StructuralError
 
     params = Path(args.params)
     cfg = (

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 HELP = "print git commit, data.dvc hash, params, feature dictionary and consent filter of a model version"
 
@@ -41,7 +41,7 @@ def _default_name(params_path: str) -> str:
     from models.tracking import DEFAULT_MODEL_NAME
 
     try:
-        from pipelines.params import read_params
+        from core.params import read_params
 
         section = read_params(params_path).get("register") or {}
         return str(section.get("model_name") or DEFAULT_MODEL_NAME)

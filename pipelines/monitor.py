@@ -23,8 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import UserError
-from pipelines.params import DEFAULT_PARAMS, load_section, read_params
+from core.errors import UserError
+from core.params import DEFAULT_PARAMS, load_section, read_params
 
 logger = logging.getLogger(__name__)
 
@@ -273,19 +273,20 @@ def simulated_features(
     """Feature matrix of a simulated cohort, through the pipeline's own functions.
 
     The simulator's raw files (written to ``raw_dir``, replaced if present),
-    ``features.ingestion.ingest`` and ``features.build.build_feature_matrix``, with the
+    ``ingest.ingestion.ingest`` and ``features.build.build_feature_matrix``, with the
     ``simulate``/``ingest``/``features`` params of ``params`` (``drift``, ``n_patients``,
     ``seed`` and the consent ``purpose`` overridden, plus any other ``simulate`` keys, e.g.
     ``{"hr_offset_bpm": 5}``). The drift demo, the monitor's tests and its benchmark all draw
     their cohorts here.
     """
+    from core.vocabulary import load_vocabulary
     from features.build import build_feature_matrix
     from features.config import FeaturesConfig
-    from features.data_config import IngestConfig, SimulateConfig
-    from features.ingestion import ingest
-    from features.simulate import simulate_cohort, write_cohort
-    from features.vocabulary import load_vocabulary
     from governance.pseudonym import get_key
+    from ingest.config import IngestConfig
+    from ingest.ingestion import ingest
+    from simulate.cohort import simulate_cohort, write_cohort
+    from simulate.config import SimulateConfig
 
     raw = read_params(params)
     sim = SimulateConfig.model_validate(
@@ -377,7 +378,7 @@ def drift_demo(args: argparse.Namespace) -> Path:
 
 # --------------------------------------------------------------------------- entry point
 def run(args: argparse.Namespace) -> int:
-    from features.vocabulary import load_vocabulary
+    from core.vocabulary import load_vocabulary
     from monitoring import evidently_reports as er
     from monitoring import monitor as mon
 

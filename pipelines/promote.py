@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 HELP = "make a registered model version the champion (recorded with who, when and why)"
 
@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def model_name(args: argparse.Namespace) -> str:
     if args.name:
         return str(args.name)
+    from core.params import load_section
     from models.config import RegisterConfig
-    from pipelines.params import load_section
 
     return load_section(RegisterConfig, "register", args.params).model_name
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 HELP = "register the trained model in MLflow and promote it to champion if it beats the champion"
 
@@ -21,11 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.params import load_section
     from models.config import RegisterConfig
     from models.registry import default_actor
     from models.workflow import register_run
     from pipelines._modelio import read_features, read_json
-    from pipelines.params import load_section
 
     config = load_section(RegisterConfig, "register", args.params)
     features = read_features(args.features)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 HELP = "roll the champion back to the previous champion (recorded with who, when and why)"
 

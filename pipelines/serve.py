@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 HELP = "serve the champion model over HTTP (BentoML): /v1/score, /v1/score/features, FHIR, data collection"
 SERVICE = "serving.service:VitalRisk"

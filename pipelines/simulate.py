@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 HELP = "generate the synthetic ward + wearable cohort (CSV, wide CSV, FHIR ndjson, PSV) into --out"
 
@@ -40,9 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from features.data_config import SimulateConfig
-    from features.simulate import simulate_cohort, write_cohort
-    from pipelines.params import load_section, validate_section
+    from core.params import load_section, validate_section
+    from simulate.cohort import simulate_cohort, write_cohort
+    from simulate.config import SimulateConfig
 
     params = Path(args.params)
     if params.is_file():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 HELP = "train LightGBM (patient split, early stopping, calibration) and log the run to MLflow"
 
@@ -27,11 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.params import load_section, read_params
     from models.config import TrainConfig
     from models.lineage import build_lineage
     from models.workflow import train_and_log
     from pipelines._modelio import read_features, read_json, read_optional_parquet
-    from pipelines.params import load_section, read_params
 
     config = load_section(TrainConfig, "train", args.params)
     if args.backend:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 HELP = "search LightGBM hyperparameters with Optuna (trials as nested MLflow runs)"
 
@@ -20,11 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.params import load_section
     from models import tracking
     from models.config import TrainConfig
     from models.tuning import tune
     from pipelines._modelio import read_features
-    from pipelines.params import load_section
 
     config = load_section(TrainConfig, "train", args.params)
     frame = read_features(args.features)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from features.vocabulary import Vocabulary
+from core.vocabulary import Vocabulary
 from serving.schemas import Covariates, ObservationIn, PatientIn, PatientScore
 from serving.scoring import InputError
 

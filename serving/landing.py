@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from features.vocabulary import Vocabulary
+from core.vocabulary import Vocabulary
 from serving.schemas import ObservationItem, Rejected
 
 LANDING_COLUMNS = ["patient_id", "time", "code", "value", "unit", "source"]

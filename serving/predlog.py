@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from features.schema import OUTCOMES_DDL, PREDICTION_LOG_COLUMNS, PREDICTIONS_DDL
+from core.schema import OUTCOMES_DDL, PREDICTION_LOG_COLUMNS, PREDICTIONS_DDL
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.vocabulary import Vocabulary, load_vocabulary
 from features.build import FeatureArrays, input_codes
-from features.vocabulary import Vocabulary, load_vocabulary
 from governance.audit import AuditLog
 from serving.auditq import AuditBatcher
 from serving.auth import KeyStore, RateLimiter, SharedRateLimiter

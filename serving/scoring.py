@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from features.vocabulary import Vocabulary
+from core.vocabulary import Vocabulary
 from governance.pseudonym import get_key, pseudonymise
 from serving.config import ServeConfig
 from serving.schemas import Contribution, PatientIn
@@ -227,7 +227,7 @@ class _Rule:
     unknown), its unit conversion (None when the unit is not convertible) and its range."""
 
     key: str | None
-    conv: Any  # features.vocabulary.UnitConversion | None
+    conv: Any  # core.vocabulary.UnitConversion | None
     lo: float
     hi: float
 

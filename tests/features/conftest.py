@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.vocabulary import Vocabulary, load_vocabulary
 from features.config import FeaturesConfig
-from features.vocabulary import Vocabulary, load_vocabulary
 
 T0 = pd.Timestamp("2026-01-05T00:00:00Z")
 

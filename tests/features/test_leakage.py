@@ -7,9 +7,9 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.vocabulary import load_vocabulary
 from features.build import compute_features
 from features.config import FeaturesConfig
-from features.vocabulary import load_vocabulary
 
 from .conftest import T0
 

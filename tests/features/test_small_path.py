@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import features.build as build
+from core.vocabulary import load_vocabulary
 from features.build import (
     FeatureArrays,
     FeatureInputs,
@@ -18,7 +19,6 @@ from features.build import (
     input_codes,
 )
 from features.config import FeaturesConfig
-from features.vocabulary import load_vocabulary
 
 from .conftest import T0, make_cohort
 

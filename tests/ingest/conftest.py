@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from features.data_config import IngestConfig, WideColumn
-from features.vocabulary import Vocabulary, load_vocabulary
+from core.vocabulary import Vocabulary, load_vocabulary
+from ingest.config import IngestConfig, WideColumn
 
 KEY = b"test-pseudonym-key"
 

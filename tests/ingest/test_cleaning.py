@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from features.cleaning import parse_times
-from features.data_config import IngestConfig
-from features.ingestion import ingest
 from governance.pseudonym import pseudonymise
+from ingest.cleaning import parse_times
+from ingest.config import IngestConfig
+from ingest.ingestion import ingest
 from tests.ingest.conftest import KEY, balanced
 
 

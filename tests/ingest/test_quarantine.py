@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from features.data_config import IngestConfig
-from features.ingestion import ingest
+from ingest.config import IngestConfig
+from ingest.ingestion import ingest
 from tests.ingest.conftest import KEY, balanced
 
 HEADER = "patient_id,time,code,value,unit,source\n"

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from features.ingestion import ingest
+from ingest.ingestion import ingest
 from tests.ingest.conftest import KEY, balanced
 
 LONG = """patient_id,time,code,value,unit,source
@@ -254,7 +254,7 @@ def test_wide_parquet(tmp_path, cfg, vocab):
 
 
 def test_blank_source_gets_the_format_default(write, vocab):
-    from features.data_config import IngestConfig
+    from ingest.config import IngestConfig
 
     cfg = IngestConfig(missing_consent="include", default_source={"long_csv": "ehr"})
     p = write(

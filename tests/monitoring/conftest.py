@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from features.vocabulary import Vocabulary, load_vocabulary
+from core.vocabulary import Vocabulary, load_vocabulary
 from monitoring import prediction_log as plog
 from monitoring import synthetic as syn
 from monitoring.config import MonitorConfig

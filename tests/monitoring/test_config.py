@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from core.errors import UserError
+from core.params import load_section
 from monitoring.config import DriftTest, MonitorConfig
-from pipelines.errors import UserError
-from pipelines.params import load_section
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from features.vocabulary import load_vocabulary
+from core.params import load_section
+from core.vocabulary import load_vocabulary
 from monitoring import monitor as mon
 from monitoring.config import MonitorConfig
 from pipelines.monitor import simulated_features
-from pipelines.params import load_section
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = ROOT / "params.yaml"

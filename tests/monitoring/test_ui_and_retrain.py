@@ -114,7 +114,7 @@ def test_retrain_adds_new_data_and_runs_dvc_repro(dvc_repo, tmp_path):
 
 
 def test_retrain_reports_a_failing_repro(tmp_path):
-    from pipelines.errors import UserError
+    from core.errors import UserError
 
     repo = tmp_path / "norepo"
     repo.mkdir()

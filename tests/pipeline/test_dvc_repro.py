@@ -20,6 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 COPY = [
     "dvc.yaml",
     "config",
+    "core",
+    "ingest",
+    "simulate",
     "features",
     "models",
     "serving",

@@ -99,9 +99,9 @@ def synthetic_cohort(
 
 
 def feature_frame(seed: int = 0, n: int = 120) -> pd.DataFrame:
+    from core.vocabulary import load_vocabulary
     from features.build import compute_features
     from features.config import FeaturesConfig
-    from features.vocabulary import load_vocabulary
 
     obs, patients, times, labels = synthetic_cohort(n, seed)
     frame = compute_features(obs, patients, times, FeaturesConfig(), load_vocabulary())

@@ -132,9 +132,9 @@ def test_served_features_are_the_training_features(server: Server) -> None:
     """The service's features for raw vitals equal ``compute_features`` on the same data."""
     import pandas as pd
 
+    from core.vocabulary import load_vocabulary
     from features.build import compute_features
     from features.config import FeaturesConfig
-    from features.vocabulary import load_vocabulary
     from serving.scoring import pseudonym_of
 
     obs = [
@@ -416,7 +416,7 @@ def test_bad_feature_rows(server: Server, name: str, body: Any, status: int, nee
 
 # -- /v1/fhir/score ------------------------------------------------------------------------
 def bundle(pid: str, obs: list[dict[str, Any]]) -> dict[str, Any]:
-    from features.vocabulary import load_vocabulary
+    from core.vocabulary import load_vocabulary
 
     vocab = load_vocabulary()
     entries: list[dict[str, Any]] = [
@@ -567,8 +567,8 @@ def test_observations_land_for_ingest(server: Server) -> None:
 
 
 def test_landing_file_is_readable_by_ingest(server: Server) -> None:
-    readers = pytest.importorskip("features.readers")
-    from features.data_config import IngestConfig
+    readers = pytest.importorskip("ingest.readers")
+    from ingest.config import IngestConfig
 
     files = sorted(server.landing.glob("*.csv"))
     if not files:

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features.data_config import SimulateConfig
-from features.simulate import simulate_cohort
+from simulate.cohort import simulate_cohort
+from simulate.config import SimulateConfig
 
 
 @pytest.fixture(scope="module")

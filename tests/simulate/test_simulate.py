@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features.data_config import SimulateConfig
-from features.simulate import simulate_cohort
 from pipelines.cli import main
+from simulate.cohort import simulate_cohort
+from simulate.config import SimulateConfig
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 

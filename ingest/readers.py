@@ -3,7 +3,7 @@
 Each reader turns one source into *raw candidates* (strings as found, one row per
 measurement, with file and line) plus the record-level problems it met while reading (broken
 JSON, wrong encoding, too many fields). Interpretation (codes, units, times, ranges) happens
-once, vectorised, in ``features.cleaning`` so every format is judged by the same rules.
+once, vectorised, in ``ingest.cleaning`` so every format is judged by the same rules.
 
 Structural problems (missing file, required column absent, unknown format) raise
 ``StructuralError`` with one message naming the file and what was expected.
@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from features.data_config import IngestConfig
-from features.vocabulary import Vocabulary
+from core.vocabulary import Vocabulary
+from ingest.config import IngestConfig
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from features.data_config import SimulateConfig
+from simulate.config import SimulateConfig
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from features.data_config import IngestConfig
-from features.vocabulary import Vocabulary
+from core.vocabulary import Vocabulary
+from ingest.config import IngestConfig
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 DEFAULT_PARAMS = Path("params.yaml")
 

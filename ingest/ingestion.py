@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from features.cleaning import normalise_observations, parse_bool, parse_times, scrubber
-from features.data_config import IngestConfig
-from features.readers import Problem, RawRead, expand_inputs, read_unit, wide_mapping
-from features.schema import OBSERVATION_COLUMNS, QUARANTINE_COLUMNS
-from features.vocabulary import Vocabulary
+from core.schema import OBSERVATION_COLUMNS, QUARANTINE_COLUMNS
+from core.vocabulary import Vocabulary
 from governance.pseudonym import pseudonymise
+from ingest.cleaning import normalise_observations, parse_bool, parse_times, scrubber
+from ingest.config import IngestConfig
+from ingest.readers import Problem, RawRead, expand_inputs, read_unit, wide_mapping
 
 logger = logging.getLogger(__name__)
 

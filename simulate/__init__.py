@@ -1,0 +1,1 @@
+"""Synthetic cohorts and their drift variants; writes raw files only. Imports ``core`` only."""
