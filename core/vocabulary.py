@@ -6,7 +6,7 @@ lab or wearable signal is a YAML entry.
 
 from __future__ import annotations
 
-import math
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -15,21 +15,34 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+#: the copy shipped with the package: used only when no project vocabulary is found
 DEFAULT_VOCABULARY = Path(__file__).resolve().parent.parent / "config" / "vocabulary.yaml"
+#: the project's vocabulary, relative to the working directory (DVC runs stages at the root)
+PROJECT_VOCABULARY = Path("config") / "vocabulary.yaml"
+VOCABULARY_ENV = "VITALRISK_VOCABULARY"
 
 
 class UnitConversion(BaseModel):
-    """canonical = value * scale + offset; with ``threshold``, canonical = value > threshold."""
+    """canonical = value * scale + offset; with ``threshold``, canonical = value > threshold.
+
+    ``range`` is the plausible range *in this input unit*, checked before converting. A
+    threshold conversion needs one: after ``FiO2 > 0.21`` both -50 and 4000 would look like
+    a valid 0/1, so the input itself must be judged first.
+    """
 
     model_config = ConfigDict(extra="forbid")
     scale: float = 1.0
     offset: float = 0.0
     threshold: float | None = None
+    range: tuple[float, float] | None = None
 
-    def apply(self, value: float) -> float:
-        if self.threshold is not None:
-            return 1.0 if value > self.threshold else 0.0
-        return value * self.scale + self.offset
+    @model_validator(mode="after")
+    def _threshold_needs_range(self) -> UnitConversion:
+        if self.threshold is not None and self.range is None:
+            raise ValueError("a threshold conversion needs the input unit's plausible range")
+        if self.range is not None and not self.range[0] <= self.range[1]:
+            raise ValueError(f"range {self.range} must be [min, max]")
+        return self
 
     def apply_array(self, values: np.ndarray) -> np.ndarray:
         """:meth:`apply` over a float64 array: the same IEEE operations for every value."""
@@ -48,6 +61,9 @@ class CodeSpec(BaseModel):
     categories: dict[str, float] = Field(default_factory=dict)
     kind: Literal["continuous", "binary", "ordinal", "count"] = "continuous"
     group: Literal["vital", "activity", "sleep", "lab"] = "vital"
+    #: unit assumed for a number sent without one; None: such a number is refused (a glucose
+    #: of 65 could be mg/dL or mmol/L), unless the source column declares its unit
+    default_unit: str | None = None
 
     @model_validator(mode="after")
     def _canonical_unit_accepted(self) -> CodeSpec:
@@ -56,6 +72,8 @@ class CodeSpec(BaseModel):
         lo, hi = self.range
         if not lo <= hi:
             raise ValueError(f"range {self.range} must be [min, max]")
+        if self.default_unit is not None and self.default_unit not in self.units:
+            raise ValueError(f"default_unit {self.default_unit!r} is not one of its units")
         return self
 
 
@@ -63,6 +81,9 @@ class Vocabulary(BaseModel):
     model_config = ConfigDict(extra="forbid")
     codes: dict[str, CodeSpec]
     panels: dict[str, list[str]] = Field(default_factory=dict)
+    #: relative slack on range limits: 0.1 converted and stored as 0.09999084 is not a
+    #: different clinical value from the 0.1 limit
+    range_tolerance: float = Field(1e-4, ge=0, le=0.01)
 
     @cached_property
     def by_loinc(self) -> dict[str, str]:
@@ -81,40 +102,29 @@ class Vocabulary(BaseModel):
             return c.lower()
         return self.by_loinc.get(c)
 
-    def to_canonical(self, key: str, value: float | str, unit: str | None) -> float:
-        """Convert one value to the canonical unit of ``key``.
 
-        Raises ValueError with a message that says what was expected.
-        """
-        spec = self.codes[key]
-        if isinstance(value, str):
-            text = value.strip().lower()
-            if text in spec.categories:
-                return float(spec.categories[text])
-            try:
-                value = float(text)
-            except ValueError:
-                expected = sorted(spec.categories) if spec.categories else "a number"
-                raise ValueError(f"value {value!r} for {key}: expected {expected}") from None
-        v = float(value)
-        if math.isnan(v) or math.isinf(v):
-            raise ValueError(f"value {value!r} for {key}: expected a finite number")
-        u = spec.unit if unit is None or str(unit).strip() == "" else str(unit).strip()
-        conv = spec.units.get(u)
-        if conv is None:
-            raise ValueError(f"unit {u!r} for {key}: expected one of {sorted(spec.units)}")
-        return conv.apply(v)
+def vocabulary_path(path: str | Path | None = None) -> Path:
+    """Which vocabulary file a stage uses: the project's, never silently the package's.
 
-    def check_range(self, key: str, value: float) -> str | None:
-        """A reason string when ``value`` (canonical unit) is implausible, else None."""
-        lo, hi = self.codes[key].range
-        if not lo <= value <= hi:
-            return f"{key} value {value:g} {self.codes[key].unit} outside plausible range [{lo:g}, {hi:g}]"
-        return None
+    Order: an explicit path, ``$VITALRISK_VOCABULARY``, ``config/vocabulary.yaml`` of the
+    working directory (the project root under DVC), and only then the packaged copy.
+    """
+    if path is not None:
+        return Path(path)
+    env = os.environ.get(VOCABULARY_ENV)
+    if env:
+        return Path(env)
+    if PROJECT_VOCABULARY.is_file():
+        return PROJECT_VOCABULARY
+    return DEFAULT_VOCABULARY
 
 
 def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
-    p = Path(path) if path is not None else DEFAULT_VOCABULARY
-    with p.open(encoding="utf-8") as fh:
+    with vocabulary_path(path).open(encoding="utf-8") as fh:
         raw = yaml.safe_load(fh)
+    return Vocabulary.model_validate(raw)
+
+
+def vocabulary_from_dict(raw: dict) -> Vocabulary:
+    """A vocabulary logged with a model (``Vocabulary.model_dump``) back into the object."""
     return Vocabulary.model_validate(raw)
