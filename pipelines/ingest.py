@@ -13,7 +13,7 @@ from pathlib import Path
 
 from core.errors import UserError
 
-HELP = "read raw observation files (CSV, wide CSV, Parquet, FHIR, PSV), normalise, pseudonymise, quarantine bad rows"
+HELP = "read raw observation files (CSV, wide CSV, Parquet, FHIR, HL7 v2, PSV), normalise, pseudonymise, quarantine bad rows"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +52,7 @@ def _print_table(counts, report: dict, quiet: bool) -> None:  # type: ignore[no-
     console = Console(width=140)
     if not quiet:
         table = Table(
-            title="ingest: records per file and code (read = accepted + quarantined + consent-excluded + duplicates)"
+            title="ingest: records per file and code (read = accepted + quarantined + consent-excluded + duplicates + unmapped)"
         )
         for col in (
             "file",
@@ -62,6 +62,7 @@ def _print_table(counts, report: dict, quiet: bool) -> None:  # type: ignore[no-
             "quarantined",
             "consent_excl",
             "duplicates",
+            "unmapped",
         ):
             table.add_column(col, justify="left" if col in ("file", "code") else "right")
         for r in counts.itertuples(index=False):
@@ -73,26 +74,65 @@ def _print_table(counts, report: dict, quiet: bool) -> None:  # type: ignore[no-
                 f"{r.quarantined:,}",
                 f"{r.consent_excluded:,}",
                 f"{r.duplicates:,}",
+                f"{r.unmapped:,}",
             )
         console.print(table)
     t = report["totals"]
     console.print(
         f"total: read {t['read']:,} = accepted {t['accepted']:,} + quarantined {t['quarantined']:,} "
         f"+ consent-excluded {t['consent_excluded']:,} + duplicates {t['duplicates']:,}"
-        f" ({'balanced' if report['balanced'] else 'NOT BALANCED'})"
+        f" + unmapped {t['unmapped']:,} ({'balanced' if report['balanced'] else 'NOT BALANCED'})"
     )
-    c = report["consent"]
-    console.print(
-        f"consent ({c['purpose']}): {c['patients_excluded']} of {c['patients_in_tables']} patients excluded, "
-        f"{c['patients_without_consent_record']} without a consent record (policy: {c['missing_consent']})"
-    )
+    if report["unmapped"]:
+        top = list(report["unmapped"].items())[:5]
+        console.print(
+            "unmapped (not read; map them in ingest.wide_columns/psv_columns or the vocabulary), "
+            "largest: " + ", ".join(f"{k} {v:,}" for k, v in top)
+        )
+    console.print(consent_line(report["consent"]))
     if report["quarantine_reasons"]:
         console.print(
             "quarantine reasons: "
             + ", ".join(f"{k} {v}" for k, v in report["quarantine_reasons"].items())
         )
     if report["skipped_files"]:
-        console.print(f"skipped unrecognised files: {report['skipped_files']}")
+        shown = "; ".join(f"{x['path']}: {x['reason']}" for x in report["skipped_files"][:10])
+        more = len(report["skipped_files"]) - 10
+        console.print(f"skipped files: {shown}" + (f" (+{more} more)" if more > 0 else ""))
+
+
+def consent_line(c: dict) -> str:
+    """Patients and records counted the same way as the table above."""
+    return (
+        f"consent ({c['purpose']}): {c['patients_excluded']:,} of {c['patients_seen']:,} patients "
+        f"excluded ({c['patients_refused']:,} refused, {c['patients_without_consent_record']:,} "
+        f"without a consent record, policy missing_consent: {c['missing_consent']}); "
+        f"{c['records_excluded']:,} records excluded"
+    )
+
+
+def check_not_empty(report: dict) -> None:
+    """Stop (exit 2) rather than write an empty stage output, saying why and what to do."""
+    o, t, c = report["outputs"], report["totals"], report["consent"]
+    if o["observations"] or o["cohort"]:
+        return
+    if t["read"] == 0:
+        raise UserError("ingest: no records in the inputs (nothing recognised to read)")
+    if c["records_excluded"] and c["patients_excluded"] == c["patients_seen"]:
+        how = (
+            "supply a patients table with consent_"
+            + c["purpose"]
+            + "=true for the patients who agreed, or, for a de-identified dataset whose use is "
+            "covered otherwise, set ingest.missing_consent: include"
+        )
+        raise UserError(
+            f"ingest: 0 observations written: all {c['records_excluded']:,} records of "
+            f"{c['patients_seen']:,} patients were excluded for want of consent ({c['purpose']}); {how}"
+        )
+    raise UserError(
+        f"ingest: 0 observations written: {t['read']:,} records read, {t['quarantined']:,} "
+        f"quarantined, {t['unmapped']:,} unmapped, {t['duplicates']:,} duplicates (see the report)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from governance.pseudonym import PseudonymKeyError, get_key
     from ingest.config import IngestConfig
     from ingest.ingestion import ingest
-    from ingest.readers import StructuralError
+    from ingest.raw import StructuralError
 
     params = Path(args.params)
     cfg = (
@@ -124,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
         result = ingest(args.inputs, cfg, vocab, key)
     except StructuralError as exc:
         raise UserError(str(exc)) from None
+    _print_table(result.counts, result.report, args.quiet)
+    check_not_empty(result.report)
     out = Path(args.out)
     qdir = Path(args.quarantine) if args.quarantine else out
     report_path = Path(args.report) if args.report else out / "ingest.json"
@@ -139,7 +181,6 @@ def run(args: argparse.Namespace) -> int:
     report_path.write_text(
         json.dumps(result.report, indent=2, sort_keys=False) + "\n", encoding="utf-8"
     )
-    _print_table(result.counts, result.report, args.quiet)
     o = result.report["outputs"]
     print(
         f"wrote {o['observations']:,} observations, {o['patients']} patients, {o['outcomes']} outcomes"

@@ -50,5 +50,6 @@ def balanced(report: dict) -> bool:
     t = report["totals"]
     return (
         report["balanced"]
-        and t["read"] == t["accepted"] + t["quarantined"] + t["consent_excluded"] + t["duplicates"]
+        and t["read"]
+        == t["accepted"] + t["quarantined"] + t["consent_excluded"] + t["duplicates"] + t["unmapped"]
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from governance.pseudonym import pseudonymise
-from ingest.cleaning import parse_times
+from ingest.canonical import NAT_NS, Reason, parse_time_text
 from ingest.config import IngestConfig
 from ingest.ingestion import ingest
 from tests.ingest.conftest import KEY, balanced
@@ -23,13 +23,13 @@ def test_mixed_offsets_and_naive_times_in_one_column():
             "",
         ]
     )
-    t, bad, naive = parse_times(s, "reject")
-    assert t.iloc[0] == pd.Timestamp("2026-01-05T07:00:00Z")
-    assert t.iloc[1] == pd.Timestamp("2026-01-05T09:30:00Z")
-    assert t.iloc[2] == pd.Timestamp("2026-01-05T13:00:00Z")
-    assert t.iloc[3] == pd.Timestamp("2026-01-05T08:00:00Z")
-    assert bad.tolist() == [False, False, False, False, True, False]
-    assert naive.tolist() == [False, True, False, False, False, False]
+    ns, why = parse_time_text(s, "reject")
+    assert ns[0] == pd.Timestamp("2026-01-05T07:00:00Z").value
+    assert ns[1] == pd.Timestamp("2026-01-05T09:30:00Z").value
+    assert ns[2] == pd.Timestamp("2026-01-05T13:00:00Z").value
+    assert ns[3] == pd.Timestamp("2026-01-05T08:00:00Z").value
+    assert ns[4] == ns[5] == NAT_NS
+    assert why.tolist() == [0, Reason.NAIVE_TIME, 0, 0, Reason.UNPARSEABLE_TIME, Reason.MISSING_TIME]
 
 
 def test_landing_file_with_pseudonyms_meets_raw_consent_table(write, vocab):

@@ -27,7 +27,7 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
         ("notes.xyz", "hello\n", "unknown format"),
         ("mystery.csv", "a,b,c\n1,2,3\n", "unknown format"),
         ("bundle.json", '{"resourceType": "Bundle", "entry": [', "not valid JSON"),
-        ("psv/MRN-1.psv", "HR|O2Sat|ICULOS\n80|97|1\n", "no time anchor"),
+        ("psv/MRN-1.psv", "HR|O2Sat\n80|97\n", "required column 'ICULOS' absent"),
         ("empty.csv", "", "empty file"),
         ("utf16.csv", "patient_id,time,code,value\n".encode("utf-16"), "not valid UTF-8"),
     ],
@@ -93,9 +93,10 @@ def test_ingest_cli_on_simulated_cohort(tmp_path, capsys, monkeypatch):
     t = report["totals"]
     assert (
         report["balanced"]
-        and t["read"] == t["accepted"] + t["quarantined"] + t["consent_excluded"] + t["duplicates"]
+        and t["read"]
+        == t["accepted"] + t["quarantined"] + t["consent_excluded"] + t["duplicates"] + t["unmapped"]
     )
-    assert t["quarantined"] > 0
+    assert t["quarantined"] > 0 and t["unmapped"] > 0  # the simulator's unknown codes
     formats = {f["format"] for f in report["files"].values()}
     assert {
         "long_csv",

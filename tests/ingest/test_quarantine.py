@@ -20,7 +20,6 @@ GOOD = "MRN-000001,2026-01-05T08:00:00Z,heart_rate,80,/min,ward\n"
     [
         ("MRN-000001,2026-02-30T25:61:00Z,heart_rate,80,/min,ward", "time", "unparseable time"),
         ("MRN-000001,yesterday,heart_rate,80,/min,ward", "time", "unparseable time"),
-        ("MRN-000001,2026-01-05T08:00:00Z,9999-9,80,/min,ward", "code", "unknown code"),
         ("MRN-000001,2026-01-05T08:00:00Z,heart_rate,80,furlongs,ward", "unit", "unknown unit"),
         ("MRN-000001,2026-01-05T08:00:00Z,heart_rate,999,/min,ward", "value", "out-of-range value"),
         ("MRN-000001,2026-01-05T08:00:00Z,spo2,140,%,ward", "value", "out-of-range value"),
@@ -108,14 +107,14 @@ def test_broken_and_bad_fhir_lines(write, cfg, vocab):
     p = write("Observation.ndjson", "\n".join(lines) + "\n")
     res = ingest([p], cfg, vocab, KEY)
     q = res.quarantine.sort_values("line").reset_index(drop=True)
-    assert q["line"].tolist() == [2, 3, 4, 5, 6, 7]
+    assert q["line"].tolist() == [2, 3, 5, 6, 7]  # line 4: an unknown code is unmapped
     reasons = q["reason"].tolist()
     assert reasons[0].startswith("broken JSON line")
     assert reasons[1] == "missing field: value"
-    assert reasons[2].startswith("unknown code '99999-0'")
-    assert reasons[3].startswith("unknown unit 'parsecs'")
-    assert reasons[4].startswith("missing field: component")
-    assert reasons[5].startswith("unsupported resourceType 'Encounter'")
+    assert reasons[2].startswith("unknown unit 'parsecs'")
+    assert reasons[3].startswith("missing field: component")
+    assert reasons[4].startswith("unsupported resourceType 'Encounter'")
+    assert res.report["unmapped"] == {"99999-0 (unmapped code)": 1}
     assert not q["record"].str.contains("MRN-000009").any()
     assert len(res.observations) == 1 and balanced(res.report)
 
@@ -162,8 +161,10 @@ def test_consent_filter(write, vocab):
     assert len(res.patients) == 1 and res.outcomes.empty
     r = res.report
     assert r["totals"]["consent_excluded"] == 2 + 1 + 1  # 2 observations, 1 outcome, 1 patient row
-    assert r["consent"]["patients_excluded"] == 1
-    assert r["consent"]["patients_without_consent_record"] == 1  # MRN-000003 (no patients row)
+    # MRN-000002 refused, MRN-000003 has no patients row (policy exclude): both excluded
+    assert r["consent"]["patients_excluded"] == 2
+    assert r["consent"]["patients_refused"] == 1
+    assert r["consent"]["patients_without_consent_record"] == 1
     assert res.quarantine["reason"].str.startswith("invalid consent value").sum() == 1
     assert balanced(r)
     # purpose research: MRN-000002 is allowed now
@@ -177,3 +178,12 @@ def test_pseudonyms_are_keyed_and_consistent(write, cfg, vocab):
     b = ingest([p], cfg, vocab, b"another-key").observations["patient_id"].iloc[0]
     assert a != b and a.startswith("p_") and len(a) == 22
     assert isinstance(pd.Timestamp.now(), pd.Timestamp)
+
+
+def test_unknown_code_is_unmapped_and_counted(write, cfg, vocab):
+    bad = "MRN-000001,2026-01-05T08:00:00Z,9999-9,80,/min,ward\n"
+    p = write("obs.csv", HEADER + GOOD + bad + bad.replace("08:00", "09:00"))
+    res = ingest([p], cfg, vocab, KEY)
+    assert res.quarantine.empty and len(res.observations) == 1
+    assert res.report["unmapped"] == {"9999-9 (unmapped code)": 2}
+    assert res.report["totals"]["unmapped"] == 2 and balanced(res.report)

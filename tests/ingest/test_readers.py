@@ -197,10 +197,14 @@ def test_psv_directory_with_anchor(write, cfg, vocab, tmp_path):
     write("psv/anchors.csv", "patient_file,anchor_time\nMRN-000005,2026-01-05T00:00:00Z\n")
     res = ingest([tmp_path / "psv"], cfg, vocab, KEY)
     obs = res.observations
-    assert len(obs) == 10  # 7 + 3 cells, HR 0 quarantined
+    assert len(obs) == 12  # 7 + 4 cells, FiO2 twice (fio2 and o2_support), HR 0 quarantined
     t = obs.loc[obs["code"] == "resp_rate", "time"].tolist()
     assert t == [pd.Timestamp("2026-01-05T01:00:00Z"), pd.Timestamp("2026-01-05T03:00:00Z")]
     assert obs.loc[obs["code"] == "o2_support", "value"].tolist() == [0.0, 1.0]  # FiO2 > 0.21
+    assert obs.loc[obs["code"] == "fio2", "value"].tolist() == [0.21, 0.35]
+    pat = res.patients.iloc[0]  # demographics of the file (no patients table)
+    assert (pat["age"], pat["sex"], pat["setting"]) == (70, "F", "icu")
+    assert pat["followup_end"] == pd.Timestamp("2026-01-05T03:00:00Z")
     assert res.quarantine["reason"].str.startswith("out-of-range value").all()
     assert "MRN-000005" not in res.quarantine["record"].iloc[0]
     assert balanced(res.report)
@@ -226,7 +230,9 @@ def test_patients_outcomes_and_cohort(write, cfg, vocab):
     assert str(res.patients["followup_end"].dtype) == "datetime64[ns, UTC]"
     assert res.outcomes["event"].tolist() == ["icu_transfer"]
     c = res.cohort
-    assert c is not None and c.loc[0, "heart_rate"] == 90 and c.loc[0, "event_observed"] == 1
+    assert c is not None and c.loc[0, "heart_rate"] == 90 and c.loc[0, "event"] == 1
+    assert c.loc[0, "event_type"] == "icu_transfer" and c.loc[0, "time_to_event_days"] == 8.0
+    assert c.loc[0, "time"] == pd.Timestamp("2026-01-01T00:00:00Z")
     assert (
         c.loc[0, "patient_id"]
         == res.patients.loc[0, "patient_id"]
