@@ -84,6 +84,8 @@ class Vocabulary(BaseModel):
     #: relative slack on range limits: 0.1 converted and stored as 0.09999084 is not a
     #: different clinical value from the 0.1 limit
     range_tolerance: float = Field(1e-4, ge=0, le=0.01)
+    #: other vocabulary files merged in by :func:`load_vocabulary` (kept for the record)
+    include: list[str] = Field(default_factory=list)
 
     @cached_property
     def by_loinc(self) -> dict[str, str]:
@@ -119,10 +121,26 @@ def vocabulary_path(path: str | Path | None = None) -> Path:
     return DEFAULT_VOCABULARY
 
 
+def _read(p: Path, depth: int = 0) -> dict:
+    with p.open(encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh) or {}
+    codes: dict = {}
+    panels: dict = {}
+    for inc in raw.get("include") or []:
+        if depth > 4:
+            raise ValueError(f"{p}: include nested too deep (a loop?)")
+        sub = _read(p.parent / inc, depth + 1)
+        codes.update(sub.get("codes") or {})
+        panels.update(sub.get("panels") or {})
+    codes.update(raw.get("codes") or {})
+    panels.update(raw.get("panels") or {})
+    return {**raw, "codes": codes, "panels": panels}
+
+
 def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
-    with vocabulary_path(path).open(encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh)
-    return Vocabulary.model_validate(raw)
+    """The project's vocabulary (see :func:`vocabulary_path`), with its ``include`` files
+    merged in (entries of the file itself win)."""
+    return Vocabulary.model_validate(_read(vocabulary_path(path)))
 
 
 def vocabulary_from_dict(raw: dict) -> Vocabulary:

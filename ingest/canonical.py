@@ -196,16 +196,50 @@ def _limits(lo: float, hi: float, tol: float) -> tuple[float, float]:
 # -- the path -------------------------------------------------------------------------------------
 
 
-def _groups(pair: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Distinct pair ids and the row indexes of each (stable order)."""
+def _unique_inverse(pair: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if len(pair) <= 4096:
         uniq, inv = np.unique(pair, return_inverse=True)
-    else:
-        inv, uniq_ = pd.factorize(pair)
-        uniq = np.asarray(uniq_)
-    order = np.argsort(inv, kind="stable")
-    bounds = np.searchsorted(inv[order], np.arange(len(uniq) + 1))
-    return uniq, [order[bounds[g] : bounds[g + 1]] for g in range(len(uniq))]
+        return uniq, inv
+    inv, uniq = pd.factorize(pair)
+    return np.asarray(uniq), inv
+
+
+@dataclass
+class _RuleTable:
+    """Per distinct (code, unit) pair: what the rows of that pair are judged by."""
+
+    key: np.ndarray  # int32, -1 unknown
+    unit_bad: np.ndarray  # uint8 Reason: MISSING_UNIT / UNKNOWN_UNIT / 0
+    scale: np.ndarray
+    offset: np.ndarray
+    threshold: np.ndarray  # NaN = none
+    in_lo: np.ndarray  # NaN = no input range
+    in_hi: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+
+def _rule_table(rules: list[Rule], specs: list[CodeSpec], tol: float) -> _RuleTable:
+    m = len(rules)
+    t = _RuleTable(*(np.full(m, np.nan) for _ in range(9)))
+    t.key = np.array([r.key for r in rules], dtype=np.int32)
+    t.unit_bad = np.zeros(m, dtype=np.uint8)
+    for i, r in enumerate(rules):
+        if r.key < 0:
+            continue
+        spec = specs[r.key]
+        t.lo[i], t.hi[i] = _limits(*spec.range, tol)
+        if r.missing_unit:
+            t.unit_bad[i] = Reason.MISSING_UNIT
+        elif r.conv is None:
+            t.unit_bad[i] = Reason.UNKNOWN_UNIT
+        else:
+            t.scale[i], t.offset[i] = r.conv.scale, r.conv.offset
+            if r.conv.threshold is not None:
+                t.threshold[i] = r.conv.threshold
+            if r.conv.range is not None:
+                t.in_lo[i], t.in_hi[i] = _limits(*r.conv.range, tol)
+    return t
 
 
 def canonicalise(
@@ -218,35 +252,43 @@ def canonicalise(
     """Judge every candidate; pure (inputs unchanged). See the module docstring for the order.
 
     ``now_ns`` bounds future times; ``ref_ns`` (scalar or per record; default ``now_ns``) is
-    the time ``window.max_history_ns`` counts back from.
+    the time ``window.max_history_ns`` counts back from. The rules are gathered per distinct
+    (code, unit) pair, then every check is one numpy pass over all records, so the cost
+    hardly depends on how many codes a request mixes.
     """
     n = len(cand)
     keys, _, _ = _tables(vocab)
-    reason = cand.pre.astype(np.uint8, copy=True)
-    key = np.full(n, -1, dtype=np.int32)
-    value = np.full(n, np.nan)
     nu = max(len(cand.unit_names), 1)
-    pair = cand.code.astype(np.int64) * nu + cand.unit
-    uniq, rows = _groups(pair)
-    tol = vocab.range_tolerance
+    uniq, inv = _unique_inverse(cand.code.astype(np.int64) * nu + cand.unit)
+    names = [(cand.code_names[p // nu], cand.unit_names[p % nu]) for p in uniq.tolist()]
+    tab = _rule_table(
+        [rule_for(vocab, c, u) for c, u in names], list(vocab.codes.values()), vocab.range_tolerance
+    )
+    reason = cand.pre.astype(np.uint8, copy=True)
+    key = tab.key[inv]
+    live = reason == 0
+    unknown = live & (key < 0)
+    if unknown.any():
+        empty = np.array([c == "" for c, _ in names], dtype=bool)[inv]
+        reason[unknown] = np.where(empty[unknown], Reason.MISSING_CODE, Reason.UNKNOWN_CODE)
+        live &= ~unknown
     now = int(now_ns) if now_ns is not None else 0
     ref = ref_ns if ref_ns is not None else now
-    time_bad = _time_reasons(cand.time_ns, window, now, ref) if window is not None else None
-    spec_list = list(vocab.codes.values())
-    for p, at in zip(uniq.tolist(), rows, strict=True):
-        code_name = cand.code_names[p // nu]
-        rule = rule_for(vocab, code_name, cand.unit_names[p % nu])
-        live = at[reason[at] == 0]
-        if rule.key < 0:
-            reason[live] = Reason.MISSING_CODE if code_name == "" else Reason.UNKNOWN_CODE
-            continue
-        key[at] = rule.key
-        if time_bad is not None:
-            tb = time_bad[live]
-            reason[live[tb > 0]] = tb[tb > 0]
-            live = live[tb == 0]
-        if len(live):
-            _judge(cand, live, spec_list[rule.key], rule, tol, reason, value)
+    if window is not None:
+        tb = _time_reasons(cand.time_ns, window, now, ref)
+        late = live & (tb > 0)
+        reason[late] = tb[late]
+        live &= ~late
+    value = np.full(n, np.nan)
+    num = cand.num
+    is_num = ~np.isnan(num)
+    if cand.text is not None:
+        _categories(cand, vocab, keys, key, live & ~is_num, reason, value)
+    else:
+        reason[live & ~is_num] = Reason.MISSING_VALUE
+    m = live & is_num
+    if m.any():
+        _numbers(num, inv, tab, m, reason, value)
     return Result(keys, key, value, reason, cand, vocab, window, now, ref)
 
 
@@ -261,56 +303,59 @@ def _time_reasons(t: np.ndarray, w: TimeWindow, now: int, ref: np.ndarray | int)
     return out
 
 
-def _judge(
+def _categories(
     cand: Candidates,
-    at: np.ndarray,
-    spec: CodeSpec,
-    rule: Rule,
-    tol: float,
+    vocab: Vocabulary,
+    keys: list[str],
+    key: np.ndarray,
+    rows: np.ndarray,
     reason: np.ndarray,
     value: np.ndarray,
 ) -> None:
-    """Value, unit and ranges of the live rows ``at`` of one (code, unit) pair."""
-    num = cand.num[at]
-    is_num = ~np.isnan(num)
-    if cand.text is not None and not is_num.all():
-        tat = at[~is_num]
-        text = cand.text[tat]
-        missing = text == ""
-        reason[tat[missing]] = Reason.MISSING_VALUE
-        cats = spec.categories
-        found = np.array(
-            [cats.get(str(x).strip().lower(), np.nan) for x in text[~missing]], dtype=float
+    """Text values: a category of the code (ACVPU letter, yes/no), else refused."""
+    assert cand.text is not None
+    for i in np.flatnonzero(rows).tolist():
+        t = str(cand.text[i]).strip().lower()
+        if not t:
+            reason[i] = Reason.MISSING_VALUE
+            continue
+        v = vocab.codes[keys[key[i]]].categories.get(t)
+        if v is None:
+            reason[i] = Reason.UNPARSEABLE_VALUE
+        else:
+            value[i] = float(v)
+
+
+def _numbers(
+    num: np.ndarray,
+    inv: np.ndarray,
+    tab: _RuleTable,
+    m: np.ndarray,
+    reason: np.ndarray,
+    value: np.ndarray,
+) -> None:
+    """Numbers of the rows ``m``: finite, unit, input range, conversion, canonical range."""
+    at = np.flatnonzero(m)
+    x = num[at]
+    g = inv[at]
+    why = np.zeros(len(at), dtype=np.uint8)
+    why[~np.isfinite(x)] = Reason.UNPARSEABLE_VALUE
+    ub = tab.unit_bad[g]
+    why[(why == 0) & (ub > 0)] = ub[(why == 0) & (ub > 0)]
+    with np.errstate(invalid="ignore"):
+        out_in = (x < tab.in_lo[g]) | (x > tab.in_hi[g])  # NaN limits: never out
+        bad_in = (why == 0) & out_in
+        why[bad_in] = Reason.INPUT_OUT_OF_RANGE
+        thr = tab.threshold[g]
+        conv = np.where(
+            np.isnan(thr), x * tab.scale[g] + tab.offset[g], np.where(x > thr, 1.0, 0.0)
         )
-        value[tat[~missing]] = found
-        reason[tat[~missing][np.isnan(found)]] = Reason.UNPARSEABLE_VALUE
-    elif not is_num.all():
-        reason[at[~is_num]] = Reason.MISSING_VALUE
-    nat = at[is_num]
-    if not len(nat):
-        return
-    x = num[is_num]
-    bad = ~np.isfinite(x)
-    reason[nat[bad]] = Reason.UNPARSEABLE_VALUE
-    nat, x = nat[~bad], x[~bad]
-    if rule.missing_unit:
-        reason[nat] = Reason.MISSING_UNIT
-        return
-    if rule.conv is None:
-        reason[nat] = Reason.UNKNOWN_UNIT
-        return
-    if rule.conv.range is not None:
-        lo, hi = _limits(*rule.conv.range, tol)
-        out = (x < lo) | (x > hi)
-        reason[nat[out]] = Reason.INPUT_OUT_OF_RANGE
-        value[nat[out]] = x[out]
-        nat, x = nat[~out], x[~out]
-    v = rule.conv.apply_array(x)
-    value[nat] = v
-    lo, hi = _limits(*spec.range, tol)
-    reason[nat[(v < lo) | (v > hi)]] = Reason.OUT_OF_RANGE
-    # text categories were set above; check their range too (a category outside it is config)
-    return
+        ok = why == 0
+        out = ok & ((conv < tab.lo[g]) | (conv > tab.hi[g]))
+    why[out] = Reason.OUT_OF_RANGE
+    value[at] = np.where(bad_in, x, conv)
+    value[at[(why > 0) & ~bad_in & ~out]] = np.nan
+    reason[at] = why
 
 
 # -- building candidates --------------------------------------------------------------------------
@@ -385,7 +430,9 @@ def from_text(
     v_idx, v_names = _index(varr)
     v_num = pd.to_numeric(pd.Series(v_names, dtype=object), errors="coerce").to_numpy(float)
     num = v_num[v_idx]
-    vtext = np.array([s if np.isnan(x) else "" for s, x in zip(v_names, v_num, strict=True)], dtype=object)
+    vtext = np.array(
+        [s if np.isnan(x) else "" for s, x in zip(v_names, v_num, strict=True)], dtype=object
+    )
     t_ns, t_why = parse_time_text(time, naive)
     p = np.zeros(n, dtype=np.uint8) if pre is None else pre.astype(np.uint8, copy=True)
     p = np.where(p == 0, t_why, p).astype(np.uint8)

@@ -187,7 +187,9 @@ def parse_resources(
     out = FhirRecords()
     for line, res in items:
         if not isinstance(res, dict) or "resourceType" not in res:
-            out.problems.append(ResourceProblem(line, "resourceType", "not a FHIR resource (no resourceType)"))
+            out.problems.append(
+                ResourceProblem(line, "resourceType", "not a FHIR resource (no resourceType)")
+            )
             continue
         kind = res["resourceType"]
         if kind not in SUPPORTED:
@@ -197,7 +199,9 @@ def parse_resources(
         if validate:
             err = validation_error(kind, res)
             if err:
-                out.problems.append(ResourceProblem(line, "resource", f"invalid FHIR R4 {kind}: {err}"))
+                out.problems.append(
+                    ResourceProblem(line, "resource", f"invalid FHIR R4 {kind}: {err}")
+                )
                 continue
         if kind == "Patient":
             pat = _patient(res)
@@ -237,7 +241,10 @@ def _observation(
         pre = Reason.SUPERSEDED
         detail = f"superseded by a later version of Observation/{res.get('id')} (record {superseded[line]})"
     if pre == Reason.ACCEPTED and not sid:
-        pre, detail = Reason.MISSING_PATIENT, "missing field: subject (expected a reference 'Patient/<id>')"
+        pre, detail = (
+            Reason.MISSING_PATIENT,
+            "missing field: subject (expected a reference 'Patient/<id>')",
+        )
     cats = [c for cat in res.get("category") or [] for c in _codings(cat)]
     base = {
         "line": line,

@@ -126,7 +126,13 @@ class _Ledger:
         rej["file"] = rr.file
         self.q.append(rej)
         for code, n in rej["code"].value_counts().items():
-            self.add(rr.file, rr.format, str(code), quarantined=int(n), **({"read": int(n)} if read else {}))
+            self.add(
+                rr.file,
+                rr.format,
+                str(code),
+                quarantined=int(n),
+                **({"read": int(n)} if read else {}),
+            )
 
 
 def _scrubber(pattern: str, pseudo: Any) -> Any:
@@ -145,16 +151,16 @@ def _scrubber(pattern: str, pseudo: Any) -> Any:
     return scrub
 
 
-def _judge(
-    rr: RawRead, res: Result, ledger: _Ledger, keys: list[str]
-) -> np.ndarray:
+def _judge(rr: RawRead, res: Result, ledger: _Ledger, keys: list[str]) -> np.ndarray:
     """Count and quarantine one read's verdicts; returns the accepted mask."""
     assert rr.cand is not None and rr.pid is not None and rr.line is not None
     c = rr.cand
     reason = res.reason
     ok = reason == 0
     label = np.array([*keys, ""], dtype=object)
-    code_label = np.where(res.key >= 0, label[res.key], np.array(c.code_names, dtype=object)[c.code])
+    code_label = np.where(
+        res.key >= 0, label[res.key], np.array(c.code_names, dtype=object)[c.code]
+    )
     unknown = reason == Reason.UNKNOWN_CODE
     for name, n in pd.Series(code_label[ok]).value_counts().items():
         ledger.add(rr.file, rr.format, str(name), read=int(n))
@@ -191,7 +197,12 @@ def ingest(
     sources: dict[str, int] = {}
     chunks: list[_Chunk] = []
     cohort_chunks: list[_Chunk] = []
-    tables: dict[str, list[pd.DataFrame]] = {"patients": [], "derived": [], "outcomes": [], "cohort": []}
+    tables: dict[str, list[pd.DataFrame]] = {
+        "patients": [],
+        "derived": [],
+        "outcomes": [],
+        "cohort": [],
+    }
     for order, (path, fmt) in enumerate(units):
         try:
             rr = fmt.read(path, cfg, vocab)
@@ -206,11 +217,19 @@ def ingest(
         for col, n in rr.unmapped.items():
             ledger.add(rr.file, rr.format, f"{col} (unmapped column)", read=n, unmapped=n)
         if rr.problems:
-            ledger.quarantine(rr, pd.DataFrame(
-                {"line": [p.line for p in rr.problems], "field": [p.field for p in rr.problems],
-                 "reason": [p.reason for p in rr.problems],
-                 "code": [p.code or UNPARSED_KEY for p in rr.problems],
-                 "source_id": "", "record": [p.record for p in rr.problems]}))
+            ledger.quarantine(
+                rr,
+                pd.DataFrame(
+                    {
+                        "line": [p.line for p in rr.problems],
+                        "field": [p.field for p in rr.problems],
+                        "reason": [p.reason for p in rr.problems],
+                        "code": [p.code or UNPARSED_KEY for p in rr.problems],
+                        "source_id": "",
+                        "record": [p.record for p in rr.problems],
+                    }
+                ),
+            )
         if not rr.n:
             continue
         res = canonicalise(rr.cand, vocab, window, now)  # type: ignore[arg-type]
@@ -219,15 +238,26 @@ def ingest(
         gsrc = np.array([sources.setdefault(s, len(sources)) for s in rr.source_names], np.int32)
         files.append((rr.file, rr.format))
         chunk = _Chunk(
-            len(files) - 1, ids.index(rr.pid_names)[rr.pid[ok]], rr.cand.time_ns[ok],  # type: ignore[union-attr]
-            res.key[ok].astype(np.int16), res.value[ok], gsrc[rr.source[ok]], rr.line[ok],
+            len(files) - 1,
+            ids.index(rr.pid_names)[rr.pid[ok]],
+            rr.cand.time_ns[ok],  # type: ignore[union-attr]
+            res.key[ok].astype(np.int16),
+            res.value[ok],
+            gsrc[rr.source[ok]],
+            rr.line[ok],
         )
         (cohort_chunks if rr.cohort is not None else chunks).append(chunk)
-    return _assemble(ids, ledger, cfg, vocab, keys, files, list(sources), chunks, cohort_chunks, tables, skipped)
+    return _assemble(
+        ids, ledger, cfg, vocab, keys, files, list(sources), chunks, cohort_chunks, tables, skipped
+    )
 
 
 def _side_tables(
-    rr: RawRead, order: int, cfg: IngestConfig, ledger: _Ledger, tables: dict[str, list[pd.DataFrame]]
+    rr: RawRead,
+    order: int,
+    cfg: IngestConfig,
+    ledger: _Ledger,
+    tables: dict[str, list[pd.DataFrame]],
 ) -> None:
     """Type patients/outcomes/cohort tables of one read; quarantine their bad rows."""
     if rr.patients is not None:
@@ -239,7 +269,12 @@ def _side_tables(
         tables["derived"].append(rr.derived_patients)
     if rr.outcomes is not None:
         outs, rej = type_outcomes(rr.outcomes, cfg)
-        ledger.add(rr.file, "outcomes" if rr.format == "outcomes" else rr.format, OUTCOME_KEY, read=len(outs))
+        ledger.add(
+            rr.file,
+            "outcomes" if rr.format == "outcomes" else rr.format,
+            OUTCOME_KEY,
+            read=len(outs),
+        )
         ledger.quarantine(rr, rej)
         tables["outcomes"].append(outs.assign(_file=rr.file, _format=rr.format))
     if rr.cohort is not None:
@@ -250,9 +285,17 @@ def _side_tables(
 
 
 def _assemble(
-    ids: _Ids, ledger: _Ledger, cfg: IngestConfig, vocab: Vocabulary, keys: list[str],
-    files: list[tuple[str, str]], source_names: list[str], chunks: list[_Chunk],
-    cohort_chunks: list[_Chunk], tables: dict[str, list[pd.DataFrame]], skipped: list[dict[str, str]],
+    ids: _Ids,
+    ledger: _Ledger,
+    cfg: IngestConfig,
+    vocab: Vocabulary,
+    keys: list[str],
+    files: list[tuple[str, str]],
+    source_names: list[str],
+    chunks: list[_Chunk],
+    cohort_chunks: list[_Chunk],
+    tables: dict[str, list[pd.DataFrame]],
+    skipped: list[dict[str, str]],
 ) -> IngestResult:
     patients, n_in_tables = _patients(ids, ledger, tables)
     if "_file" not in patients:
@@ -328,7 +371,9 @@ def _assemble(
     return IngestResult(observations, patients_out, outcomes, cohort, quarantine, counts, report)
 
 
-def _patients(ids: _Ids, ledger: _Ledger, tables: dict[str, list[pd.DataFrame]]) -> tuple[pd.DataFrame, int]:
+def _patients(
+    ids: _Ids, ledger: _Ledger, tables: dict[str, list[pd.DataFrame]]
+) -> tuple[pd.DataFrame, int]:
     """Patients tables (authoritative, deduplicated) + rows data files carry (gaps only)."""
     parts = tables["patients"]
     pats = (
@@ -351,22 +396,38 @@ def _patients(ids: _Ids, ledger: _Ledger, tables: dict[str, list[pd.DataFrame]])
             der["sex"] = der["sex"].replace("", np.nan)
         base = pats.set_index("_pid")
         merged = base.combine_first(der) if len(base) else der.copy()
-        merged["source_id"] = merged["source_id"] if "source_id" in merged else ""
+        merged["source_id"] = merged.get("source_id", "")
         pats = merged.reset_index().rename(columns={"index": "_pid"})
         pats["_pid"] = pats["_pid"].astype(np.int32)
     return pats, n_tables
 
 
 def _observations(
-    chunks: list[_Chunk], allowed: np.ndarray, seen: np.ndarray, ledger: _Ledger,
-    files: list[tuple[str, str]], keys: list[str], source_names: list[str], ids: _Ids,
+    chunks: list[_Chunk],
+    allowed: np.ndarray,
+    seen: np.ndarray,
+    ledger: _Ledger,
+    files: list[tuple[str, str]],
+    keys: list[str],
+    source_names: list[str],
+    ids: _Ids,
 ) -> pd.DataFrame:
     nk = len(keys)
-    cat = (lambda name, dt: np.concatenate([getattr(c, name) for c in chunks]).astype(dt)
-           if chunks else np.zeros(0, dt))
+
+    def cat(name, dt):
+        return (
+            np.concatenate([getattr(c, name) for c in chunks]).astype(dt)
+            if chunks
+            else np.zeros(0, dt)
+        )
+
     pid, t, key = cat("pid", np.int32), cat("time", np.int64), cat("key", np.int16)
     value, src = cat("value", np.float64), cat("source", np.int32)
-    fidx = np.concatenate([np.full(len(c.pid), c.file, np.int32) for c in chunks]) if chunks else np.zeros(0, np.int32)
+    fidx = (
+        np.concatenate([np.full(len(c.pid), c.file, np.int32) for c in chunks])
+        if chunks
+        else np.zeros(0, np.int32)
+    )
     seen[pid] = True
     ok = allowed[pid]
     _count(ledger, files, keys, fidx[~ok], key[~ok], "consent_excluded")
@@ -390,12 +451,15 @@ def _observations(
         {
             "patient_id": pd.Categorical.from_codes(
                 np.searchsorted(used_p, pid), categories=pnames[used_p].astype(str)
-            ) if len(pid) else pd.Categorical([], categories=[]),
+            )
+            if len(pid)
+            else pd.Categorical([], categories=[]),
             "time": pd.to_datetime(t, unit="ns", utc=True),
             "code": pd.Categorical.from_codes(key.astype(np.int32), categories=keys),
             "value": value,
             "source": pd.Categorical.from_codes(src, categories=source_names or ["unknown"])
-            if len(src) else pd.Categorical([], categories=[]),
+            if len(src)
+            else pd.Categorical([], categories=[]),
         }
     )
     out["code"] = out["code"].cat.remove_unused_categories()
@@ -403,8 +467,14 @@ def _observations(
     return out[OBSERVATION_COLUMNS]
 
 
-def _count(ledger: _Ledger, files: list[tuple[str, str]], keys: list[str], fidx: np.ndarray,
-           key: np.ndarray, what: str) -> None:
+def _count(
+    ledger: _Ledger,
+    files: list[tuple[str, str]],
+    keys: list[str],
+    fidx: np.ndarray,
+    key: np.ndarray,
+    what: str,
+) -> None:
     if not len(fidx):
         return
     nk = len(keys)
@@ -414,11 +484,22 @@ def _count(ledger: _Ledger, files: list[tuple[str, str]], keys: list[str], fidx:
         ledger.add(files[f][0], files[f][1], keys[k], **{what: int(counts[j])})
 
 
-def _outcomes(ids: _Ids, allowed: np.ndarray, seen: np.ndarray, ledger: _Ledger,
-              parts: list[pd.DataFrame]) -> pd.DataFrame:
-    outs = (pd.concat(parts, ignore_index=True) if parts else
-            pd.DataFrame({"source_id": pd.Series(dtype=str), "time": pd.Series(dtype="datetime64[ns, UTC]"),
-                          "event": pd.Series(dtype=str), "_file": pd.Series(dtype=str), "_format": pd.Series(dtype=str)}))
+def _outcomes(
+    ids: _Ids, allowed: np.ndarray, seen: np.ndarray, ledger: _Ledger, parts: list[pd.DataFrame]
+) -> pd.DataFrame:
+    outs = (
+        pd.concat(parts, ignore_index=True)
+        if parts
+        else pd.DataFrame(
+            {
+                "source_id": pd.Series(dtype=str),
+                "time": pd.Series(dtype="datetime64[ns, UTC]"),
+                "event": pd.Series(dtype=str),
+                "_file": pd.Series(dtype=str),
+                "_format": pd.Series(dtype=str),
+            }
+        )
+    )
     pid = ids.series(outs["source_id"])
     seen[pid] = True
     ok = allowed[pid]
@@ -432,8 +513,14 @@ def _outcomes(ids: _Ids, allowed: np.ndarray, seen: np.ndarray, ledger: _Ledger,
     outs = outs[~dup]
     for (f, fmt), n in outs.groupby(["_file", "_format"]).size().items():
         ledger.add(str(f), _ofmt(fmt), OUTCOME_KEY, accepted=int(n))
-    extra = [c for c in outs.columns if c not in ("source_id", "line", "_file", "_format", "patient_id", "time", "event")]
-    outs = outs[["patient_id", "time", "event", *extra]].sort_values(["patient_id", "time"], kind="stable")
+    extra = [
+        c
+        for c in outs.columns
+        if c not in ("source_id", "line", "_file", "_format", "patient_id", "time", "event")
+    ]
+    outs = outs[["patient_id", "time", "event", *extra]].sort_values(
+        ["patient_id", "time"], kind="stable"
+    )
     outs = outs.reset_index(drop=True)
     outs["time"] = pd.to_datetime(outs["time"], utc=True)
     return outs
@@ -443,9 +530,16 @@ def _ofmt(fmt: str) -> str:
     return "outcomes" if fmt == "outcomes" else fmt
 
 
-def _cohort(ids: _Ids, allowed: np.ndarray, seen: np.ndarray, ledger: _Ledger,
-            files: list[tuple[str, str]], keys: list[str], chunks: list[_Chunk],
-            tables: dict[str, list[pd.DataFrame]]) -> pd.DataFrame | None:
+def _cohort(
+    ids: _Ids,
+    allowed: np.ndarray,
+    seen: np.ndarray,
+    ledger: _Ledger,
+    files: list[tuple[str, str]],
+    keys: list[str],
+    chunks: list[_Chunk],
+    tables: dict[str, list[pd.DataFrame]],
+) -> pd.DataFrame | None:
     if not tables["cohort"]:
         return None
     coh = pd.concat(tables["cohort"], ignore_index=True)
@@ -454,9 +548,13 @@ def _cohort(ids: _Ids, allowed: np.ndarray, seen: np.ndarray, ledger: _Ledger,
     ok = allowed[pid]
     for f, g in coh.assign(_ok=ok).groupby("_file"):
         # covariate cells follow their row's consent verdict
-        ledger.add(str(f), "cohort", COVARIATE_KEY,
-                   accepted=int(g.loc[g["_ok"], "_cells"].sum()),
-                   consent_excluded=int(g.loc[~g["_ok"], "_cells"].sum()))
+        ledger.add(
+            str(f),
+            "cohort",
+            COVARIATE_KEY,
+            accepted=int(g.loc[g["_ok"], "_cells"].sum()),
+            consent_excluded=int(g.loc[~g["_ok"], "_cells"].sum()),
+        )
     out = coh[ok].drop(columns=["_cells"]).copy()
     out["patient_id"] = [ids.names[i] for i in pid[ok]]
     if chunks:
@@ -468,9 +566,17 @@ def _cohort(ids: _Ids, allowed: np.ndarray, seen: np.ndarray, ledger: _Ledger,
         cok = allowed[c_pid]
         _count(ledger, files, keys, c_file[~cok], c_key[~cok], "consent_excluded")
         _count(ledger, files, keys, c_file[cok], c_key[cok], "accepted")
-        cells_df = pd.DataFrame({"file": [files[i][0] for i in c_file[cok]], "line": c_line[cok],
-                                 "code": np.array(keys, dtype=object)[c_key[cok]], "value": c_val[cok]})
-        wide = cells_df.pivot_table(index=["file", "line"], columns="code", values="value", aggfunc="last")
+        cells_df = pd.DataFrame(
+            {
+                "file": [files[i][0] for i in c_file[cok]],
+                "line": c_line[cok],
+                "code": np.array(keys, dtype=object)[c_key[cok]],
+                "value": c_val[cok],
+            }
+        )
+        wide = cells_df.pivot_table(
+            index=["file", "line"], columns="code", values="value", aggfunc="last"
+        )
         out = out.merge(wide, left_on=["_file", "line"], right_index=True, how="left")
     out = out.drop(columns=["source_id", "line", "_file"])
     cols = ["patient_id", "time", *[c for c in out.columns if c not in ("patient_id", "time")]]
@@ -479,9 +585,20 @@ def _cohort(ids: _Ids, allowed: np.ndarray, seen: np.ndarray, ledger: _Ledger,
 
 def _reason_kind(reason: str) -> str:
     r = reason.split(":")[0]
-    for prefix in ("unparseable time", "unknown code", "unknown unit", "unparseable value",
-                   "out-of-range value", "invalid consent value", "no unit for", "status",
-                   "superseded", "data absent", "implausible time", "non-numeric value"):
+    for prefix in (
+        "unparseable time",
+        "unknown code",
+        "unknown unit",
+        "unparseable value",
+        "out-of-range value",
+        "invalid consent value",
+        "no unit for",
+        "status",
+        "superseded",
+        "data absent",
+        "implausible time",
+        "non-numeric value",
+    ):
         if r.startswith(prefix):
             return prefix
     if " is in the future" in r:
@@ -498,12 +615,18 @@ def build_report(
     for (f, fmt), g in counts.groupby(["file", "format"], sort=True):
         entry: dict[str, Any] = {"format": fmt, **{k: int(g[k].sum()) for k in COUNT_KEYS}}
         entry["codes"] = {
-            str(r.code): {k: int(getattr(r, k)) for k in COUNT_KEYS} for r in g.itertuples(index=False)
+            str(r.code): {k: int(getattr(r, k)) for k in COUNT_KEYS}
+            for r in g.itertuples(index=False)
         }
         files[str(f)] = entry
     bal = counts["read"] - counts[list(COUNT_KEYS[1:])].sum(axis=1)
     reasons = quarantine["reason"].map(_reason_kind).value_counts().sort_index()
-    unm = counts[counts["unmapped"] > 0].groupby("code")["unmapped"].sum().sort_values(ascending=False)
+    unm = (
+        counts[counts["unmapped"] > 0]
+        .groupby("code")["unmapped"]
+        .sum()
+        .sort_values(ascending=False)
+    )
     return {
         "purpose": cfg.purpose,
         "totals": totals,

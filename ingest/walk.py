@@ -22,8 +22,12 @@ from ingest.raw import StructuralError
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -109,7 +113,9 @@ def walk_inputs(
     for item in inputs:
         p = Path(item)
         if not os.path.lexists(p):
-            raise StructuralError(f"{p}: file or directory not found (expected an input file or directory)")
+            raise StructuralError(
+                f"{p}: file or directory not found (expected an input file or directory)"
+            )
         why = problem_of(p, None)
         if why is not None:
             raise StructuralError(f"{p}: {why} (expected an input file or directory)")

@@ -25,6 +25,52 @@ def _ci(m: Mapping[str, Any], k: str, nd: int = 3) -> str:
     return f"{_f(m.get(k), nd)} ({_f(lo, nd)}–{_f(hi, nd)})"
 
 
+def _events(label: Mapping[str, Any]) -> str:
+    ev = label.get("event_types")
+    if not ev or ev == "all":
+        return "any recorded outcome event"
+    names = [str(e).replace("_", " ") for e in (ev if isinstance(ev, list) else [ev])]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _horizon(label: Mapping[str, Any]) -> str:
+    h = label.get("horizon_hours")
+    if isinstance(h, Mapping) and h:
+        return "; ".join(f"{s}: {float(v):g} h" for s, v in h.items())
+    if h:
+        return f"{float(h):g} h"
+    if label.get("horizon_days"):
+        return f"{float(label['horizon_days']):g} days after the index time"
+    return "the label horizon"
+
+
+def _population(metrics: Mapping[str, Any], label: Mapping[str, Any]) -> str:
+    settings = sorted(
+        k.removeprefix("setting_") for k in metrics.get("subgroups", {}) if k.startswith("setting_")
+    )
+    if settings:
+        return (
+            "patients monitored in the "
+            + ", ".join(settings)
+            + " setting"
+            + ("s" if len(settings) > 1 else "")
+        )
+    if label.get("horizon_days"):
+        return "patients of a one-row-per-patient cohort (one prediction at the index time)"
+    return "the monitored patients of the training cohort"
+
+
+def intended_use(metrics: Mapping[str, Any], label: Mapping[str, Any]) -> str:
+    """The intended-use paragraph from the configuration: events, horizons, population."""
+    return (
+        f"Decision support: estimates the probability of {_events(label)} within the label "
+        f"horizon ({_horizon(label)}) for {_population(metrics, label)}, from their recent "
+        "observations and covariates. It supplements, and does not replace, NEWS2 and clinical "
+        "judgement. Not validated for children, pregnancy or populations unlike the training "
+        "cohort; not for use as an autonomous alarm."
+    )
+
+
 def render_model_card(
     metrics: Mapping[str, Any],
     run: Mapping[str, Any],
@@ -33,7 +79,8 @@ def render_model_card(
 ) -> str:
     model, news2, delta = metrics["model"], metrics["news2"], metrics["delta"]
     unit = str(metrics.get("exposure_unit", "patient_days")).replace("_", "-")
-    label = (feature_dictionary or {}).get("label", {})
+    # the label the model was trained with (run metadata), else the feature dictionary's
+    label = (run.get("metadata") or {}).get("label") or (feature_dictionary or {}).get("label", {})
     meta = run.get("metadata", {})
     lines = [
         f"# Model card: {run.get('model_name', 'vitalrisk-deterioration')}",
@@ -43,12 +90,7 @@ def render_model_card(
         f"params hash `{run.get('lineage', {}).get('params_hash', '?')}`.",
         "",
         "## Intended use",
-        "Decision support: estimates the probability that a monitored adult (ward or home) "
-        "deteriorates (ICU transfer, rapid response, emergency admission, death) within the "
-        f"label horizon{' (' + str(label.get('horizon_hours')) + ' h)' if label.get('horizon_hours') else ''} "
-        "from recent vital signs, activity and covariates. It supplements, and does not replace, "
-        "NEWS2 and clinical judgement. Not validated for children, pregnancy or populations unlike "
-        "the training cohort; not for use as an autonomous alarm.",
+        intended_use(metrics, label),
         "",
         "## Data",
         f"- Training/validation/test split by patient ({run.get('split_method', 'patient')}), "

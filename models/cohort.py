@@ -79,3 +79,63 @@ def label_at_horizon(
         res.n_excluded_censored,
     )
     return res
+
+
+@dataclass(frozen=True)
+class CohortMatrix:
+    frame: pd.DataFrame  # patient_id, time, setting?, covariates, codes, news2_*, tte, event
+    text_columns: list[str]  # text columns (used only if declared categorical in train)
+    news2_partial_rows: int  # rows whose NEWS2 lacks at least one of its seven inputs
+
+
+def cohort_matrix(
+    cohort: pd.DataFrame, scale2_flags: tuple[str, ...] = ("spo2_scale2", "cm_copd")
+) -> CohortMatrix:
+    """The ingest stage's ``cohort.parquet`` as a train-ready one-row-per-patient frame.
+
+    Adds ``sex_f``, the NEWS2 sub-scores and total from the snapshot's vital columns, with
+    ``news2_n_missing`` and ``news2_partial`` (1 when any of its inputs is absent, so a
+    partial NEWS2 is never mistaken for a full one), and keeps ``time_to_event_days`` and
+    ``event`` for :func:`label_at_horizon`. Pure.
+    """
+    from features.news2 import NEWS2_CODES, news2_scores
+
+    for c in ("patient_id", "time", "time_to_event_days", "event"):
+        if c not in cohort.columns:
+            raise ValueError(
+                f"cohort is missing column {c!r} (expected ingest's cohort.parquet: index_time, "
+                "time_to_event_h or _days, event_observed or a 0/1 event)"
+            )
+    out = cohort.copy()
+    if "sex" in out and "sex_f" not in out:
+        out["sex_f"] = out["sex"].map({"F": 1.0, "M": 0.0}).astype(float)
+    latest = {
+        k: out[code].to_numpy(float) if code in out else np.full(len(out), np.nan)
+        for k, code in NEWS2_CODES.items()
+    }
+    scale2 = np.zeros(len(out), dtype=bool)
+    for flag in scale2_flags:
+        if flag in out:
+            scale2 |= pd.to_numeric(out[flag], errors="coerce").fillna(0).to_numpy() > 0
+    scores = news2_scores(latest, scale2)
+    for k, v in scores.items():
+        out[k] = v
+    out["news2_partial"] = (scores["news2_n_missing"] > 0).astype(float)
+    text = [
+        c for c in out.columns if out[c].dtype == object and c not in ("patient_id", "event_type")
+    ]
+    res = CohortMatrix(out, text, int((scores["news2_n_missing"] > 0).sum()))
+    log.info("cohort matrix: %d rows, NEWS2 partial in %d", len(out), res.news2_partial_rows)
+    return res
+
+
+#: the labelled cohort rows train saves beside run.json (evaluate and register score them)
+COHORT_FEATURES = "cohort_features.parquet"
+
+
+def features_path(model_dir: str, default: str | None) -> str | None:
+    """The feature rows a model was trained on: the cohort's when train used the cohort path."""
+    from pathlib import Path
+
+    p = Path(model_dir) / COHORT_FEATURES
+    return str(p) if p.is_file() else default

@@ -26,6 +26,7 @@ from models.config import EvaluateConfig, RegisterConfig, TrainConfig
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+VOCABULARY_ARTIFACT = "vocabulary.json"
 PREDICTIONS_FILE = "predictions.parquet"
 
 
@@ -48,8 +49,13 @@ def train_and_log(
     lineage_info: Mapping[str, str] | None = None,
     client: Any = None,
     lineage_record: Mapping[str, Any] | None = None,
+    vocabulary: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train (optionally tune first), log everything to a new MLflow run, write run.json."""
+    """Train (optionally tune first), log everything to a new MLflow run, write run.json.
+
+    ``vocabulary`` (the project's, as a dict) is logged as ``vocabulary.json`` so the service
+    converts units and judges ranges with the vocabulary the model was trained with.
+    """
     from models.train import train_model
 
     out = Path(out_dir)
@@ -93,6 +99,8 @@ def train_and_log(
             tracking.log_dict(dict(feature_dictionary), "feature_dictionary.json")
         if lineage_record:
             tracking.log_dict(dict(lineage_record), "lineage.json")
+        if vocabulary:
+            tracking.log_dict(dict(vocabulary), VOCABULARY_ARTIFACT)
         # input example: the training medians, so no individual's values leave in the artifact
         prepared = result.model.prepare(frame[result.split.to_numpy() == "train"])
         example = prepared.median().fillna(0.0).to_frame().T.reset_index(drop=True)

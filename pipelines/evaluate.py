@@ -35,6 +35,13 @@ def _event_times(path: str | None):  # type: ignore[no-untyped-def]
     return t.groupby(out["patient_id"]).min().to_dict()
 
 
+def _cohort_event_times(features):  # type: ignore[no-untyped-def]
+    """Exact event times a cohort frame carries (train's ``event_time``), else None."""
+    if features is None or "event_time" not in features.columns:
+        return None
+    return features.dropna(subset=["event_time"]).set_index("patient_id")["event_time"].to_dict()
+
+
 def run(args: argparse.Namespace) -> int:
     from core.params import load_section
     from models.config import EvaluateConfig, RegisterConfig
@@ -43,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_section(EvaluateConfig, "evaluate", args.params)
     reg = load_section(RegisterConfig, "register", args.params)
-    features = read_features(args.features) if args.features else None
+    from models.cohort import features_path
+
+    fpath = features_path(args.model_dir, args.features)  # a cohort model: its labelled rows
+    features = read_features(fpath) if fpath else None
     try:
         metrics = evaluate_and_log(
             args.model_dir,
@@ -54,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             args.figures,
             args.card,
             read_json(args.dictionary, "feature dictionary"),
-            _event_times(args.outcomes),
+            _cohort_event_times(features) or _event_times(args.outcomes),
             reg.model_name,
         )
     except (ValueError, FileNotFoundError) as exc:

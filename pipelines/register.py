@@ -28,7 +28,9 @@ def run(args: argparse.Namespace) -> int:
     from pipelines._modelio import read_features, read_json
 
     config = load_section(RegisterConfig, "register", args.params)
-    features = read_features(args.features)
+    from models.cohort import features_path
+
+    features = read_features(features_path(args.model_dir, args.features) or args.features)
     metrics = read_json(args.metrics, "evaluation metrics") or {}
     try:
         result = register_run(args.model_dir, features, metrics, config, default_actor(args.actor))

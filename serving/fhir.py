@@ -6,7 +6,7 @@ the output, so what we emit is a valid resource by construction.
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -18,7 +18,6 @@ from serving.scoring import InputError
 RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
 OUTCOME_TEXT = "Clinical deterioration (ICU transfer, rapid response, emergency admission or death)"
 _BAND_CODE = {"low": "low", "medium": "moderate", "high": "high"}
-_SKIP_STATUS = {"entered-in-error", "cancelled"}
 
 
 def _errors(exc: ValidationError, prefix: str) -> list[tuple[str, str]]:
@@ -28,103 +27,85 @@ def _errors(exc: ValidationError, prefix: str) -> list[tuple[str, str]]:
     ]
 
 
-def _value(obs: Any) -> tuple[float | str | None, str | None]:
-    if obs.valueQuantity is not None and obs.valueQuantity.value is not None:
-        q = obs.valueQuantity
-        return float(q.value), (q.code or q.unit)
-    if obs.valueCodeableConcept is not None:
-        cc = obs.valueCodeableConcept
-        for c in cc.coding or []:
-            if c.code:
-                return str(c.code), None
-        return (str(cc.text) if cc.text else None), None
-    if obs.valueString is not None:
-        return str(obs.valueString), None
-    if obs.valueBoolean is not None:
-        return ("yes" if obs.valueBoolean else "no"), None
-    if obs.valueInteger is not None:
-        return float(obs.valueInteger), None
-    return None, None
-
-
-def _time(obs: Any) -> datetime | None:
-    t = obs.effectiveDateTime or obs.effectiveInstant
-    if t is None and obs.effectivePeriod is not None:
-        t = obs.effectivePeriod.start
-    if isinstance(t, datetime):
-        return t
-    return None
-
-
-def _codes(cc: Any) -> list[str]:
-    return [str(c.code) for c in (cc.coding or []) if c.code] if cc is not None else []
-
-
 def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[PatientIn, list[str]]:
-    """Parse and validate a Bundle; one subject only. Raises ``InputError`` with locations."""
+    """Parse and validate a Bundle; one subject only. Raises ``InputError`` with locations.
+
+    Observations go through the one FHIR Observation parser (``ingest.fhir``): statuses,
+    versions, panels/components, ``dataAbsentReason``, times and value types are read as
+    ingest reads them. Records that are not data by FHIR's rules (status, superseded, absent)
+    become warnings; a record that cannot be read is a 422 naming its entry.
+    """
     from fhir.resources.R4B.bundle import Bundle
+
+    from ingest.canonical import NOT_DATA, Reason
+    from ingest.fhir import parse_resources
 
     if payload.get("resourceType") != "Bundle":
         raise InputError([("resourceType", "expected a FHIR R4 Bundle")])
     try:
-        bundle = Bundle.model_validate(payload)
+        Bundle.model_validate(payload)
     except ValidationError as exc:
         raise InputError(_errors(exc, "Bundle.")) from None
-    subjects: set[str] = set()
-    observations: list[ObservationIn] = []
+    entries = payload.get("entry") or []
+    resources = [
+        (i, e.get("resource") if isinstance(e, dict) else None) for i, e in enumerate(entries)
+    ]
+    recs = parse_resources(resources, vocab, default_source="fhir")
     problems: list[tuple[str, str]] = []
     warnings: list[str] = []
-    gender: str | None = None
-    birth: date | None = None
-    for i, entry in enumerate(bundle.entry or []):
-        res: Any = entry.resource
-        loc = f"entry[{i}]"
-        kind = getattr(res, "__resource_type__", type(res).__name__)
-        if kind == "Patient":
-            if res.id:
-                subjects.add(str(res.id))
-            gender = res.gender
-            birth = res.birthDate if isinstance(res.birthDate, date) else None
-            continue
-        if kind != "Observation":
-            warnings.append(f"{loc}: {kind} ignored (only Observation and Patient are read)")
-            continue
-        if res.status in _SKIP_STATUS:
-            warnings.append(f"{loc}: status {res.status} ignored")
-            continue
-        if res.subject is None or not (res.subject.reference or "").startswith("Patient/"):
-            problems.append((f"{loc}.subject", "expected a reference 'Patient/<id>'"))
-            continue
-        subjects.add(res.subject.reference.split("/", 1)[1])
-        t = _time(res)
-        if t is None or t.tzinfo is None:
-            problems.append((f"{loc}.effectiveDateTime", "expected a date-time with timezone"))
-            continue
-        parts: list[tuple[str, Any]] = []
-        codes = _codes(res.code)
-        panel = next((c for c in codes if c in vocab.panels), None)
-        if panel is not None or (res.component and not any(vocab.resolve_code(c) for c in codes)):
-            for k, comp in enumerate(res.component or []):
-                parts.append((f"{loc}.component[{k}]", comp))
-        else:
-            parts.append((loc, res))
-        for where, item in parts:
-            key = next(
-                (vocab.resolve_code(c) for c in _codes(item.code) if vocab.resolve_code(c)), None
+    for pr in recs.problems:
+        if pr.field == "resourceType" and "unsupported" in pr.reason:
+            kind = (resources[pr.line][1] or {}).get("resourceType")
+            warnings.append(
+                f"entry[{pr.line}]: {kind} ignored (only Observation and Patient are read)"
             )
-            if key is None:
-                problems.append((f"{where}.code", f"no known LOINC code among {_codes(item.code)}"))
-                continue
-            value, unit = _value(item)
-            if value is None:
-                problems.append((f"{where}.value[x]", "no value"))
-                continue
-            try:
-                observations.append(
-                    ObservationIn(time=t, code=key, value=value, unit=unit, source="fhir")
+        else:
+            problems.append((f"entry[{pr.line}].{pr.field}", pr.reason))
+    subjects = {p["patient_id"] for p in recs.patients}
+    patient = recs.patients[-1] if recs.patients else {}
+    observations: list[ObservationIn] = []
+    for j, line in enumerate(recs.line):
+        where = f"entry[{line}]" + (f".{recs.where[j]}" if recs.where[j] else "")
+        pre = Reason(recs.pre[j])
+        if pre in NOT_DATA:
+            warnings.append(f"{where}: {recs.detail.get(j, pre.name.lower())}: ignored")
+            continue
+        if pre == Reason.MISSING_PATIENT:
+            problems.append((f"entry[{line}].subject", "expected a reference 'Patient/<id>'"))
+            continue
+        subjects.add(recs.subject[j])
+        if pre != Reason.ACCEPTED:
+            problems.append((f"{where}.value[x]", recs.detail.get(j, pre.name.lower())))
+            continue
+        if not recs.code[j] or vocab.resolve_code(recs.code[j]) is None:
+            problems.append((f"{where}.code", f"no known LOINC code among {[recs.code[j]]}"))
+            continue
+        if recs.value[j] in ("", None):
+            problems.append((f"{where}.value[x]", "no value"))
+            continue
+        if not recs.time[j]:
+            problems.append((f"{where}.effectiveDateTime", "expected a date-time with timezone"))
+            continue
+        try:
+            observations.append(
+                ObservationIn(
+                    time=recs.time[j],
+                    code=recs.code[j],
+                    value=recs.value[j],
+                    unit=recs.unit[j] or None,
+                    source="fhir",
                 )
-            except ValidationError as exc:
-                problems.extend(_errors(exc, f"{where}."))
+            )
+        except ValidationError as exc:
+            problems.extend(
+                (
+                    f"{where}.effectiveDateTime"
+                    if e["loc"][:1] == ("time",)
+                    else f"{where}.{'.'.join(map(str, e['loc']))}",
+                    "expected a date-time with timezone" if e["loc"][:1] == ("time",) else e["msg"],
+                )
+                for e in exc.errors(include_input=False)[:5]
+            )
     if len(subjects) > 1:
         problems.append(
             (
@@ -136,22 +117,26 @@ def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[Patie
         problems.append(("Bundle.entry", "no Observation to score"))
     if problems:
         raise InputError(problems)
-    sex: Literal["F", "M"] | None = None
-    if gender == "female":
-        sex = "F"
-    elif gender == "male":
-        sex = "M"
+    sex: Literal["F", "M"] | None = {"F": "F", "M": "M"}.get(str(patient.get("sex", "")))  # type: ignore[assignment]
     age = None
+    birth = _date(str(patient.get("birth_date", "")))
     if birth is not None:
         latest = max(o.time for o in observations).astimezone(UTC).date()
         age = max(0.0, min(130.0, (latest - birth).days / 365.25))
-    patient = PatientIn(
+    out = PatientIn(
         patient_id=next(iter(subjects)),
         covariates=Covariates(age=age, sex=sex),
         observations=observations,
         as_of=None,
     )
-    return patient, warnings
+    return out, warnings
+
+
+def _date(text: str) -> date | None:
+    try:
+        return date.fromisoformat(text[:10]) if len(text) >= 10 else None
+    except ValueError:
+        return None
 
 
 def risk_assessment(

@@ -12,14 +12,17 @@ import csv
 import io
 import os
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import ValidationError
 
 from core.vocabulary import Vocabulary
+from ingest.canonical import canonicalise
 from serving.schemas import ObservationItem, Rejected
+from serving.scoring import _ns_of, observation_candidates, scoring_window
 
 LANDING_COLUMNS = ["patient_id", "time", "code", "value", "unit", "source"]
 
@@ -31,58 +34,52 @@ def validate_items(
     future_tolerance_minutes: float,
     now: datetime | None = None,
 ) -> tuple[list[dict[str, Any]], list[Rejected]]:
-    """Split items into canonical rows and rejections (index, field, reason)."""
+    """Split items into canonical rows and rejections (index, field, reason).
+
+    The schema checks each item; the canonical observation path (``ingest.canonical``, the
+    one ingest applies to the landed file) judges codes, units, values and times, and every
+    reason it gives is a rejected item here.
+    """
     now = now or datetime.now(UTC)
-    latest = now + timedelta(minutes=future_tolerance_minutes)
-    rows: list[dict[str, Any]] = []
     rejected: list[Rejected] = []
+    valid: list[tuple[int, ObservationItem]] = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             rejected.append(Rejected(index=i, field="item", reason="expected a JSON object"))
             continue
         try:
-            obs = ObservationItem.model_validate(item)
+            valid.append((i, ObservationItem.model_validate(item)))
         except ValidationError as exc:
             err = exc.errors(include_input=False)[0]
             loc = ".".join(str(x) for x in err["loc"]) or "item"
             rejected.append(Rejected(index=i, field=loc, reason=err["msg"]))
+    obs = [o for _, o in valid]
+    t_ns = np.array([_ns_of(o.time) for o in obs], dtype=np.int64)
+    now_ns = _ns_of(now)
+    res = canonicalise(
+        observation_candidates(obs, t_ns),
+        vocab,
+        scoring_window(future_tolerance_minutes),
+        now_ns,
+        now_ns,
+    )
+    rows: list[dict[str, Any]] = []
+    for j, (i, o) in enumerate(valid):
+        if res.reason[j]:
+            rejected.append(Rejected(index=i, field=res.field_of(j), reason=res.message(j)))
             continue
-        key = vocab.resolve_code(obs.code)
-        if key is None:
-            rejected.append(
-                Rejected(
-                    index=i,
-                    field="code",
-                    reason=f"unknown code {obs.code!r}: expected a vocabulary key or LOINC code",
-                )
-            )
-            continue
-        t = obs.time.astimezone(UTC)
-        if t > latest:
-            rejected.append(
-                Rejected(index=i, field="time", reason=f"{obs.time.isoformat()} is in the future")
-            )
-            continue
-        try:
-            value = vocab.to_canonical(key, obs.value, obs.unit)
-        except ValueError as exc:
-            f = "unit" if str(exc).startswith("unit") else "value"
-            rejected.append(Rejected(index=i, field=f, reason=str(exc)))
-            continue
-        bad = vocab.check_range(key, value)
-        if bad:
-            rejected.append(Rejected(index=i, field="value", reason=bad))
-            continue
+        key = res.keys[res.key[j]]
         rows.append(
             {
-                "patient_id": pseudonym(obs.patient_id),
-                "time": t.isoformat().replace("+00:00", "Z"),
+                "patient_id": pseudonym(o.patient_id),
+                "time": o.time.astimezone(UTC).isoformat().replace("+00:00", "Z"),
                 "code": key,
-                "value": repr(float(value)),
+                "value": repr(float(res.value[j])),
                 "unit": vocab.codes[key].unit,
-                "source": obs.source or "api",
+                "source": o.source or "api",
             }
         )
+    rejected.sort(key=lambda r: r.index)
     return rows, rejected
 
 

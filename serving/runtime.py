@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.vocabulary import Vocabulary, load_vocabulary
+from core.vocabulary import Vocabulary, load_vocabulary, vocabulary_from_dict
 from features.build import FeatureArrays, input_codes
 from governance.audit import AuditLog
 from serving.auditq import AuditBatcher
@@ -474,6 +474,20 @@ def _run_dictionary(tracking: Any, run_id: str | None) -> dict[str, Any] | None:
     return None
 
 
+def _run_vocabulary(tracking: Any, run_id: str | None) -> Vocabulary | None:
+    """The vocabulary logged with the model's training run (``vocabulary.json``), if any:
+    the service must judge units and ranges as the training data was judged."""
+    if not run_id:
+        return None
+    try:
+        local = tracking.client().download_artifacts(run_id, "vocabulary.json")
+        data = json.loads(Path(local).read_text(encoding="utf-8"))
+        return vocabulary_from_dict(data)
+    except Exception as exc:  # older runs: the project's vocabulary, with a warning
+        logger.warning("no vocabulary logged with run %s (%s); using the project's", run_id, exc)
+        return None
+
+
 def _model_info(champion: LoadedModel, shadow: LoadedModel | None, tracking: Any) -> ModelInfo:
     metrics: dict[str, float] = {}
     data_hash: str | None = None
@@ -566,7 +580,7 @@ def build_runtime() -> Runtime:
                 shadow = LoadedModel(sinfo.name, sinfo.version, sinfo.alias, sinfo.run_id, smodel)
         except LookupError:
             shadow = None
-    vocab = load_vocabulary()
+    vocab = _run_vocabulary(tracking, info.run_id) or load_vocabulary()
     # the feature params the champion was trained with: its run's feature dictionary first
     run_dict = _run_dictionary(tracking, info.run_id)
     path = config.feature_dictionary_path()

@@ -16,9 +16,20 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
 from core.vocabulary import Vocabulary
 from governance.pseudonym import get_key, pseudonymise
+from ingest.canonical import (
+    DAY_NS,
+    IMPLAUSIBLE,
+    MINUTE_NS,
+    Candidates,
+    Reason,
+    TimeWindow,
+    canonicalise,
+)
+from ingest.config import TimeWindowConfig
 from serving.config import ServeConfig
 from serving.schemas import Contribution, PatientIn
 
@@ -221,25 +232,72 @@ def _ns_of(t: datetime) -> int:
     return (t - _EPOCH) // _MICROSECOND * 1000
 
 
-@dataclass(frozen=True)
-class _Rule:
-    """How one request's (code, unit) pair becomes canonical: the vocabulary key (None when
-    unknown), its unit conversion (None when the unit is not convertible) and its range."""
-
-    key: str | None
-    conv: Any  # core.vocabulary.UnitConversion | None
-    lo: float
-    hi: float
+#: observations more than this before the prediction time are refused (a stale reading of
+#: another stay, or a wrong year); the lookback of the features is far shorter
+SCORING_HISTORY_DAYS = 365.0
 
 
-def _rule(vocab: Vocabulary, code: str, unit: str | None) -> _Rule:
-    key = vocab.resolve_code(code)
-    if key is None:
-        return _Rule(None, None, np.nan, np.nan)
-    spec = vocab.codes[key]
-    u = spec.unit if unit is None or str(unit).strip() == "" else str(unit).strip()
-    lo, hi = spec.range
-    return _Rule(key, spec.units.get(u), float(lo), float(hi))
+@lru_cache(maxsize=8)
+def scoring_window(future_tolerance_minutes: float) -> TimeWindow:
+    """The canonical path's time window for the API: ingest's earliest plausible time, the
+    server clock + tolerance for the future, ``SCORING_HISTORY_DAYS`` before ``as_of``."""
+    base = TimeWindowConfig().window()
+    return TimeWindow(
+        earliest_ns=base.earliest_ns,
+        max_future_ns=int(future_tolerance_minutes * MINUTE_NS),
+        max_history_ns=int(SCORING_HISTORY_DAYS * DAY_NS),
+    )
+
+
+def observation_candidates(obs: Sequence[Any], t_ns: np.ndarray) -> Candidates:
+    """Candidates of API observations (``code``, ``value`` number or text, ``unit``).
+
+    One dict lookup per observation (its (code, unit) pair); stripping and the code/unit
+    tables work on the distinct pairs only. A text value that reads as a finite number is
+    that number, as in a CSV file.
+    """
+    n = len(obs)
+    pairs: dict[tuple[str, str | None], int] = {}
+    gid = np.fromiter(
+        (pairs.setdefault((o.code, o.unit), len(pairs)) for o in obs), dtype=np.int32, count=n
+    )
+    codes: dict[str, int] = {}
+    units: dict[str, int] = {}
+    pc = np.array([codes.setdefault(c.strip(), len(codes)) for c, _ in pairs], dtype=np.int32)
+    pu = np.array(
+        [units.setdefault((u or "").strip(), len(units)) for _, u in pairs], dtype=np.int32
+    )
+    raw = [o.value for o in obs]
+    is_text = [isinstance(v, str) for v in raw]
+    text = None
+    if any(is_text):
+        num = np.full(n, np.nan)
+        text = np.full(n, "", dtype=object)
+        for j, v in enumerate(raw):
+            if not is_text[j]:
+                num[j] = v
+                continue
+            try:
+                x = float(v)
+            except ValueError:
+                text[j] = v.strip() or " "
+                continue
+            if math.isfinite(x):
+                num[j] = x
+            else:
+                text[j] = v
+    else:
+        num = np.array(raw, dtype=np.float64)
+    return Candidates(
+        code=pc[gid],
+        code_names=list(codes),
+        unit=pu[gid],
+        unit_names=list(units),
+        num=num,
+        text=text,
+        time_ns=t_ns,
+        pre=np.zeros(n, dtype=np.uint8),
+    )
 
 
 def _prepare_one(
@@ -247,13 +305,12 @@ def _prepare_one(
 ) -> tuple[PreparedPatient | None, list[tuple[str, str]]]:
     """Canonical arrays and warnings for one patient, or the problems that make it a 422.
 
-    One pass over the observations, then numpy per (code, unit): numbers are converted by the
-    vocabulary's ``UnitConversion.apply_array``; text values, and units without a conversion,
-    go through ``to_canonical`` one by one (its message names what was expected).
+    The canonical observation path (``ingest.canonical``) judges every observation; its
+    reasons map to this route's policy: implausible values are ignored with a warning,
+    everything else (unknown code, unit or category, implausible time) is a 422 naming the
+    observation.
     """
     obs = p.observations
-    n = len(obs)
-    problems: list[tuple[int, int, str, str]] = []  # (observation, order, loc, message)
     ns = [_ns_of(o.time) for o in obs]
     bad = [j for j, x in enumerate(ns) if not _NS_MIN <= x <= _NS_MAX]
     if bad:
@@ -265,79 +322,49 @@ def _prepare_one(
             for j in bad
         ]
     t_ns = np.array(ns, dtype=np.int64)
-    future = t_ns > _ns_of(latest)
-    # one rule per distinct (code, unit) of this patient
-    pairs: dict[tuple[str, str | None], int] = {}
-    gid = np.fromiter(
-        (pairs.setdefault((o.code, o.unit), len(pairs)) for o in obs), dtype=np.intp, count=n
-    )
-    rules = [_rule(vocab, code, unit) for code, unit in pairs]
-    raw = [o.value for o in obs]
-    known = np.array([r.key is not None for r in rules], dtype=bool)[gid]
-    text = np.fromiter((isinstance(v, str) for v in raw), dtype=bool, count=n)
-    v = np.fromiter((np.nan if isinstance(x, str) else x for x in raw), dtype=np.float64, count=n)
-    values = np.full(n, np.nan)
-    numbers = ~text
-    for g, r in enumerate(rules):
-        if r.conv is not None:
-            at = np.flatnonzero((gid == g) & numbers)
-            values[at] = r.conv.apply_array(v[at])
-    converted = np.array([r.conv is not None for r in rules], dtype=bool)[gid] & numbers
-    for j in np.flatnonzero(~known).tolist():
-        msg = f"unknown code {obs[j].code!r}: expected a vocabulary key or LOINC code"
-        problems.append((j, 0, f"{loc}.observations[{j}].code", msg))
-    for j in np.flatnonzero(known & future).tolist():
-        problems.append(
-            (
-                j,
-                1,
-                f"{loc}.observations[{j}].time",
-                f"{obs[j].time.isoformat()} is in the future "
-                f"(server time {latest:%Y-%m-%dT%H:%M}Z + tolerance)",
-            )
-        )
-    # text values and units without a conversion: one by one, with the vocabulary's message
-    for j in np.flatnonzero(known & ~converted).tolist():
-        key = rules[gid[j]].key
-        assert key is not None
-        try:
-            values[j] = vocab.to_canonical(key, raw[j], obs[j].unit)
-        except ValueError as exc:
-            err = str(exc)
-            field_name = "unit" if err.startswith("unit") else "value"
-            problems.append((j, 2, f"{loc}.observations[{j}].{field_name}", err))
-    if problems:
-        problems.sort(key=lambda x: (x[0], x[1]))
-        return None, [(where, msg) for _, _, where, msg in problems]
-    lo = np.array([r.lo for r in rules], dtype=float)[gid]
-    hi = np.array([r.hi for r in rules], dtype=float)[gid]
-    with np.errstate(invalid="ignore"):
-        ok = (values >= lo) & (values <= hi)  # NaN is outside, as ``not lo <= v <= hi``
-    warnings = [
-        f"observations[{j}]: {vocab.check_range(str(rules[gid[j]].key), values[j])}: ignored"
-        for j in np.flatnonzero(~ok).tolist()
-    ]
-    keys = np.array([r.key for r in rules], dtype=object)[gid]
-    sel = np.flatnonzero(ok)
+    window = scoring_window((latest - now) / timedelta(minutes=1))
+    now_ns, latest_ns = _ns_of(now), _ns_of(latest)
+    as_of: datetime | None = None
     if p.as_of is not None:
         as_of = p.as_of.astimezone(UTC)
         if as_of > latest:
             return None, [(f"{loc}.as_of", "prediction time is in the future")]
-        if not _NS_MIN <= _ns_of(as_of) <= _NS_MAX:
-            return None, [(f"{loc}.as_of", "outside the supported range (years 1678 to 2261)")]
-    elif len(sel):
-        as_of = obs[int(sel[np.argmax(t_ns[sel])])].time.astimezone(UTC)
+        if not _NS_MIN <= _ns_of(as_of) <= _NS_MAX or _ns_of(as_of) < window.earliest_ns:
+            first = pd.Timestamp(window.earliest_ns, tz="UTC").isoformat()
+            return None, [
+                (
+                    f"{loc}.as_of",
+                    f"{as_of.isoformat()}: implausible prediction time (before {first})",
+                )
+            ]
+        ref = _ns_of(as_of)
     else:
-        as_of = now
+        fine = t_ns[t_ns <= latest_ns]
+        ref = int(fine.max()) if len(fine) else now_ns
+    res = canonicalise(observation_candidates(obs, t_ns), vocab, window, now_ns, ref)
+    problems: list[tuple[str, str]] = []
+    warnings: list[str] = []
+    for j in np.flatnonzero(res.reason).tolist():
+        why = Reason(int(res.reason[j]))
+        if why in IMPLAUSIBLE:
+            warnings.append(f"observations[{j}]: {res.message(j)}: ignored")
+        else:
+            problems.append((f"{loc}.observations[{j}].{res.field_of(j)}", res.message(j)))
+    if problems:
+        return None, problems
+    sel = np.flatnonzero(res.reason == 0)
+    if as_of is None:
+        as_of = obs[int(sel[np.argmax(t_ns[sel])])].time.astimezone(UTC) if len(sel) else now
     later = int((t_ns[sel] > _ns_of(as_of)).sum())
     if later:
         warnings.append(f"{later} observation(s) after as_of ignored")
+    keys = np.array(res.keys, dtype=object)
     prepared = PreparedPatient(
         pseudonym="",
         as_of=as_of,
         time_ns=t_ns[sel],
-        codes=keys[sel],
-        values=values[sel],
+        codes=keys[res.key[sel]],
+        values=res.value[sel],
         sources=np.array([obs[j].source or "api" for j in sel.tolist()], dtype=object),
         covariates={},
         warnings=warnings,

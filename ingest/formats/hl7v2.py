@@ -51,7 +51,9 @@ def _f(seg: Any, i: int, comp: int = 0) -> str:
     try:
         if comp or not isinstance(fld, str):
             rep = fld[0] if not isinstance(fld, str) else fld
-            return str(rep[comp] if not isinstance(rep, str) else (rep if comp == 0 else "")).strip()
+            return str(
+                rep[comp] if not isinstance(rep, str) else (rep if comp == 0 else "")
+            ).strip()
     except (IndexError, TypeError):
         return ""
     return str(fld).strip()
@@ -62,7 +64,10 @@ def _status(s: str, preliminary: str) -> tuple[int, str]:
         return 0, ""
     if s in PRELIMINARY:
         if preliminary == "reject":
-            return Reason.PRELIMINARY, f"OBX-11 status {s}: preliminary, refused (ingest.preliminary: reject)"
+            return (
+                Reason.PRELIMINARY,
+                f"OBX-11 status {s}: preliminary, refused (ingest.preliminary: reject)",
+            )
         return 0, ""
     if s in ABSENT:
         return Reason.DATA_ABSENT, "data absent (OBX-11 status X: results cannot be obtained)"
@@ -86,7 +91,9 @@ class Hl7v2:
     name = "hl7v2"
     directory = False
 
-    def recognise(self, path: Path, header: list[str] | None, cfg: IngestConfig, vocab: Vocabulary) -> bool:
+    def recognise(
+        self, path: Path, header: list[str] | None, cfg: IngestConfig, vocab: Vocabulary
+    ) -> bool:
         return path.suffix.lower() in (".hl7", ".hl7v2")
 
     def read(self, path: Path, cfg: IngestConfig, vocab: Vocabulary) -> RawRead:
@@ -98,37 +105,71 @@ class Hl7v2:
             raise StructuralError(f"{path}: not UTF-8 text (expected HL7 v2 messages)") from None
         lines = re.split(r"\r\n|\r|\n", text)
         problems: list[Problem] = []
-        rows: dict[str, list[Any]] = {k: [] for k in ("sid", "time", "code", "value", "unit", "line", "pre")}
+        rows: dict[str, list[Any]] = {
+            k: [] for k in ("sid", "time", "code", "value", "unit", "line", "pre")
+        }
         detail: dict[int, str] = {}
         patients: list[dict[str, str]] = []
         for first, segs in _messages(text):
             if not segs[0].startswith("MSH"):
-                problems.append(Problem(first, "MSH", "not an HL7 v2 message (expected an MSH segment first)", segs[0]))
+                problems.append(
+                    Problem(
+                        first,
+                        "MSH",
+                        "not an HL7 v2 message (expected an MSH segment first)",
+                        segs[0],
+                    )
+                )
                 continue
             try:
                 msg = hl7.parse("\r".join(segs))
                 mtype = str(msg.segment("MSH")[9])
             except Exception as exc:
-                problems.append(Problem(first, "message", f"unparseable HL7 v2 message: {str(exc)[:120]}", segs[0]))
+                problems.append(
+                    Problem(
+                        first, "message", f"unparseable HL7 v2 message: {str(exc)[:120]}", segs[0]
+                    )
+                )
                 continue
             if not mtype.startswith("ORU"):
-                problems.append(Problem(first, "MSH-9", f"message type {mtype!r} is not ORU^R01 (results)", segs[0]))
+                problems.append(
+                    Problem(
+                        first, "MSH-9", f"message type {mtype!r} is not ORU^R01 (results)", segs[0]
+                    )
+                )
                 continue
             self._message(msg, segs, first, cfg, rows, detail, patients)
         default = cfg.default_source.get(self.name, "ward")
         rr = text_read(
-            str(path), self.name, np.array(rows["sid"], dtype=object), np.array(rows["time"], dtype=object),
-            np.array(rows["code"], dtype=object), np.array(rows["value"], dtype=object),
-            np.array(rows["unit"], dtype=object), default, np.array(rows["line"], dtype=np.int64),
-            cfg.naive_time, default, pre=np.array(rows["pre"], dtype=np.uint8), detail=detail,
+            str(path),
+            self.name,
+            np.array(rows["sid"], dtype=object),
+            np.array(rows["time"], dtype=object),
+            np.array(rows["code"], dtype=object),
+            np.array(rows["value"], dtype=object),
+            np.array(rows["unit"], dtype=object),
+            default,
+            np.array(rows["line"], dtype=np.int64),
+            cfg.naive_time,
+            default,
+            pre=np.array(rows["pre"], dtype=np.uint8),
+            detail=detail,
         )
         rr.problems, rr.lines = problems, lines
         if patients:
             rr.derived_patients = pd.DataFrame(patients).drop_duplicates("source_id")
         return rr
 
-    def _message(self, msg: Any, segs: list[str], first: int, cfg: IngestConfig,
-                 rows: dict[str, list[Any]], detail: dict[int, str], patients: list[dict[str, str]]) -> None:
+    def _message(
+        self,
+        msg: Any,
+        segs: list[str],
+        first: int,
+        cfg: IngestConfig,
+        rows: dict[str, list[Any]],
+        detail: dict[int, str],
+        patients: list[dict[str, str]],
+    ) -> None:
         msh_time = hl7_time(_f(msg.segment("MSH"), 7))
         try:
             pid = msg.segment("PID")

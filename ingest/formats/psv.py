@@ -172,7 +172,9 @@ def _anchors(d: Path, files: list[Path], cfg: IngestConfig) -> np.ndarray:
     if f.is_file():
         df = pd.read_csv(f, dtype=str, keep_default_na=False)
         require(f, df.columns, ["patient_file", "anchor_time"], "PSV anchors table")
-        table = dict(zip(df["patient_file"].str.strip(), df["anchor_time"].str.strip(), strict=True))
+        table = dict(
+            zip(df["patient_file"].str.strip(), df["anchor_time"].str.strip(), strict=True)
+        )
     default = RELATIVE_EPOCH if cfg.psv.anchor == "relative" else cfg.psv.anchor
     out = np.empty(len(files), dtype=np.int64)
     parsed: dict[str, int] = {}
@@ -199,32 +201,45 @@ def _merge(blocks: list[Block]) -> Block:
         c: np.concatenate([b.text.get(c, np.full(len(b.file), "", dtype=object)) for b in blocks])
         for c in text_cols
     }
-    return Block(cols, text, np.concatenate([b.file for b in blocks]),
-                 np.concatenate([b.line for b in blocks]))
+    return Block(
+        cols,
+        text,
+        np.concatenate([b.file for b in blocks]),
+        np.concatenate([b.line for b in blocks]),
+    )
 
 
 def read_psv(path: Path, cfg: IngestConfig, vocab: Vocabulary) -> RawRead:
     if path.is_dir():  # the walk's rules: no dangling or escaping links, regular files only
         files = sorted(
-            p for p in path.iterdir()
+            p
+            for p in path.iterdir()
             if p.suffix.lower() == ".psv" and problem_of(p, path) is None and p.is_file()
         )
     else:
         files = [path]
     d = path if path.is_dir() else path.parent
     if not cfg.psv_columns:
-        raise StructuralError(f"{path}: ingest.psv_columns is empty (expected PSV column -> code/unit mapping)")
+        raise StructuralError(
+            f"{path}: ingest.psv_columns is empty (expected PSV column -> code/unit mapping)"
+        )
     anchors = _anchors(d, files, cfg)
     blocks, problems, offsets = read_blocks(files)
     b = _merge(blocks)
     hcol = cfg.psv.hours_column
     for blk in blocks:
         if hcol not in blk.cols and len(blk.file):
-            raise StructuralError(f"{files[int(blk.file[0])]}: required column {hcol!r} absent (hours since ICU admission; ingest.psv.hours_column)")
+            raise StructuralError(
+                f"{files[int(blk.file[0])]}: required column {hcol!r} absent (hours since ICU admission; ingest.psv.hours_column)"
+            )
     hours = b.cols[hcol] if hcol in b.cols else np.zeros(0)
     glob_line = b.line + offsets[b.file]
     bad_hours = ~np.isfinite(hours) | (hours < 0)
-    t_ns = np.where(bad_hours, NAT_NS, anchors[b.file] + np.round(np.nan_to_num(hours) * HOUR_NS).astype(np.int64))
+    t_ns = np.where(
+        bad_hours,
+        NAT_NS,
+        anchors[b.file] + np.round(np.nan_to_num(hours) * HOUR_NS).astype(np.int64),
+    )
     rr = _candidates(b, cfg, vocab, t_ns, bad_hours, glob_line, files, hcol)
     rr.problems = problems
     rr.records = PsvRecords(files, offsets)
@@ -234,8 +249,14 @@ def read_psv(path: Path, cfg: IngestConfig, vocab: Vocabulary) -> RawRead:
 
 
 def _candidates(
-    b: Block, cfg: IngestConfig, vocab: Vocabulary, t_ns: np.ndarray, bad_hours: np.ndarray,
-    glob_line: np.ndarray, files: list[Path], hcol: str,
+    b: Block,
+    cfg: IngestConfig,
+    vocab: Vocabulary,
+    t_ns: np.ndarray,
+    bad_hours: np.ndarray,
+    glob_line: np.ndarray,
+    files: list[Path],
+    hcol: str,
 ) -> RawRead:
     used = {hcol, *cfg.psv.patient_columns}
     if cfg.psv.label is not None:
@@ -243,7 +264,9 @@ def _candidates(
     code_names: list[str] = []
     unit_names: list[str] = []
     col_names: list[str] = []
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("code", "unit", "num", "text", "t", "pid", "line", "col")}
+    parts: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("code", "unit", "num", "text", "t", "pid", "line", "col")
+    }
     unmapped: dict[str, int] = {}
     any_text = bool(b.text)
     for col, arr in b.cols.items():
@@ -267,33 +290,54 @@ def _candidates(
             parts["unit"].append(np.full(n, len(unit_names) - 1, np.int32))
             parts["col"].append(np.full(n, len(col_names) - 1, np.int32))
             parts["num"].append(arr[at])
-            parts["text"].append(tx[at] if tx is not None else np.full(n, "", dtype=object) if any_text else np.zeros(0))
+            parts["text"].append(
+                tx[at]
+                if tx is not None
+                else np.full(n, "", dtype=object)
+                if any_text
+                else np.zeros(0)
+            )
             parts["t"].append(t_ns[at])
             parts["pid"].append(b.file[at])
             parts["line"].append(glob_line[at])
     cat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in parts.items()}
     n = len(cat["num"])
-    pre = np.where(cat["t"] == NAT_NS, Reason.UNPARSEABLE_TIME, 0).astype(np.uint8) if n else np.zeros(0, np.uint8)
+    pre = (
+        np.where(cat["t"] == NAT_NS, Reason.UNPARSEABLE_TIME, 0).astype(np.uint8)
+        if n
+        else np.zeros(0, np.uint8)
+    )
     cand = Candidates(
-        code=cat["code"].astype(np.int32), code_names=code_names,
-        unit=cat["unit"].astype(np.int32), unit_names=unit_names,
-        num=cat["num"].astype(np.float64), text=cat["text"].astype(object) if any_text else None,
-        time_ns=cat["t"].astype(np.int64), pre=pre,
-        column=cat["col"].astype(np.int32), column_names=col_names,
+        code=cat["code"].astype(np.int32),
+        code_names=code_names,
+        unit=cat["unit"].astype(np.int32),
+        unit_names=unit_names,
+        num=cat["num"].astype(np.float64),
+        text=cat["text"].astype(object) if any_text else None,
+        time_ns=cat["t"].astype(np.int64),
+        pre=pre,
+        column=cat["col"].astype(np.int32),
+        column_names=col_names,
     )
     for i in np.flatnonzero(pre).tolist():
         cand.detail[i] = f"unparseable time: {hcol} is not a non-negative number of hours"
     rr = RawRead(
-        str(files[0].parent) if files else "", "psv", cand=cand,
-        pid=cat["pid"].astype(np.int32), pid_names=[f.stem for f in files],
-        source=np.zeros(n, np.int32), source_names=[cfg.default_source.get("psv", "icu")],
+        str(files[0].parent) if files else "",
+        "psv",
+        cand=cand,
+        pid=cat["pid"].astype(np.int32),
+        pid_names=[f.stem for f in files],
+        source=np.zeros(n, np.int32),
+        source_names=[cfg.default_source.get("psv", "icu")],
         line=cat["line"].astype(np.int64),
     )
     rr.unmapped = unmapped
     return rr
 
 
-def _patients(b: Block, cfg: IngestConfig, t_ns: np.ndarray, hours: np.ndarray, files: list[Path]) -> pd.DataFrame:
+def _patients(
+    b: Block, cfg: IngestConfig, t_ns: np.ndarray, hours: np.ndarray, files: list[Path]
+) -> pd.DataFrame:
     df = pd.DataFrame({"_f": b.file, "_t": np.where(t_ns == NAT_NS, np.nan, t_ns), "_h": hours})
     for src, dst in cfg.psv.patient_columns.items():
         if src in b.cols:
@@ -314,7 +358,9 @@ def _patients(b: Block, cfg: IngestConfig, t_ns: np.ndarray, hours: np.ndarray, 
     return out
 
 
-def _outcomes(b: Block, cfg: IngestConfig, t_ns: np.ndarray, files: list[Path], glob_line: np.ndarray) -> pd.DataFrame | None:
+def _outcomes(
+    b: Block, cfg: IngestConfig, t_ns: np.ndarray, files: list[Path], glob_line: np.ndarray
+) -> pd.DataFrame | None:
     lab = cfg.psv.label
     if lab is None or lab.column not in b.cols:
         return None
@@ -324,19 +370,23 @@ def _outcomes(b: Block, cfg: IngestConfig, t_ns: np.ndarray, files: list[Path], 
     df = pd.DataFrame({"f": b.file[pos], "t": t_ns[pos], "line": glob_line[pos]})
     first = df.sort_values(["f", "t"]).groupby("f", sort=True).first()
     onset = first["t"].to_numpy() + int(lab.offset_hours * HOUR_NS)
-    return pd.DataFrame({
-        "patient_id": [files[int(i)].stem for i in first.index],
-        "time": pd.to_datetime(onset, unit="ns", utc=True).astype(str),
-        "event": lab.event,
-        "line": first["line"].to_numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "patient_id": [files[int(i)].stem for i in first.index],
+            "time": pd.to_datetime(onset, unit="ns", utc=True).astype(str),
+            "event": lab.event,
+            "line": first["line"].to_numpy(),
+        }
+    )
 
 
 class PsvDirectory:
     name = "psv"
     directory = True
 
-    def recognise(self, path: Path, header: list[str] | None, cfg: IngestConfig, vocab: Vocabulary) -> bool:
+    def recognise(
+        self, path: Path, header: list[str] | None, cfg: IngestConfig, vocab: Vocabulary
+    ) -> bool:
         return any(p.suffix.lower() == ".psv" for p in path.iterdir())
 
     def read(self, path: Path, cfg: IngestConfig, vocab: Vocabulary) -> RawRead:
@@ -346,7 +396,9 @@ class PsvDirectory:
 class PsvFile(PsvDirectory):
     directory = False
 
-    def recognise(self, path: Path, header: list[str] | None, cfg: IngestConfig, vocab: Vocabulary) -> bool:
+    def recognise(
+        self, path: Path, header: list[str] | None, cfg: IngestConfig, vocab: Vocabulary
+    ) -> bool:
         return path.suffix.lower() == ".psv"
 
 
@@ -356,7 +408,9 @@ class PsvAnchors:
     name = "psv_anchors"
     directory = False
 
-    def recognise(self, path: Path, header: list[str] | None, cfg: IngestConfig, vocab: Vocabulary) -> bool:
+    def recognise(
+        self, path: Path, header: list[str] | None, cfg: IngestConfig, vocab: Vocabulary
+    ) -> bool:
         return {"patient_file", "anchor_time"} <= set(header or [])
 
     def read(self, path: Path, cfg: IngestConfig, vocab: Vocabulary) -> RawRead:

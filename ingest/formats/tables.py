@@ -59,19 +59,32 @@ class PatientsTable:
         df, line_no, lines, problems, records = table(path)
         require(path, df.columns, ["patient_id"], "patients table")
         return RawRead(
-            str(path), "patients", problems=problems, lines=lines, records=records,
+            str(path),
+            "patients",
+            problems=problems,
+            lines=lines,
+            records=records,
             patients=df.assign(line=line_no),
         )
 
 
-def type_patients(df: pd.DataFrame, file: str, cfg: IngestConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def type_patients(
+    df: pd.DataFrame, file: str, cfg: IngestConfig
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Typed patient rows (``source_id`` raw) and rejected rows of one patients table."""
     rej: list[dict] = []
     out = pd.DataFrame({"source_id": df["patient_id"].str.strip(), "line": df["line"]})
     bad = (out["source_id"] == "").to_numpy()
     for ln in out.loc[bad, "line"]:
-        rej.append({"line": int(ln), "field": "patient_id", "reason": "missing field: patient_id",
-                    "code": PATIENT_KEY, "source_id": ""})
+        rej.append(
+            {
+                "line": int(ln),
+                "field": "patient_id",
+                "reason": "missing field: patient_id",
+                "code": PATIENT_KEY,
+                "source_id": "",
+            }
+        )
     for c in df.columns:
         if c in ("patient_id", "line"):
             continue
@@ -87,11 +100,21 @@ def type_patients(df: pd.DataFrame, file: str, cfg: IngestConfig) -> tuple[pd.Da
     purpose_col = f"consent_{cfg.purpose}"
     if purpose_col in out:
         inval = (out[purpose_col].isna() & ~bad & (df[purpose_col].str.strip() != "")).to_numpy()
-        for ln, sid, v in zip(out.loc[inval, "line"], out.loc[inval, "source_id"],
-                              df.loc[inval, purpose_col], strict=True):
-            rej.append({"line": int(ln), "field": purpose_col,
-                        "reason": f"invalid consent value {v!r}: expected true/false",
-                        "code": PATIENT_KEY, "source_id": sid})
+        for ln, sid, v in zip(
+            out.loc[inval, "line"],
+            out.loc[inval, "source_id"],
+            df.loc[inval, purpose_col],
+            strict=True,
+        ):
+            rej.append(
+                {
+                    "line": int(ln),
+                    "field": purpose_col,
+                    "reason": f"invalid consent value {v!r}: expected true/false",
+                    "code": PATIENT_KEY,
+                    "source_id": sid,
+                }
+            )
         bad |= inval
     return out[~bad].reset_index(drop=True), _rejects(rej)
 
@@ -110,7 +133,11 @@ class OutcomesTable:
         df, line_no, lines, problems, records = table(path)
         require(path, df.columns, ["patient_id", "time", "event"], "outcomes table")
         return RawRead(
-            str(path), "outcomes", problems=problems, lines=lines, records=records,
+            str(path),
+            "outcomes",
+            problems=problems,
+            lines=lines,
+            records=records,
             outcomes=df.assign(line=line_no),
         )
 
@@ -125,14 +152,26 @@ def type_outcomes(df: pd.DataFrame, cfg: IngestConfig) -> tuple[pd.DataFrame, pd
         ((ev == "").to_numpy(), "event", "missing field: event"),
         (why == Reason.MISSING_TIME, "time", "missing field: time"),
         (why == Reason.UNPARSEABLE_TIME, "time", "unparseable time: expected ISO 8601"),
-        (why == Reason.NAIVE_TIME, "time", "naive time without UTC offset (ingest.naive_time: reject)"),
+        (
+            why == Reason.NAIVE_TIME,
+            "time",
+            "naive time without UTC offset (ingest.naive_time: reject)",
+        ),
     ]
     bad = np.zeros(len(df), dtype=bool)
     rej: list[dict] = []
     for mask, fld, reason in checks:
         new = mask & ~bad
         for ln, s in zip(df.loc[new, "line"], sid[new], strict=True):
-            rej.append({"line": int(ln), "field": fld, "reason": reason, "code": OUTCOME_KEY, "source_id": s})
+            rej.append(
+                {
+                    "line": int(ln),
+                    "field": fld,
+                    "reason": reason,
+                    "code": OUTCOME_KEY,
+                    "source_id": s,
+                }
+            )
         bad |= mask
     out = pd.DataFrame({"source_id": sid, "time": t, "event": ev, "line": df["line"]})
     for c in df.columns:
@@ -169,7 +208,9 @@ class CohortTable:
 COHORT_OUTCOME = ("event", "event_observed", "time_to_event_h", "time_to_event_days")
 
 
-def type_cohort(df: pd.DataFrame, cfg: IngestConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+def type_cohort(
+    df: pd.DataFrame, cfg: IngestConfig
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
     """(typed cohort rows, rejected covariate cells, covariate cells read) of one cohort table.
 
     ``time`` = ``index_time``; ``time_to_event_days`` (from ``_h`` / 24 when given in hours);
@@ -180,8 +221,13 @@ def type_cohort(df: pd.DataFrame, cfg: IngestConfig) -> tuple[pd.DataFrame, pd.D
     t, why = times_of(df["index_time"].astype(str), cfg.naive_time)
     keep = (df["patient_id"].astype(str).str.strip() != "").to_numpy() & (why == 0)
     d = df.loc[keep].reset_index(drop=True)
-    out = pd.DataFrame({"source_id": d["patient_id"].str.strip(), "time": t[keep].reset_index(drop=True),
-                        "line": d["line"].to_numpy()})
+    out = pd.DataFrame(
+        {
+            "source_id": d["patient_id"].str.strip(),
+            "time": t[keep].reset_index(drop=True),
+            "line": d["line"].to_numpy(),
+        }
+    )
     if "time_to_event_days" in d:
         out["time_to_event_days"] = pd.to_numeric(d["time_to_event_days"], errors="coerce")
     elif "time_to_event_h" in d:
@@ -195,12 +241,24 @@ def type_cohort(df: pd.DataFrame, cfg: IngestConfig) -> tuple[pd.DataFrame, pd.D
         out["event"] = ev_num.fillna(0).astype(int)
     rej: list[dict] = []
     counts = {"read": int((~keep).sum()), "accepted": 0, "quarantined": int((~keep).sum())}
-    for ln, sid, w in zip(df.loc[~keep, "line"], df.loc[~keep, "patient_id"], why[~keep], strict=True):
+    for ln, sid, w in zip(
+        df.loc[~keep, "line"], df.loc[~keep, "patient_id"], why[~keep], strict=True
+    ):
         fld = "patient_id" if not str(sid).strip() else "index_time"
-        reason = "missing field: patient_id" if fld == "patient_id" else (
-            f"unusable index_time ({Reason(int(w)).name.lower().replace('_', ' ')})")
-        rej.append({"line": int(ln), "field": fld, "reason": reason, "code": COVARIATE_KEY,
-                    "source_id": str(sid).strip()})
+        reason = (
+            "missing field: patient_id"
+            if fld == "patient_id"
+            else (f"unusable index_time ({Reason(int(w)).name.lower().replace('_', ' ')})")
+        )
+        rej.append(
+            {
+                "line": int(ln),
+                "field": fld,
+                "reason": reason,
+                "code": COVARIATE_KEY,
+                "source_id": str(sid).strip(),
+            }
+        )
     good_cells = np.zeros(len(d), dtype=np.int64)
     for c in d.columns:
         if c in ("patient_id", "index_time", "line", *COHORT_OUTCOME):
@@ -221,10 +279,18 @@ def type_cohort(df: pd.DataFrame, cfg: IngestConfig) -> tuple[pd.DataFrame, pd.D
         counts["accepted"] += int((present & ~bad).sum())
         good_cells += present & ~bad
         counts["quarantined"] += int(bad.sum())
-        for ln, sid, v in zip(d.loc[bad, "line"], out.loc[bad, "source_id"], text[bad], strict=True):
-            rej.append({"line": int(ln), "field": c,
-                        "reason": f"non-numeric value {v!r} in cohort column {c!r}: expected a "
-                                  "number, or list the column in ingest.cohort_categorical",
-                        "code": COVARIATE_KEY, "source_id": sid})
+        for ln, sid, v in zip(
+            d.loc[bad, "line"], out.loc[bad, "source_id"], text[bad], strict=True
+        ):
+            rej.append(
+                {
+                    "line": int(ln),
+                    "field": c,
+                    "reason": f"non-numeric value {v!r} in cohort column {c!r}: expected a "
+                    "number, or list the column in ingest.cohort_categorical",
+                    "code": COVARIATE_KEY,
+                    "source_id": sid,
+                }
+            )
     out["_cells"] = good_cells
     return out, _rejects(rej), counts

@@ -67,7 +67,10 @@ def melt(
             cols.append(np.full(int(m.sum()), col, dtype=object))
             lines.append(line_no[m])
             srcs.append(src[m] if src is not None else np.full(int(m.sum()), "", dtype=object))
-    cat = (lambda parts: np.concatenate(parts) if parts else np.array([], dtype=object))
+
+    def cat(parts):
+        return np.concatenate(parts) if parts else np.array([], dtype=object)
+
     line_arr = np.concatenate(lines).astype(np.int64) if lines else np.array([], np.int64)
     order = np.argsort(line_arr, kind="stable")
     return text_read(
