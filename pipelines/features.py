@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(f"features: {exc}") from None
     secs = time.perf_counter() - t0
+    if not summary["rows"]:
+        _explain_empty(args.observations, config, summary)
     print(
         f"features ({config.backend}): {summary['rows']} rows x {summary['n_features']} features "
         f"-> {args.out} in {secs:.1f}s"
@@ -82,3 +84,40 @@ def run(args: argparse.Namespace) -> int:
     excluded = ", ".join(f"{k} {v}" for k, v in summary["excluded"].items())
     print(f"  excluded prediction times: {excluded}")
     return 0
+
+
+def _explain_empty(observations: Path, config, summary: dict) -> None:  # type: ignore[no-untyped-def]
+    """0 feature rows: fine for a one-row-per-patient cohort project, else exit 2 with why."""
+    import pandas as pd
+
+    cohort = observations / "cohort.parquet"
+    if cohort.is_file() and len(pd.read_parquet(cohort, columns=["patient_id"])):
+        print(
+            "features: 0 observation-based rows; the one-row-per-patient cohort goes to train "
+            "(set train.cohort_horizon_days)"
+        )
+        return
+    pats = pd.read_parquet(observations / "patients.parquet")
+    outs = pd.read_parquet(observations / "outcomes.parquet")
+    if pats.empty:
+        why = (
+            "no patients (the ingest stage wrote an empty patients table: supply a patients "
+            "table, or data files that carry patients such as PSV demographics)"
+        )
+    else:
+        settings = sorted(set(pats.get("setting", pd.Series(dtype=str)).dropna().astype(str)))
+        missing = [
+            s
+            for s in settings
+            if s not in config.prediction_times or s not in config.labels.horizon_hours
+        ]
+        if missing:
+            why = (
+                f"setting(s) {missing} have no features.prediction_times / features.labels."
+                "horizon_hours entry (add one per setting)"
+            )
+        else:
+            why = f"every prediction time was excluded ({summary['excluded']})"
+    if outs.empty:
+        why += "; there are no outcomes either (no outcomes table, or no PSV label rule)"
+    raise UserError(f"features: 0 feature rows written: {why}")

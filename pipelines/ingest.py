@@ -136,6 +136,8 @@ def check_not_empty(report: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from core.params import load_section, validate_section
     from core.vocabulary import load_vocabulary
     from governance.pseudonym import PseudonymKeyError, get_key
@@ -174,8 +176,13 @@ def run(args: argparse.Namespace) -> int:
     result.observations.to_parquet(out / "observations.parquet", index=False)
     result.patients.to_parquet(out / "patients.parquet", index=False)
     result.outcomes.to_parquet(out / "outcomes.parquet", index=False)
-    if result.cohort is not None:
-        result.cohort.to_parquet(out / "cohort.parquet", index=False)
+    # always written (empty without a cohort input) so the train stage can depend on it
+    cohort = (
+        result.cohort
+        if result.cohort is not None
+        else pd.DataFrame({"patient_id": pd.Series(dtype=str)})
+    )
+    cohort.to_parquet(out / "cohort.parquet", index=False)
     result.quarantine.to_parquet(qdir / "quarantine.parquet", index=False)
     result.report["seconds"] = round(time.perf_counter() - t0, 2)
     report_path.write_text(

@@ -567,8 +567,9 @@ def test_observations_land_for_ingest(server: Server) -> None:
 
 
 def test_landing_file_is_readable_by_ingest(server: Server) -> None:
-    readers = pytest.importorskip("ingest.readers")
+    from core.vocabulary import load_vocabulary
     from ingest.config import IngestConfig
+    from ingest.formats import detect
 
     files = sorted(server.landing.glob("*.csv"))
     if not files:
@@ -587,8 +588,9 @@ def test_landing_file_is_readable_by_ingest(server: Server) -> None:
                 },
             )
         files = sorted(server.landing.glob("*.csv"))
-    read = readers.read_long_csv(files[0], IngestConfig())
-    assert len(read.observations) >= 1 and not read.problems
+    cfg, vocab = IngestConfig(), load_vocabulary()
+    read = detect(files[0], cfg, vocab).read(files[0], cfg, vocab)
+    assert read.format == "long_csv" and read.n >= 1 and not read.problems
 
 
 # -- /v1/model -----------------------------------------------------------------------------
