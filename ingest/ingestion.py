@@ -225,7 +225,7 @@ def ingest(
                         "field": [p.field for p in rr.problems],
                         "reason": [p.reason for p in rr.problems],
                         "code": [p.code or UNPARSED_KEY for p in rr.problems],
-                        "source_id": "",
+                        "source_id": [p.source_id for p in rr.problems],
                         "record": [p.record for p in rr.problems],
                     }
                 ),

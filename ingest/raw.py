@@ -38,6 +38,7 @@ class Problem:
     reason: str
     record: str
     code: str = ""
+    source_id: str = ""  # when known (a PSV file's stem): scrubbed from the record text
 
 
 @dataclass

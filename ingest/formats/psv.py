@@ -117,7 +117,7 @@ def _slow_block(path: Path, fidx: int, problems: list[Problem], offset: int) -> 
     df, line_no, _, probs = csv_table(path, "|")
     for p in probs:
         rec = f"{path.name}:{p.line}: {p.record}"
-        problems.append(Problem(offset + p.line, p.field, p.reason, rec))
+        problems.append(Problem(offset + p.line, p.field, p.reason, rec, source_id=path.stem))
     cols: dict[str, np.ndarray] = {}
     text: dict[str, np.ndarray] = {}
     for c in df.columns:

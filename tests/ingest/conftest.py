@@ -51,5 +51,9 @@ def balanced(report: dict) -> bool:
     return (
         report["balanced"]
         and t["read"]
-        == t["accepted"] + t["quarantined"] + t["consent_excluded"] + t["duplicates"] + t["unmapped"]
+        == t["accepted"]
+        + t["quarantined"]
+        + t["consent_excluded"]
+        + t["duplicates"]
+        + t["unmapped"]
     )

@@ -29,7 +29,14 @@ def test_mixed_offsets_and_naive_times_in_one_column():
     assert ns[2] == pd.Timestamp("2026-01-05T13:00:00Z").value
     assert ns[3] == pd.Timestamp("2026-01-05T08:00:00Z").value
     assert ns[4] == ns[5] == NAT_NS
-    assert why.tolist() == [0, Reason.NAIVE_TIME, 0, 0, Reason.UNPARSEABLE_TIME, Reason.MISSING_TIME]
+    assert why.tolist() == [
+        0,
+        Reason.NAIVE_TIME,
+        0,
+        0,
+        Reason.UNPARSEABLE_TIME,
+        Reason.MISSING_TIME,
+    ]
 
 
 def test_landing_file_with_pseudonyms_meets_raw_consent_table(write, vocab):

@@ -94,7 +94,11 @@ def test_ingest_cli_on_simulated_cohort(tmp_path, capsys, monkeypatch):
     assert (
         report["balanced"]
         and t["read"]
-        == t["accepted"] + t["quarantined"] + t["consent_excluded"] + t["duplicates"] + t["unmapped"]
+        == t["accepted"]
+        + t["quarantined"]
+        + t["consent_excluded"]
+        + t["duplicates"]
+        + t["unmapped"]
     )
     assert t["quarantined"] > 0 and t["unmapped"] > 0  # the simulator's unknown codes
     formats = {f["format"] for f in report["files"].values()}
