@@ -157,15 +157,15 @@ def _judge(rr: RawRead, res: Result, ledger: _Ledger, keys: list[str]) -> np.nda
     c = rr.cand
     reason = res.reason
     ok = reason == 0
-    label = np.array([*keys, ""], dtype=object)
-    code_label = np.where(
-        res.key >= 0, label[res.key], np.array(c.code_names, dtype=object)[c.code]
-    )
     unknown = reason == Reason.UNKNOWN_CODE
-    for name, n in pd.Series(code_label[ok]).value_counts().items():
-        ledger.add(rr.file, rr.format, str(name), read=int(n))
-    for name, n in pd.Series(code_label[unknown]).value_counts().items():
+    per_key = np.bincount(res.key[ok].astype(np.int64), minlength=len(keys))
+    for k in np.flatnonzero(per_key).tolist():
+        ledger.add(rr.file, rr.format, keys[k], read=int(per_key[k]))
+    names = np.array(c.code_names, dtype=object)
+    for name, n in pd.Series(names[c.code[unknown]]).value_counts().items():
         ledger.add(rr.file, rr.format, f"{name} (unmapped code)", read=int(n), unmapped=int(n))
+    label = np.array([*keys, ""], dtype=object)
+    code_label = lambda at: np.where(res.key[at] >= 0, label[res.key[at]], names[c.code[at]])  # noqa: E731
     bad = np.flatnonzero(~ok & ~unknown)
     if len(bad):
         rej = pd.DataFrame(
@@ -173,7 +173,7 @@ def _judge(rr: RawRead, res: Result, ledger: _Ledger, keys: list[str]) -> np.nda
                 "line": rr.line[bad],
                 "field": [res.field_of(int(i)) for i in bad],
                 "reason": [res.message(int(i)) for i in bad],
-                "code": code_label[bad],
+                "code": code_label(bad),
                 "source_id": np.array(rr.pid_names, dtype=object)[rr.pid[bad]],
             }
         )
@@ -432,7 +432,7 @@ def _observations(
     ok = allowed[pid]
     _count(ledger, files, keys, fidx[~ok], key[~ok], "consent_excluded")
     pid, t, key, value, src, fidx = pid[ok], t[ok], key[ok], value[ok], src[ok], fidx[ok]
-    dup = pd.DataFrame({"p": pid, "t": t, "k": key, "v": value}).duplicated(keep="first").to_numpy()
+    dup = _duplicates(pid, t, key, value)
     _count(ledger, files, keys, fidx[dup], key[dup], "duplicates")
     keep = ~dup
     _count(ledger, files, keys, fidx[keep], key[keep], "accepted")
@@ -465,6 +465,22 @@ def _observations(
     out["code"] = out["code"].cat.remove_unused_categories()
     out["source"] = out["source"].cat.remove_unused_categories()
     return out[OBSERVATION_COLUMNS]
+
+
+def _duplicates(pid: np.ndarray, t: np.ndarray, key: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Exact repeats of (patient, time, code, value), the first occurrence kept.
+
+    Two integer columns hash fast; the rare (patient, time, code) collisions are then
+    compared with their values too.
+    """
+    pk = (pid.astype(np.int64) << 16) | key.astype(np.int64)
+    maybe = pd.DataFrame({"pk": pk, "t": t}).duplicated(keep=False).to_numpy()
+    dup = np.zeros(len(pid), dtype=bool)
+    if maybe.any():
+        at = np.flatnonzero(maybe)
+        sub = pd.DataFrame({"pk": pk[at], "t": t[at], "v": value[at]})
+        dup[at] = sub.duplicated(keep="first").to_numpy()
+    return dup
 
 
 def _count(

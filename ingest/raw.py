@@ -71,8 +71,10 @@ class RawRead:
         return 0 if self.cand is None else len(self.cand)
 
     def record_text(self, line: int) -> str:
-        if line in self.records:
+        try:
             return self.records[line]
+        except KeyError:
+            pass
         if self.lines is not None and 0 < line <= len(self.lines):
             return self.lines[line - 1]
         return ""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,8 +49,10 @@ class Block:
 class PsvRecords(Mapping[int, str]):
     """Global line number -> ``file.psv:line: text``, read from disk only when asked."""
 
-    def __init__(self, files: list[Path], offsets: np.ndarray) -> None:
-        self.files, self.offsets = files, offsets
+    def __init__(
+        self, files: list[Path], offsets: np.ndarray, datas: list[bytes] | None = None
+    ) -> None:
+        self.files, self.offsets, self.datas = files, offsets, datas
         self._cache: dict[int, list[str]] = {}
 
     def __getitem__(self, line: int) -> str:
@@ -62,7 +63,8 @@ class PsvRecords(Mapping[int, str]):
         if lines is None:
             if len(self._cache) > 256:
                 self._cache.clear()
-            raw = self.files[f].read_bytes().decode("utf-8", errors="replace")
+            data = self.datas[f] if self.datas is not None else self.files[f].read_bytes()
+            raw = data.decode("utf-8", errors="replace")
             lines = self._cache[f] = raw.splitlines()
         k = line - int(self.offsets[f])
         text = lines[k - 1] if 0 < k <= len(lines) else ""
@@ -130,10 +132,9 @@ def _slow_block(path: Path, fidx: int, problems: list[Problem], offset: int) -> 
     return Block(cols, text, np.full(len(df), fidx, np.int32), line_no.astype(np.int64))
 
 
-def read_blocks(files: list[Path]) -> tuple[list[Block], list[Problem], np.ndarray]:
+def read_blocks(files: list[Path]) -> tuple[list[Block], list[Problem], np.ndarray, list[bytes]]:
     """Parse every file (fast path per header group, slow path per odd file)."""
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        datas = list(pool.map(lambda f: f.read_bytes(), files))
+    datas = [f.read_bytes() for f in files]
     nlines = np.array([d.count(b"\n") + (0 if d.endswith(b"\n") or not d else 1) for d in datas])
     offsets = np.concatenate([[0], np.cumsum(nlines + 1)[:-1]]).astype(np.int64)
     groups: dict[bytes, list[int]] = {}
@@ -162,7 +163,7 @@ def read_blocks(files: list[Path]) -> tuple[list[Block], list[Problem], np.ndarr
         if not datas[i].strip():
             raise StructuralError(f"{files[i]}: empty file (expected a PSV header line)")
         blocks.append(_slow_block(files[i], i, problems, int(offsets[i])))
-    return blocks, problems, offsets
+    return blocks, problems, offsets, datas
 
 
 def _anchors(d: Path, files: list[Path], cfg: IngestConfig) -> np.ndarray:
@@ -224,7 +225,7 @@ def read_psv(path: Path, cfg: IngestConfig, vocab: Vocabulary) -> RawRead:
             f"{path}: ingest.psv_columns is empty (expected PSV column -> code/unit mapping)"
         )
     anchors = _anchors(d, files, cfg)
-    blocks, problems, offsets = read_blocks(files)
+    blocks, problems, offsets, datas = read_blocks(files)
     b = _merge(blocks)
     hcol = cfg.psv.hours_column
     for blk in blocks:
@@ -242,7 +243,7 @@ def read_psv(path: Path, cfg: IngestConfig, vocab: Vocabulary) -> RawRead:
     )
     rr = _candidates(b, cfg, vocab, t_ns, bad_hours, glob_line, files, hcol)
     rr.problems = problems
-    rr.records = PsvRecords(files, offsets)
+    rr.records = PsvRecords(files, offsets, datas)  # the bytes are freed with the read
     rr.derived_patients = _patients(b, cfg, t_ns, hours, files)
     rr.outcomes = _outcomes(b, cfg, t_ns, files, glob_line)
     return rr
