@@ -122,9 +122,9 @@ class TimeWindowConfig(BaseModel):
     #: default value or a typo)
     earliest: str = "1990-01-01T00:00:00Z"
     #: times after the reference + this are refused
-    max_future_minutes: float = Field(5.0, ge=0)
+    max_future_minutes: float = Field(default=5.0, ge=0)
     #: times more than this before the reference are refused (None: no limit)
-    max_history_days: float | None = Field(None, gt=0)
+    max_history_days: float | None = Field(default=None, gt=0)
     #: reference time (ISO, UTC); None = when ingest runs
     reference: str | None = None
 

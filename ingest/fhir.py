@@ -141,7 +141,8 @@ def _time(res: dict) -> str:
 
 
 def _version_key(res: dict, order: int) -> tuple[int, str, int]:
-    meta = res.get("meta") if isinstance(res.get("meta"), dict) else {}
+    raw = res.get("meta")
+    meta: dict[str, Any] = raw if isinstance(raw, dict) else {}
     vid = str(meta.get("versionId", ""))
     return (int(vid) if vid.isdigit() else -1, str(meta.get("lastUpdated", "")), order)
 

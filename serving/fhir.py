@@ -88,12 +88,14 @@ def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[Patie
             continue
         try:
             observations.append(
-                ObservationIn(
-                    time=recs.time[j],
-                    code=recs.code[j],
-                    value=recs.value[j],
-                    unit=recs.unit[j] or None,
-                    source="fhir",
+                ObservationIn.model_validate(
+                    {
+                        "time": recs.time[j],
+                        "code": recs.code[j],
+                        "value": recs.value[j],
+                        "unit": recs.unit[j] or None,
+                        "source": "fhir",
+                    }
                 )
             )
         except ValidationError as exc:
