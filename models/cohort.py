@@ -118,6 +118,8 @@ def cohort_matrix(
         if flag in out:
             scale2 |= pd.to_numeric(out[flag], errors="coerce").fillna(0).to_numpy() > 0
     scores = news2_scores(latest, scale2)
+    if "news2_total" in cohort.columns:  # a prepared cohort brings its own NEWS2
+        scores = {"news2_n_missing": np.zeros(len(out))}
     for k, v in scores.items():
         out[k] = v
     out["news2_partial"] = (scores["news2_n_missing"] > 0).astype(float)

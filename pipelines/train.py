@@ -126,23 +126,21 @@ def _cohort_frame(args: argparse.Namespace, config, dictionary):  # type: ignore
 
     from models.cohort import cohort_matrix, label_at_horizon
 
-    if not args.cohort:
-        raise UserError("train.cohort_horizon_days is set: pass --cohort (ingest's cohort.parquet)")
+    # --cohort: ingest's cohort table (dvc.yaml); without it --features holds a prepared cohort
+    path = args.cohort or args.features
     try:
-        cohort = pd.read_parquet(args.cohort)
+        cohort = pd.read_parquet(path)
     except (OSError, ValueError) as exc:
         raise UserError(
-            f"{args.cohort}: not a readable cohort table ({exc}); run the ingest stage"
+            f"{path}: not a readable cohort table ({exc}); run the ingest stage"
         ) from None
     if cohort.empty:
-        raise UserError(
-            f"{args.cohort}: 0 cohort rows (see reports/ingest.json: consent or quarantine)"
-        )
+        raise UserError(f"{path}: 0 cohort rows (see reports/ingest.json: consent or quarantine)")
     try:
         mat = cohort_matrix(cohort)
         labelled = label_at_horizon(mat.frame, float(config.cohort_horizon_days or 0))
     except ValueError as exc:
-        raise UserError(f"{args.cohort}: {exc}") from None
+        raise UserError(f"{path}: {exc}") from None
     unused = [
         c for c in mat.text_columns if c not in config.categorical_features and c in labelled.frame
     ]
@@ -150,7 +148,7 @@ def _cohort_frame(args: argparse.Namespace, config, dictionary):  # type: ignore
         log.warning("cohort text columns not in train.categorical_features (not used): %s", unused)
     frame = labelled.frame.drop(columns=[c for c in ("event_type",) if c in labelled.frame])
     frame = frame.assign(event_time=frame["patient_id"].map(labelled.event_times))
-    check_labels(frame, args.cohort)
+    check_labels(frame, path)
     dictionary = {
         **(dictionary or {}),
         "label": {
