@@ -470,11 +470,14 @@ def _observations(
 def _duplicates(pid: np.ndarray, t: np.ndarray, key: np.ndarray, value: np.ndarray) -> np.ndarray:
     """Exact repeats of (patient, time, code, value), the first occurrence kept.
 
-    Two integer columns hash fast; the rare (patient, time, code) collisions are then
-    compared with their values too.
+    The rare (patient, time, code) collisions are compared with their values too.
     """
     pk = (pid.astype(np.int64) << 16) | key.astype(np.int64)
-    maybe = pd.DataFrame({"pk": pk, "t": t}).duplicated(keep=False).to_numpy()
+    # one 64-bit mix of (patient, code, time): hashing one column is several times faster
+    # than three; a collision only makes a candidate, checked exactly below
+    with np.errstate(over="ignore"):
+        mix = (pk.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ t.astype(np.uint64)
+    maybe = pd.Series(mix).duplicated(keep=False).to_numpy()
     dup = np.zeros(len(pid), dtype=bool)
     if maybe.any():
         at = np.flatnonzero(maybe)
