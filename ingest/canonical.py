@@ -242,6 +242,23 @@ def _rule_table(rules: list[Rule], specs: list[CodeSpec], tol: float) -> _RuleTa
     return t
 
 
+_RULE_TABLES: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[Vocabulary, _RuleTable]] = {}
+
+
+def _rule_table_for(vocab: Vocabulary, names: tuple[tuple[str, str], ...]) -> _RuleTable:
+    """The rule table of a set of (code, unit) pairs, cached: requests repeat their pairs."""
+    hit = _RULE_TABLES.get((id(vocab), names))
+    if hit is not None and hit[0] is vocab:
+        return hit[1]
+    tab = _rule_table(
+        [rule_for(vocab, c, u) for c, u in names], list(vocab.codes.values()), vocab.range_tolerance
+    )
+    if len(_RULE_TABLES) > 4096:
+        _RULE_TABLES.clear()
+    _RULE_TABLES[(id(vocab), names)] = (vocab, tab)
+    return tab
+
+
 def canonicalise(
     cand: Candidates,
     vocab: Vocabulary,
@@ -260,10 +277,8 @@ def canonicalise(
     keys, _, _ = _tables(vocab)
     nu = max(len(cand.unit_names), 1)
     uniq, inv = _unique_inverse(cand.code.astype(np.int64) * nu + cand.unit)
-    names = [(cand.code_names[p // nu], cand.unit_names[p % nu]) for p in uniq.tolist()]
-    tab = _rule_table(
-        [rule_for(vocab, c, u) for c, u in names], list(vocab.codes.values()), vocab.range_tolerance
-    )
+    names = tuple((cand.code_names[p // nu], cand.unit_names[p % nu]) for p in uniq.tolist())
+    tab = _rule_table_for(vocab, names)
     reason = cand.pre.astype(np.uint8, copy=True)
     key = tab.key[inv]
     live = reason == 0
