@@ -141,14 +141,8 @@ def test_fio2_column_feeds_two_codes_through_ingest(write, cfg, vocab):
         "wide.csv",
         "patient_id,time,FiO2\nMRN-1,2026-01-05T07:00:00Z,0.4\nMRN-1,2026-01-05T08:00:00Z,-50\n",
     )
-    cfg = cfg.model_copy(
-        update={
-            "wide_columns": {
-                "FiO2": [{"code": "fio2", "unit": "1"}, {"code": "o2_support", "unit": "{FiO2}"}]
-            }
-        }
-    )
-    cfg = type(cfg).model_validate(cfg.model_dump())
+    two = [{"code": "fio2", "unit": "1"}, {"code": "o2_support", "unit": "{FiO2}"}]
+    cfg = type(cfg).model_validate({"missing_consent": "include", "wide_columns": {"FiO2": two}})
     res = ingest([p], cfg, vocab, KEY)
     obs = res.observations.astype({"code": str})
     got = obs.sort_values("code")[["code", "value"]].values.tolist()
