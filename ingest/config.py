@@ -175,7 +175,7 @@ class IngestConfig(BaseModel):
             "long_parquet": "unknown",
             "wide_csv": "wearable",
             "fhir": "ward",
-            "psv": "icu",
+            "psv": "ward",
             "hl7v2": "ward",
         }
     )

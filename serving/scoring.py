@@ -268,13 +268,14 @@ def observation_candidates(obs: Sequence[Any], t_ns: np.ndarray) -> Candidates:
         [units.setdefault((u or "").strip(), len(units)) for _, u in pairs], dtype=np.int32
     )
     raw = [o.value for o in obs]
-    is_text = [isinstance(v, str) for v in raw]
     text = None
-    if any(is_text):
+    if not any(type(v) is str for v in raw):  # numbers only: one C-level conversion
+        num = np.array(raw, dtype=np.float64).reshape(n)
+    else:
         num = np.full(n, np.nan)
         text = np.full(n, "", dtype=object)
         for j, v in enumerate(raw):
-            if not is_text[j]:
+            if not isinstance(v, str):
                 num[j] = v
                 continue
             try:
@@ -286,8 +287,6 @@ def observation_candidates(obs: Sequence[Any], t_ns: np.ndarray) -> Candidates:
                 num[j] = x
             else:
                 text[j] = v
-    else:
-        num = np.array(raw, dtype=np.float64)
     return Candidates(
         code=pc[gid],
         code_names=list(codes),
