@@ -123,17 +123,35 @@ def stop(
             os.killpg(proc.pid, sig)
         else:
             os.kill(proc.pid, sig)
-    _, left = psutil.wait_procs(members, timeout=timeout)
+    left = _wait_gone(members, timeout)
     for p in left:
         logger.warning(
             "%s: pid %d still running %.0f s after %s, killing", name, p.pid, timeout, sig.name
         )
         with contextlib.suppress(psutil.Error):
             p.kill()
-    psutil.wait_procs(left, timeout=5)
+    _wait_gone(left, 5.0)
     pid_path(run_dir, name).unlink(missing_ok=True)
     logger.info("stopped %s (pid %d)", name, proc.pid)
     return True
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _wait_gone(members: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process has exited; a zombie counts as exited (some init processes,
+    e.g. in containers, never reap orphans). Returns those still running."""
+    deadline = time.monotonic() + timeout
+    left = [p for p in members if _running(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if _running(p)]
+    return left
 
 
 def _as_user(user: pwd.struct_passwd | None) -> dict[str, Any]:

@@ -181,6 +181,7 @@ class Postgres(Service):
             return
         data.mkdir(parents=True, exist_ok=True)
         if user is not None:
+            _check_traversable(data.parent.parent, user)
             for p in (data.parent, data, sock):
                 os.chown(p, user.pw_uid, user.pw_gid)
         bin_dir = self._bin_dir()
@@ -250,6 +251,18 @@ def _version_key(path: str) -> tuple[int, ...]:
         return (int(parts[-3]),)
     except (ValueError, IndexError):
         return (0,)
+
+
+def _check_traversable(path: Path, user: pwd.struct_passwd) -> None:
+    """The server user must reach its data directory through every parent folder."""
+    for d in [path, *path.parents]:
+        st = d.stat()
+        ok = st.st_mode & 0o001 or (st.st_gid == user.pw_gid and st.st_mode & 0o010)
+        if not ok and st.st_uid != user.pw_uid:
+            raise RuntimeError(
+                f"user {user.pw_name} cannot enter {d} (mode {st.st_mode & 0o777:o}): choose a "
+                f"VITALRISK_TEAM_DIR it can reach, or run team up as an ordinary user"
+            )
 
 
 def _run_as() -> pwd.struct_passwd | None:

@@ -13,8 +13,10 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,7 +110,7 @@ def _wait_healthy(svc: Service, ctx: Context, rec: procs.PidRecord | None) -> st
     )
 
 
-def _bring_up(svc: Service, ctx: Context, healthy: set[str]) -> str | None:
+def _bring_up(svc: Service, ctx: Context, ready: Callable[[str], bool]) -> str | None:
     """Start ``svc`` unless it answers already; a problem message or None."""
     st = _status_of(svc, ctx)
     if st.healthy:
@@ -125,7 +127,7 @@ def _bring_up(svc: Service, ctx: Context, healthy: set[str]) -> str | None:
     reason = svc.missing(ctx)
     if reason:
         return f"{svc.name}: nothing answers at {url} and it cannot be started here: {reason}"
-    waiting = [n for n in svc.needs if n not in healthy]
+    waiting = [n for n in svc.needs if not ready(n)]
     if waiting:
         return f"{svc.name}: not started because {', '.join(waiting)} is not running"
     try:
@@ -140,29 +142,48 @@ def up(
     only: Sequence[str] | None = None,
     dvc_repo: Path | None = None,
 ) -> StackResult:
-    """Start what is missing, prepare databases and buckets, and report every service."""
+    """Start what is missing, prepare databases and buckets, and report every service.
+
+    Services start concurrently, each once the services it needs answer and are prepared
+    (MLflow's migrations need not wait for Dask, nor Dask for MLflow).
+    """
     ctx = context(settings)
-    result = StackResult()
+    selected = _select(settings, only)
+    by_name = {s.name: s for s in services(settings)}
+    done = {s.name: threading.Event() for s in selected}
     healthy: set[str] = set()
-    with procs.locked(ctx.state / "lock"):
-        for svc in _select(settings, only):
-            problem = _bring_up(svc, ctx, healthy)
-            note = None
+
+    def ready(name: str) -> bool:
+        if name in done:
+            done[name].wait()
+            return name in healthy
+        return by_name[name].probe(ctx).ok  # not selected: only check that it answers
+
+    def bring(svc: Service) -> tuple[ServiceStatus, str | None]:
+        try:
+            problem, note = _bring_up(svc, ctx, ready), None
             if problem is None:
-                healthy.add(svc.name)
                 try:
                     note = svc.ensure(ctx)
+                    healthy.add(svc.name)
                 except Exception as exc:  # a refused CREATE DATABASE, a denied bucket, ...
                     problem = f"{svc.name}: running, but preparing it failed: {exc}"
+        finally:
+            done[svc.name].set()
+        st = _status_of(svc, ctx)
+        if note:
+            st.detail = f"{st.detail}; {note}"
+        return st, problem
+
+    result = StackResult()
+    with procs.locked(ctx.state / "lock"), ThreadPoolExecutor(len(selected)) as pool:
+        for st, problem in pool.map(bring, selected):
+            result.services.append(st)
             if problem:
                 logger.error("%s", problem)
                 result.problems.append(problem)
-            st = _status_of(svc, ctx)
-            if note:
-                st.detail = f"{st.detail}; {note}"
-            result.services.append(st)
-        if dvc_repo is not None and "s3" in healthy:
-            result.problems.extend(configure_dvc_remote(dvc_repo, settings, ctx.env))
+    if dvc_repo is not None and "s3" in healthy:
+        result.problems.extend(configure_dvc_remote(dvc_repo, settings, ctx.env))
     return result
 
 
