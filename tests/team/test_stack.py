@@ -148,7 +148,16 @@ def test_cli_status_json(team_stack: TeamSettings, tmp_path):
         )
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "team", "--env-file", str(env_file), "status", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "team",
+            "--env-file",
+            str(env_file),
+            "status",
+            "--json",
+        ],
         capture_output=True,
         text=True,
         check=False,
