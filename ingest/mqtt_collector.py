@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 LANDING_COLUMNS = ["patient_id", "time", "code", "value", "unit", "source"]
 QUARANTINE_COLUMNS = ["message_id", "topic", "received_at", "item", "field", "reason", "record"]
 ITEM_FIELDS = ("patient_id", "time", "code", "value", "unit", "source")
+ITEM_SET = frozenset(ITEM_FIELDS)
+_SCALARS = (str, int, float, bool)
 ENVELOPE_FIELDS = ("message_id", "patient_id", "source", "observations")
 COUNTERS = (
     "messages",  # distinct messages committed
@@ -85,7 +87,10 @@ class CollectorConfig(BaseModel):
     quarantine_dir: Path = Path("logs/mqtt/quarantine")
     state_path: Path = Path("logs/mqtt/collector.sqlite")
     batch_max: int = Field(default=2000, ge=1)
-    batch_wait_ms: float = Field(default=50.0, ge=0)
+    #: how long a batch may fill before it is committed and acknowledged: the fixed cost per
+    #: transaction is shared by more messages (measured ~135 µs of CPU per message in batches
+    #: of 100, ~35 in batches of 1,000); device PUBACKs wait at most this long
+    batch_wait_ms: float = Field(default=200.0, ge=0)
     #: unacknowledged messages the broker may have in flight to us (MQTT 5 Receive Maximum)
     receive_maximum: int = Field(default=10_000, ge=1, le=65_535)
     #: how long the broker keeps our session (and queues messages) while we are down
@@ -139,11 +144,12 @@ def content_id(topic: str, payload: bytes) -> str:
 
 def parse_message(topic: str, payload: bytes, max_items: int) -> Parsed:
     """Message id and observation items; a structural problem rejects the whole message."""
-    mid = content_id(topic, payload)
     try:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
-        return Parsed(mid, [], ("message", f"invalid JSON: {exc}"))
+        return Parsed(content_id(topic, payload), [], ("message", f"invalid JSON: {exc}"))
+    given = doc.get("message_id") if isinstance(doc, dict) else None
+    mid = given if isinstance(given, str) and 0 < len(given) <= 128 else content_id(topic, payload)
     if isinstance(doc, dict) and "observations" in doc:
         unknown = sorted(set(doc) - set(ENVELOPE_FIELDS))
         if unknown:
@@ -160,11 +166,8 @@ def parse_message(topic: str, payload: bytes, max_items: int) -> Parsed:
         items, inherit = doc, {}
     else:
         return Parsed(mid, [], ("message", "expected a JSON object or array of observations"))
-    if isinstance(doc, dict) and doc.get("message_id") is not None:
-        given = doc["message_id"]
-        if not isinstance(given, str) or not 0 < len(given) <= 128:
-            return Parsed(mid, [], ("message_id", "expected a string of 1 to 128 characters"))
-        mid = given
+    if given is not None and mid != given:
+        return Parsed(mid, [], ("message_id", "expected a string of 1 to 128 characters"))
     if not isinstance(items, list) or not items:
         return Parsed(mid, [], ("observations", "expected a non-empty array of observations"))
     if len(items) > max_items:
@@ -177,22 +180,14 @@ def parse_message(topic: str, payload: bytes, max_items: int) -> Parsed:
 def _item_problem(item: Any) -> tuple[str, str] | None:
     if not isinstance(item, dict):
         return "item", "expected a JSON object"
-    unknown = sorted(set(item) - set(ITEM_FIELDS))
+    unknown = item.keys() - ITEM_SET
     if unknown:
-        return unknown[0], f"unknown field {unknown[0]!r}: expected {list(ITEM_FIELDS)}"
-    for key in ITEM_FIELDS:
-        v = item.get(key)
-        if v is not None and not isinstance(v, str | int | float | bool):
+        key = sorted(unknown)[0]
+        return key, f"unknown field {key!r}: expected {list(ITEM_FIELDS)}"
+    for key, v in item.items():
+        if v is not None and not isinstance(v, _SCALARS):
             return key, f"expected a string or number, got {type(v).__name__}"
     return None
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return str(v)
 
 
 # -- validation: the one call into the canonical observation path --------------------------------
@@ -254,7 +249,7 @@ class Validator:
         return out
 
     def _judge(self, fresh: list[tuple[Message, Parsed]], out: Batch) -> None:
-        rows: list[dict[str, str]] = []
+        rows: list[dict[str, Any]] = []
         owner: list[int] = []  # candidate -> index into fresh
         item_no: list[int] = []
         rejects: list[list[str]] = []
@@ -271,7 +266,7 @@ class Validator:
                     per_msg[k][2] += 1
                     rejects.append(self._reject(m, p, j, *bad, _record(self._safe(it))))
                     continue
-                rows.append({c: _cell(it.get(c)) for c in ITEM_FIELDS})
+                rows.append(it)
                 owner.append(k)
                 item_no.append(j)
         accepted = self._canonical(rows, owner, item_no, fresh, per_msg, rejects)
@@ -287,7 +282,7 @@ class Validator:
 
     def _canonical(
         self,
-        rows: list[dict[str, str]],
+        rows: list[dict[str, Any]],
         owner: list[int],
         item_no: list[int],
         fresh: list[tuple[Message, Parsed]],
@@ -296,7 +291,8 @@ class Validator:
     ) -> list[list[str]]:
         if not rows:
             return []
-        frame = pd.DataFrame(rows, columns=list(ITEM_FIELDS))
+        # raw JSON scalars as they came: the cleaning step reads them as text, like a CSV cell
+        frame = pd.DataFrame.from_records(rows, columns=list(ITEM_FIELDS))
         frame = frame.rename(columns={"patient_id": "source_id"})
         frame["line"] = range(len(frame))
         acc, rej = _validate(frame, self.vocab, self.cfg, self.default_source)
@@ -304,7 +300,7 @@ class Validator:
             k = owner[int(line)]
             m, p = fresh[k]
             per_msg[k][2] += 1
-            sid = rows[int(line)]["patient_id"]
+            sid = str(rows[int(line)].get("patient_id") or "")
             rec = _record(self._safe(rows[int(line)]))
             rejects.append(
                 self._reject(m, p, item_no[int(line)], fld, self.scrub(reason, sid), rec)

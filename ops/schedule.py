@@ -13,7 +13,7 @@ import logging
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,7 +169,3 @@ def write_systemd(spec: ScheduleSpec, out_dir: Path) -> list[Path]:
         path.write_text(text)
         written.append(path)
     return written
-
-
-def job_env(environ: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
-    return {**environ, **extra}

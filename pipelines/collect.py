@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from pydantic import ValidationError
+
 from core.errors import UserError
 
 if TYPE_CHECKING:
@@ -41,10 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     m.add_argument("--quarantine-dir", default="logs/mqtt/quarantine", help="rejected records")
     m.add_argument("--state", default=None, help="journal (default: logs/mqtt/<client id>.sqlite)")
-    m.add_argument("--batch-max", type=int, default=2000, help="messages per transaction")
-    m.add_argument("--batch-wait-ms", type=float, default=50.0, help="max wait to fill a batch")
-    m.add_argument("--roll-seconds", type=float, default=5.0, help="landing file every N s")
-    m.add_argument("--receive-maximum", type=int, default=10_000, help="unacked in flight")
+    # tunables: unset = CollectorConfig's default (one place for each default)
+    m.add_argument("--batch-max", type=int, help="messages per transaction (2000)")
+    m.add_argument("--batch-wait-ms", type=float, help="max wait to fill a batch (200)")
+    m.add_argument("--roll-seconds", type=float, help="a landing file every N s (5)")
+    m.add_argument("--receive-maximum", type=int, help="unacknowledged in flight (10000)")
     m.add_argument("--env-file", default=None, help="team settings file (default team.env)")
     s = sub.add_parser("status", help="counters of a collector journal")
     s.add_argument("--state", default="logs/mqtt/vitalrisk-collector.sqlite", help="journal")
@@ -78,6 +81,11 @@ def _config(args: argparse.Namespace) -> CollectorConfig:
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
         raise UserError(f"--url {url!r}: expected mqtt://host:port or mqtts://host:port")
+    tunables = {
+        k: getattr(args, k)
+        for k in ("batch_max", "batch_wait_ms", "roll_seconds", "receive_maximum")
+        if getattr(args, k) is not None
+    }
     try:
         return CollectorConfig(
             host=parts.hostname or "127.0.0.1",
@@ -92,13 +100,13 @@ def _config(args: argparse.Namespace) -> CollectorConfig:
             ),
             quarantine_dir=Path(args.quarantine_dir),
             state_path=Path(args.state or f"logs/mqtt/{args.client_id}.sqlite"),
-            batch_max=args.batch_max,
-            batch_wait_ms=args.batch_wait_ms,
-            roll_seconds=args.roll_seconds,
-            receive_maximum=args.receive_maximum,
+            **tunables,
         )
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise UserError(problems) from None
 
 
 def _mqtt(args: argparse.Namespace) -> int:
