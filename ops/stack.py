@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -183,45 +181,55 @@ def up(
                 logger.error("%s", problem)
                 result.problems.append(problem)
     if dvc_repo is not None and "s3" in healthy:
-        result.problems.extend(configure_dvc_remote(dvc_repo, settings, ctx.env))
+        result.problems.extend(configure_dvc_remote(dvc_repo, settings))
     return result
 
 
 def down(settings: TeamSettings, only: Sequence[str] | None = None) -> list[str]:
-    """Stop the processes this state folder started (reverse start order); their names."""
+    """Stop the processes this state folder started; their names.
+
+    In waves: a service stops once everything that needs it has stopped (workers before the
+    scheduler, MLflow before PostgreSQL); the services of a wave stop concurrently.
+    """
     ctx = context(settings)
     by_name = {s.name: s for s in services(settings)}
     started = sorted(p.name.removesuffix(".pid.json") for p in ctx.run_dir.glob("*.pid.json"))
-    order = [n for n in by_name if n in started] + [n for n in started if n not in by_name]
-    if only:
-        order = [n for n in order if n in only]
+    left = [n for n in started if not only or n in only]
     stopped: list[str] = []
-    with procs.locked(ctx.state / "lock"):
-        for name in reversed(order):
-            svc = by_name.get(name)
-            was_running = svc.stop(ctx) if svc else procs.stop(ctx.run_dir, name)
-            if was_running:
-                stopped.append(name)
+
+    def stop(name: str) -> bool:
+        svc = by_name.get(name)
+        return svc.stop(ctx) if svc else procs.stop(ctx.run_dir, name)
+
+    with procs.locked(ctx.state / "lock"), ThreadPoolExecutor(max(1, len(left))) as pool:
+        while left:
+            needed = {n for m in left if m in by_name for n in by_name[m].needs}
+            wave = [n for n in left if n not in needed] or left
+            for name, was_running in zip(wave, pool.map(stop, wave), strict=True):
+                if was_running:
+                    stopped.append(name)
+            left = [n for n in left if n not in wave]
     return stopped
 
 
-def configure_dvc_remote(repo: Path, settings: TeamSettings, env: Mapping[str, str]) -> list[str]:
+def configure_dvc_remote(repo: Path, settings: TeamSettings) -> list[str]:
     """Point the repository's ``team`` DVC remote at the settings' endpoint (``config.local``).
 
-    The remote itself (``s3://<bucket>/dvc``) is declared in ``.dvc/config``; only the endpoint,
-    which differs between a laptop and a deployment, goes into the git-ignored local config.
+    The remote itself (``s3://<bucket>/dvc``) is declared in the committed ``.dvc/config``;
+    only the endpoint and region, which differ between a laptop and a deployment, go into the
+    git-ignored ``.dvc/config.local`` (DVC's own INI format, written with DVC's configobj).
     """
-    if not (repo / ".dvc" / "config").is_file():
+    from configobj import ConfigObj
+
+    section = f'remote "{DVC_REMOTE}"'
+    committed = repo / ".dvc" / "config"
+    if not committed.is_file():
         return [f"{repo}: not a DVC repository (no .dvc/config); DVC remote not configured"]
-    cmds = [
-        ["remote", "modify", "--local", DVC_REMOTE, "endpointurl", settings.s3_endpoint_url],
-        ["remote", "modify", "--local", DVC_REMOTE, "region", settings.s3_region],
-    ]
-    dvc = str(Path(sys.executable).parent / "dvc")
-    for args in cmds:
-        proc = subprocess.run(
-            [dvc, *args], cwd=repo, env=dict(env), capture_output=True, text=True, check=False
-        )
-        if proc.returncode != 0:
-            return [f"dvc {' '.join(args)}: {proc.stderr.strip() or proc.stdout.strip()}"]
+    if section not in ConfigObj(str(committed)):
+        return [f"{committed}: no remote {DVC_REMOTE!r} defined; DVC remote not configured"]
+    local = ConfigObj(str(repo / ".dvc" / "config.local"))
+    local.setdefault(section, {})
+    local[section]["endpointurl"] = settings.s3_endpoint_url
+    local[section]["region"] = settings.s3_region
+    local.write()
     return []

@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--roll-seconds", type=float, help="a landing file every N s (5)")
     m.add_argument("--receive-maximum", type=int, help="unacknowledged in flight (10000)")
     m.add_argument("--env-file", default=None, help="team settings file (default team.env)")
+    m.add_argument(
+        "--params", default="params.yaml", help="its `ingest` section: the validation rules"
+    )
     s = sub.add_parser("status", help="counters of a collector journal")
     s.add_argument("--state", default="logs/mqtt/vitalrisk-collector.sqlite", help="journal")
 
@@ -110,32 +113,43 @@ def _config(args: argparse.Namespace) -> CollectorConfig:
 
 
 def _mqtt(args: argparse.Namespace) -> int:
+    from core.params import load_section, validate_section
     from core.vocabulary import load_vocabulary
-    from governance.pseudonym import get_key, pseudonymise
+    from governance.pseudonym import PseudonymKeyError, get_key, pseudonymise
     from ingest.config import IngestConfig
     from ingest.mqtt_collector import Collector, JournalLocked, Lander, Validator
 
     cfg = _config(args)
-    pseudo = functools.lru_cache(maxsize=200_000)(functools.partial(pseudonymise, key=get_key()))
+    try:
+        key = get_key()
+    except PseudonymKeyError as exc:
+        raise UserError(str(exc)) from None
+    pseudo = functools.lru_cache(maxsize=200_000)(functools.partial(pseudonymise, key=key))
+    params = Path(args.params)
+    ingest_cfg = (
+        load_section(IngestConfig, "ingest", params)
+        if params.is_file()
+        else validate_section(IngestConfig, "ingest", {}, str(params))
+    )
     validator = Validator(
-        load_vocabulary(),
-        IngestConfig(),
-        pseudo,
-        cfg.default_source,
-        cfg.max_items_per_message,
+        load_vocabulary(), ingest_cfg, pseudo, cfg.default_source, cfg.max_items_per_message
     )
     try:
         lander = Lander(cfg, validator)
     except JournalLocked as exc:
         raise UserError(str(exc)) from None
     collector = Collector(cfg, lander)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: collector.stop_event.set())
+    previous = {
+        sig: signal.signal(sig, lambda *_: collector.stop_event.set())
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         counters = collector.run()
     except (OSError, ConnectionError) as exc:
         raise UserError(f"MQTT broker {cfg.host}:{cfg.port}: {exc}") from None
     finally:
         lander.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(json.dumps({"stopped": True, "counters": counters}))
     return 0

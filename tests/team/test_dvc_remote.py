@@ -24,6 +24,14 @@ with open("out/doubled.csv", "w") as fh:
 """
 
 
+DVC_YAML = """stages:
+  double:
+    cmd: python step.py
+    deps: [data, step.py]
+    outs: [out/doubled.csv]
+"""
+
+
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout}\n{proc.stderr}"
@@ -48,31 +56,14 @@ def test_push_from_one_clone_pull_into_another(team_stack: TeamSettings, team_en
     (first / "data" / "raw.csv").write_text("patient_id,value\np_1,1.5\np_2,4\n")
     (first / "step.py").write_text(STEP)
     (first / "out").mkdir()
-    _dvc(["add", "-q", "data"], first, env)
-    _dvc(
-        [
-            "stage",
-            "add",
-            "-q",
-            "-n",
-            "double",
-            "-d",
-            "data",
-            "-d",
-            "step.py",
-            "-o",
-            "out/doubled.csv",
-            "python step.py",
-        ],
-        first,
-        env,
-    )
-    _dvc(["repro", "-q"], first, env)
+    (first / "dvc.yaml").write_text(DVC_YAML)
     # the repository's remote definition, pointed at this session's bucket by the stack code
     prefix = f"s3://{team_stack.s3_bucket}/dvc-test-{uuid.uuid4().hex[:8]}"
-    _dvc(["remote", "add", stack.DVC_REMOTE, prefix], first, env)
-    assert stack.configure_dvc_remote(first, team_stack, env) == []
-    assert "endpointurl" in (first / ".dvc" / "config.local").read_text()
+    with (first / ".dvc" / "config").open("a") as fh:
+        fh.write(f"['remote \"{stack.DVC_REMOTE}\"']\n    url = {prefix}\n")
+    assert stack.configure_dvc_remote(first, team_stack) == []
+    _dvc(["add", "-q", "data"], first, env)
+    _dvc(["repro", "-q"], first, env)
     (first / ".gitignore").write_text("/out\n")
     _git(["add", "-A"], first, env)
     _git(["commit", "-qm", "tiny pipeline"], first, env)
@@ -89,7 +80,8 @@ def test_push_from_one_clone_pull_into_another(team_stack: TeamSettings, team_en
     assert remote == cached and len(cached) >= 3  # raw.csv, the data/ manifest, doubled.csv
 
     _git(["clone", "-q", str(first), str(second)], tmp_path, env)
-    assert stack.configure_dvc_remote(second, team_stack, env) == []  # config.local is per clone
+    assert not (second / ".dvc" / "config.local").exists()  # per clone, never in git
+    assert stack.configure_dvc_remote(second, team_stack) == []
     _dvc(["pull", "-r", stack.DVC_REMOTE], second, env)
     assert (second / "out" / "doubled.csv").read_text() == "patient_id,value\np_1,3.0\np_2,8.0\n"
     status = _dvc(["status"], second, env)

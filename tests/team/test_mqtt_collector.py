@@ -376,28 +376,15 @@ def test_crash_after_commit_before_ack_is_redelivered_and_counted_once(broker, t
     assert len(rows) == 50 and rows["time"].is_unique
 
 
-def test_cli_refuses_bad_input_with_a_message(tmp_path):
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "pipelines.cli", "collect", *args],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=tmp_path,
-        )
+def test_cli_refuses_bad_input_with_a_message(tmp_path, monkeypatch, capsys):
+    from pipelines.cli import main
 
-    bad_topic = run("mqtt", "--url", "mqtt://127.0.0.1:1", "--topic", "a/b+/c")
-    assert bad_topic.returncode == 2 and "whole level" in bad_topic.stderr
-    no_broker = run(
-        "mqtt",
-        "--url",
-        f"mqtt://127.0.0.1:{procs.free_port()}",
-        "--topic",
-        FILTER,
-        "--state",
-        str(tmp_path / "j.sqlite"),
-    )
-    assert no_broker.returncode == 2 and "MQTT broker" in no_broker.stderr
-    assert "Traceback" not in no_broker.stderr
-    no_journal = run("status", "--state", str(tmp_path / "none.sqlite"))
-    assert no_journal.returncode == 2 and "no collector journal" in no_journal.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main(["collect", "mqtt", "--url", "mqtt://127.0.0.1:1", "--topic", "a/b+/c"]) == 2
+    assert "whole level" in capsys.readouterr().err
+    closed = f"mqtt://127.0.0.1:{procs.free_port()}"
+    args = ["collect", "mqtt", "--url", closed, "--topic", FILTER, "--state", "j.sqlite"]
+    assert main(args) == 2
+    assert "MQTT broker" in capsys.readouterr().err
+    assert main(["collect", "status", "--state", "none.sqlite"]) == 2
+    assert "no collector journal" in capsys.readouterr().err
