@@ -20,8 +20,9 @@ Delivery contract (QoS 1, persistent session, manual acknowledgement):
 Message format (UTF-8 JSON; docs/contracts.md "MQTT messages"): one observation
 ``{"message_id"?, "patient_id", "time", "code", "value", "unit"?, "source"?}``, an envelope
 ``{"message_id"?, "patient_id"?, "source"?, "observations": [...]}`` whose items inherit its
-``patient_id``/``source``, or a bare JSON array of observations. Without ``message_id`` the id
-is a hash of topic and payload (a redelivery is byte-identical).
+``patient_id``/``source``, or a bare JSON array of observations. ``message_id`` is unique per
+topic (each device publishes on its own); without it the id is a hash of topic and payload (a
+redelivery is byte-identical).
 """
 
 from __future__ import annotations
@@ -133,16 +134,32 @@ class Message:
 
 @dataclass
 class Parsed:
-    message_id: str
+    message_id: str  # as given by the device, else the content hash
     items: list[dict[str, Any]]
     problem: tuple[str, str] | None = None  # (field, reason) when the message as a whole is bad
+    #: idempotency key: a device's own ids are unique per topic (= per device), not globally
+    key: str = ""
 
 
 def content_id(topic: str, payload: bytes) -> str:
     return hashlib.sha256(topic.encode() + b"\0" + payload).hexdigest()[:32]
 
 
+def dedup_key(topic: str, message_id: str, payload: bytes) -> str:
+    """Two devices may both count from 1: a given id only identifies a message on its topic."""
+    if message_id == content_id(topic, payload):
+        return message_id
+    return "id:" + content_id(topic, message_id.encode())
+
+
 def parse_message(topic: str, payload: bytes, max_items: int) -> Parsed:
+    """Message id, its idempotency key and the observation items."""
+    p = _parse(topic, payload, max_items)
+    p.key = dedup_key(topic, p.message_id, payload)
+    return p
+
+
+def _parse(topic: str, payload: bytes, max_items: int) -> Parsed:
     """Message id and observation items; a structural problem rejects the whole message."""
     try:
         doc = orjson.loads(payload)
@@ -208,7 +225,7 @@ def _validate(
 class Batch:
     """One batch's outcome, ready to commit: new messages, CSV text, counts."""
 
-    new: list[tuple[str, str, int, int, int]] = field(default_factory=list)  # id, at, n, acc, rej
+    new: list[tuple[str, str, int, int, int]] = field(default_factory=list)  # key, at, n, acc, rej
     duplicates: int = 0
     landing: str = ""
     quarantine: str = ""
@@ -239,10 +256,10 @@ class Validator:
         fresh: list[tuple[Message, Parsed]] = []
         taken = set(seen)
         for m, p in zip(messages, parsed, strict=True):
-            if p.message_id in taken:
+            if p.key in taken:
                 out.duplicates += 1
                 continue
-            taken.add(p.message_id)
+            taken.add(p.key)
             fresh.append((m, p))
         out.counts["duplicates"] = out.duplicates
         self._judge(fresh, out)
@@ -274,7 +291,7 @@ class Validator:
         out.quarantine = _csv_text(rejects)
         for k, (m, p) in enumerate(fresh):
             n, acc, rej = per_msg[k]
-            out.new.append((p.message_id, m.received_at, n, acc, rej))
+            out.new.append((p.key, m.received_at, n, acc, rej))
         out.counts["messages"] = len(fresh)
         out.counts["read"] = sum(r[0] for r in per_msg)
         out.counts["accepted"] = sum(r[1] for r in per_msg)
@@ -366,7 +383,7 @@ def _csv_text(rows: Iterable[Sequence[str]]) -> str:
 
 JOURNAL_DDL = """
 CREATE TABLE IF NOT EXISTS messages (
-    message_id TEXT PRIMARY KEY, batch_id INTEGER NOT NULL, received_at TEXT NOT NULL,
+    message_key TEXT PRIMARY KEY, batch_id INTEGER NOT NULL, received_at TEXT NOT NULL,
     observations INTEGER NOT NULL, accepted INTEGER NOT NULL, quarantined INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_batch ON messages(batch_id);
@@ -417,7 +434,8 @@ class Journal:
         uniq = list(dict.fromkeys(ids))
         for i in range(0, len(uniq), 500):
             chunk = uniq[i : i + 500]
-            q = f"SELECT message_id FROM messages WHERE message_id IN ({','.join('?' * len(chunk))})"
+            marks = ",".join("?" * len(chunk))
+            q = f"SELECT message_key FROM messages WHERE message_key IN ({marks})"
             found.update(r[0] for r in self.db.execute(q, chunk))
         return found
 
@@ -565,7 +583,7 @@ class Lander:
     def land(self, messages: Sequence[Message]) -> Batch:
         """Commit a batch durably. The caller acknowledges ``messages`` only after this returns."""
         parsed = self.validator.parse(messages)
-        seen = self.journal.known([p.message_id for p in parsed])
+        seen = self.journal.known([p.key for p in parsed])
         batch = self.validator.batch(messages, parsed, seen)
         self.journal.commit(batch)
         return batch

@@ -188,6 +188,19 @@ def test_batch_accounting_quarantine_and_ingest_reads_the_landing(tmp_path):
     assert set(result.observations["patient_id"]) == set(rows["patient_id"])
 
 
+def test_message_ids_are_per_device_topic(tmp_path):
+    """Two devices that both number their messages from 1 are two messages, not a duplicate."""
+    lander = make_lander(tmp_path)
+    batch = lander.land(
+        [
+            msg(obs(1)),
+            msg(obs(1, time="2026-01-02T00:00:00Z"), topic="vitalrisk/devices/dev-2/observations"),
+        ]
+    )
+    lander.close()
+    assert batch.duplicates == 0 and len(batch.new) == 2
+
+
 def test_a_roll_interrupted_by_a_crash_is_finished_with_the_same_file(tmp_path):
     lander = make_lander(tmp_path)
     lander.land([msg(obs(i), mid=i) for i in range(1, 6)])
