@@ -135,6 +135,11 @@ class Run:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
+    def kill_if_running(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def stop(self) -> None:
         assert self.proc is not None
         self._account_cpu()
@@ -249,13 +254,16 @@ def _throughput(
     root: Path, host: str, port: int, name: str, n: int, per_message: int, tool: str
 ) -> dict:
     run = Run(root, host, port, name)
-    run.start()
-    payloads = [_message(i, per_message) for i in range(n)]
-    t0 = time.perf_counter()
-    _publish_all(host, port, name, payloads, tool)
-    t_pub = time.perf_counter()
-    t_end = _wait_committed(run, n, timeout=600)
-    run.stop()
+    try:
+        run.start()
+        payloads = [_message(i, per_message) for i in range(n)]
+        t0 = time.perf_counter()
+        _publish_all(host, port, name, payloads, tool)
+        t_pub = time.perf_counter()
+        t_end = _wait_committed(run, n, timeout=600)
+        run.stop()
+    finally:
+        run.kill_if_running()
     landed = run.landed()
     expected = n * per_message
     return {
@@ -292,9 +300,9 @@ def _killer(run: Run, at: int, report: dict[str, float]) -> threading.Thread:
     return thread
 
 
-def _crash(root: Path, host: str, port: int, n: int, rate: float) -> dict:
-    """A paced device stream; the collector is SIGKILLed a third of the way through."""
-    run = Run(root, host, port, "crash")
+def _crash_stream(
+    run: Run, host: str, port: int, n: int, rate: float
+) -> tuple[set[int], dict[str, float]]:
     run.start()
     pub = Publisher(host, port, "crash")
     payloads = [_message(i, 1) for i in range(n)]
@@ -312,6 +320,16 @@ def _crash(root: Path, host: str, port: int, n: int, rate: float) -> dict:
     _wait_committed(run, len(acked), timeout=600)
     pub.close()
     run.stop()
+    return acked, report
+
+
+def _crash(root: Path, host: str, port: int, n: int, rate: float) -> dict:
+    """A paced device stream; the collector is SIGKILLed a third of the way through."""
+    run = Run(root, host, port, "crash")
+    try:
+        acked, report = _crash_stream(run, host, port, n, rate)
+    finally:
+        run.kill_if_running()
     landed = run.landed()
     offset = pd.to_datetime(landed["time"], utc=True) - pd.Timestamp(BASE)
     counts = offset.dt.total_seconds().round().astype(int).value_counts()

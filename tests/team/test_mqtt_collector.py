@@ -15,7 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -310,6 +310,25 @@ class CollectorProcess:
         self.proc.send_signal(sig)
         return self.proc.wait(timeout=60)
 
+    def kill_if_running(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def collector(broker, tmp_path) -> Iterator[Callable[[str], CollectorProcess]]:
+    """Collector subprocesses of one test; whatever still runs at the end is killed."""
+    made: list[CollectorProcess] = []
+
+    def make(client_id: str) -> CollectorProcess:
+        made.append(CollectorProcess(tmp_path, broker, client_id))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.kill_if_running()
+
 
 def publisher(broker: tuple[str, int], name: str) -> object:
     import paho.mqtt.client as mqtt
@@ -322,8 +341,8 @@ def publisher(broker: tuple[str, int], name: str) -> object:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_stream_every_acknowledged_message_lands_once(broker, tmp_path):
-    coll = CollectorProcess(tmp_path, broker, "test-kill")
+def test_sigkill_mid_stream_every_acknowledged_message_lands_once(broker, collector, tmp_path):
+    coll = collector("test-kill")
     coll.start()
     pub = publisher(broker, "test-kill-pub")
     infos, n = [], 3000
@@ -346,7 +365,7 @@ def test_sigkill_mid_stream_every_acknowledged_message_lands_once(broker, tmp_pa
 
 
 @pytest.mark.slow
-def test_crash_after_commit_before_ack_is_redelivered_and_counted_once(broker, tmp_path):
+def test_crash_after_commit_before_ack_is_redelivered_and_counted_once(broker, collector, tmp_path):
     """The narrow window: batch committed, process gone before the PUBACKs left."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.packettypes import PacketTypes
@@ -378,7 +397,7 @@ def test_crash_after_commit_before_ack_is_redelivered_and_counted_once(broker, t
     crashed.loop_stop()
     crashed.socket().close()  # ... and gone without a single PUBACK
 
-    coll = CollectorProcess(tmp_path, broker, "test-window")
+    coll = collector("test-window")
     coll.start()
     assert procs.wait_until(lambda: coll.counters()["duplicates"] >= 50, 30), coll.counters()
     assert coll.signal(signal.SIGTERM) == 0
