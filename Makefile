@@ -12,7 +12,7 @@ export BENTOML_DO_NOT_TRACK := True
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install demo test lint typecheck unit bench serve mlflow-ui monitor-ui data-dvc clean
+.PHONY: install demo test lint typecheck unit bench serve mlflow-ui monitor-ui data-dvc clean team-up team-down team-status
 
 install: $(STAMP)
 
@@ -53,6 +53,17 @@ mlflow-ui: $(STAMP)
 
 monitor-ui: $(STAMP)
 	$(BIN)/evidently ui --workspace $${EVIDENTLY_WORKSPACE:-workspace} --port $${PORT:-8000}
+
+## team-up: start the local team stack as processes (settings: team.env; idempotent)
+team-up: $(STAMP)
+	vitalrisk team up
+
+## team-down: stop what team-up started here (services that were already running stay up)
+team-down: $(STAMP)
+	vitalrisk team down
+
+team-status: $(STAMP)
+	vitalrisk team status
 
 ## data-dvc: re-record data.dvc after a deliberate change to the default cohort
 data-dvc: $(STAMP)

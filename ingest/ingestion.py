@@ -135,7 +135,9 @@ class _Ledger:
             )
 
 
-def _scrubber(pattern: str, pseudo: Any) -> Any:
+def scrubber(pattern: str, pseudo: Any) -> Any:
+    """A function that pseudonymises raw identifiers in free text (quarantined records): the
+    record's own source id when known, and anything matching ``pattern``."""
     import re
 
     rx = re.compile(pattern) if pattern else None
@@ -190,7 +192,7 @@ def ingest(
     """Read, check, pseudonymise and consent-filter every input; never drop a row silently."""
     units, skipped = walk_inputs(list(inputs), cfg, vocab)
     ids = _Ids(key)
-    ledger = _Ledger(_scrubber(cfg.identifier_pattern, ids.pseudonym))
+    ledger = _Ledger(scrubber(cfg.identifier_pattern, ids.pseudonym))
     window, now = cfg.time_window.window(), cfg.time_window.reference_ns()
     keys = list(vocab.codes)
     files: list[tuple[str, str]] = []

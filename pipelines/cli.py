@@ -33,6 +33,8 @@ COMMANDS: dict[str, str] = {
     "audit": "audit",
     "lineage": "lineage",
     "summary": "summary",
+    "collect": "collect",
+    "team": "team",
 }
 
 
