@@ -334,8 +334,6 @@ def reconcile(model_name: str, noticed_by: str) -> list[dict[str, Any]]:
             EXTERNAL_ACTOR,
             f"set outside vitalrisk; noticed by {noticed_by}",
         )
-        if alias == tracking.CHAMPION:
-            _save_history(model_name, [*champion_history(model_name), version])
     if settled:
         for alias, version in sorted(seen.items()):
             if alias not in actual:
@@ -357,6 +355,10 @@ def reconcile(model_name: str, noticed_by: str) -> list[dict[str, Any]]:
             ch["version"],
             noticed_by,
         )
+    champion = actual.get(tracking.CHAMPION)
+    history = champion_history(model_name)
+    if champion is not None and (not history or history[-1] != champion):
+        _save_history(model_name, [*history, champion])  # e.g. set by an older vitalrisk
     if changes or (settled and seen != actual):
         _record_aliases(model_name)
     return changes

@@ -160,7 +160,7 @@ async def score(request: Request, body: ScoreRequest) -> Response:
     """Score patients from raw observations with the training feature code."""
     rt = _rt()
     resp, patients = await rt.score(body.patients, _rid(request))
-    _audit(request, patients, rt.champion.version)
+    _audit(request, patients, resp.model.version)  # the version that answered
     # serialised here: returning the model would make FastAPI validate it once more;
     # ``response_model`` still documents it
     return Response(resp.model_dump_json(), media_type="application/json")
@@ -172,7 +172,7 @@ async def fhir_score(request: Request, body: FhirBundle) -> JSONResponse:
     rt = _rt()
     patient, warnings = bundle_to_patient(body.model_dump(exclude_none=True), rt.vocab)
     resp, patients = await rt.score([patient], _rid(request))
-    _audit(request, patients, rt.champion.version)
+    _audit(request, patients, resp.model.version)  # the version that answered
     score = resp.results[0]
     score.warnings = warnings + score.warnings
     ra = risk_assessment(score, resp.model.name, resp.model.version, resp.request_id)
@@ -196,9 +196,9 @@ def observations(request: Request, body: ObservationsRequest) -> ObservationsRes
 @app.get("/v1/model", response_model=ModelInfo, responses=_ERRORS, tags=["model"])
 def model(request: Request) -> ModelInfo:
     """The served model: version, feature list, training-data hash and metrics."""
-    rt = _rt()
-    _audit(request, [], rt.champion.version)
-    return rt.info
+    info = _rt().info  # one read: the follower may swap models at any time
+    _audit(request, [], info.version)
+    return info
 
 
 def _env_int(name: str, default: int) -> int:
@@ -227,7 +227,9 @@ class VitalRisk:
         # fail fast: without a champion, keys or valid params the server must not start (BentoML
         # would otherwise restart the worker forever), so stop the supervising process too
         try:
-            set_runtime(build_runtime())
+            # worker 1 (or the only one) also audits alias changes made outside vitalrisk
+            worker = bentoml.server_context.worker_index
+            set_runtime(build_runtime(primary=worker in (None, 1)))
             # a full garbage collection walks every object of MLflow, pandas and BentoML
             # (~300 ms stalls under load, measured): keep start-up objects out of it
             quiet_gc()
@@ -241,6 +243,8 @@ class VitalRisk:
     def _flush_audit(self) -> None:
         rt = current_runtime()
         if rt is not None:
+            if rt.follower is not None:
+                rt.follower.stop()
             rt.queue.close()
             rt.limiter.close()
             rt.audit.close()
