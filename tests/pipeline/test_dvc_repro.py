@@ -179,12 +179,13 @@ def test_experiments_leave_the_champion_alone_and_keep_their_metrics(
     assert "Running stage 'train'" in text
     assert "Running stage 'ingest'" not in text and "Running stage 'features'" not in text
     assert "no alias, champion stays" in text
-    # --temp: a throw-away copy under .dvc/tmp/exps, logging into the project's own store
-    _run(_dvc("exp", "run", "--temp", "-n", "temp-exp", "-S", "train.num_leaves=7"), path, env)
-    # queued: run by a DVC queue worker, also in a temporary copy
+    # queued: run by a DVC queue worker in a temporary copy; meanwhile --temp: a throw-away
+    # copy under .dvc/tmp/exps too (both on the two cores at once), each logging into the
+    # project's own store
     _run(_dvc("exp", "run", "--queue", "-n", "queued-exp", "-S", "train.num_leaves=9"), path, env)
     _run(_dvc("queue", "start", "-j", "1"), path, env)
     try:
+        _run(_dvc("exp", "run", "--temp", "-n", "temp-exp", "-S", "train.num_leaves=7"), path, env)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             status = _run(_dvc("queue", "status"), path, env).stdout
