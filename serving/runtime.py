@@ -662,6 +662,18 @@ def label_horizons(model: Any) -> dict[str, float]:
     return {}
 
 
+@dataclass(frozen=True)
+class PinnedModel:
+    """A model shipped inside a Bento (``serving.service.pinned_model``): served as is."""
+
+    path: Path
+    name: str
+    version: str
+    run_id: str | None
+    metrics: dict[str, float]
+    dictionary: Path | None
+
+
 def _loaded(info: Any, model: Any) -> LoadedModel:
     return LoadedModel(info.name, info.version, info.alias, info.run_id, model)
 
@@ -711,32 +723,73 @@ def load_models(
     except Exception as exc:
         raise StartupError(f"feature params unusable: {exc}") from None
     doc = run_dict or _dictionary(path, fconf, vocab, champion.feature_names)
-    categorical = frozenset(getattr(model, "categories", None) or {})
+    return _model_set(champion, shadow, fconf, doc, vocab, _model_info(champion, shadow, tracking))
+
+
+def load_pinned(config: ServeConfig, vocab: Vocabulary, pinned: PinnedModel) -> ModelSet:
+    """The Bento's own model (no registry, no shadow): what ``bentoml build`` pinned."""
+    from models import tracking
+
+    model = tracking.load_model(str(pinned.path))
+    champion = LoadedModel(pinned.name, pinned.version, tracking.CHAMPION, pinned.run_id, model)
+    dictionary = pinned.dictionary or config.feature_dictionary_path()
+    try:
+        fconf = _load_features_config(None, dictionary)
+    except Exception as exc:
+        raise StartupError(f"feature params unusable: {exc}") from None
+    doc = _dictionary(dictionary, fconf, vocab, champion.feature_names)
+    info = ModelInfo(
+        name=pinned.name,
+        version=pinned.version,
+        alias=tracking.CHAMPION,
+        run_id=pinned.run_id,
+        features=champion.feature_names,
+        training_data_hash=None,
+        metrics=pinned.metrics,
+        shadow=None,
+    )
+    return _model_set(champion, None, fconf, doc, vocab, info)
+
+
+def _model_set(
+    champion: LoadedModel,
+    shadow: LoadedModel | None,
+    fconf: Any,
+    doc: dict[str, Any],
+    vocab: Vocabulary,
+    info: ModelInfo,
+) -> ModelSet:
+    categorical = frozenset(getattr(champion.model, "categories", None) or {})
     return ModelSet(
         champion=champion,
         shadow=shadow,
         feature_config=fconf,
         texts=load_feature_texts(doc, champion.feature_names, vocab),
-        info=_model_info(champion, shadow, tracking),
+        info=info,
         input_codes=input_codes(fconf, vocab),
         known=frozenset(champion.feature_names) | {"news2_total", "setting"},
         categorical=categorical | {"setting"},
         logged_cols=list(dict.fromkeys([*champion.feature_names, "news2_total"])),
-        horizons=label_horizons(model),
+        horizons=label_horizons(champion.model),
     )
 
 
-def build_runtime(follow: bool = True, primary: bool = True) -> Runtime:
+def build_runtime(
+    follow: bool = True, primary: bool = True, pinned: PinnedModel | None = None
+) -> Runtime:
     """Load params, keys, vocabulary, the champion (and challenger for shadow scoring).
 
     ``follow``: watch the registry's aliases every ``serve.model_watch_seconds`` and swap
     models while serving (``serving.follow``); ``primary``: this worker also notices alias
-    changes made outside vitalrisk (one worker does, so each change is audited once).
+    changes made outside vitalrisk (one worker does, so each change is audited once);
+    ``pinned``: serve this Bento's own model instead (no registry, nothing to follow).
     Raises ``StartupError`` with one clear sentence when something the service needs is missing.
     """
     config, keys, name = load_startup()
     vocab = load_vocabulary()
-    models = load_models(config, vocab, name)
+    models = (
+        load_models(config, vocab, name) if pinned is None else load_pinned(config, vocab, pinned)
+    )
     rt = Runtime(
         config=config,
         keys=keys,
@@ -752,7 +805,7 @@ def build_runtime(follow: bool = True, primary: bool = True) -> Runtime:
         len(models.champion.feature_names),
         f", shadow version {models.shadow.version}" if models.shadow else "",
     )
-    if follow and config.model_watch_seconds > 0:
+    if follow and pinned is None and config.model_watch_seconds > 0:
         from serving.follow import ModelFollower
 
         rt.follower = ModelFollower(rt, name, config.model_watch_seconds, primary).start()

@@ -15,10 +15,12 @@ Start with ``vitalrisk serve`` or ``bentoml serve serving.service:VitalRisk``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
@@ -32,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving.fhir import bundle_to_patient, risk_assessment
 from serving.guard import GuardMiddleware, problems_payload
 from serving.runtime import (
+    PinnedModel,
     Runtime,
     StartupError,
     build_runtime,
@@ -201,6 +204,65 @@ def model(request: Request) -> ModelInfo:
     return info
 
 
+#: the model a Bento pins (``bentofile.yaml``): served from the Bento, not the registry
+BENTO_MODEL_ENV = "VITALRISK_BENTO_MODEL"
+#: the MLflow model directory inside a BentoML model made by ``import_champion``
+BENTO_MLFLOW_DIR = "mlflow"
+
+
+def pinned_model() -> PinnedModel | None:
+    """The BentoML model named by ``VITALRISK_BENTO_MODEL`` (set in the Bento), if any."""
+    tag = os.environ.get(BENTO_MODEL_ENV)
+    if not tag:
+        return None
+    try:
+        bm = bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound:
+        raise StartupError(f"{BENTO_MODEL_ENV}={tag}: no such model in the Bento") from None
+    labels, meta = dict(bm.info.labels), dict(bm.info.metadata)
+    metrics: Any = meta.get("metrics") or {}
+    root = Path(bm.path)
+    dictionary = root / "feature_dictionary.json"
+    return PinnedModel(
+        path=root / BENTO_MLFLOW_DIR,
+        name=labels["registered_model"],
+        version=labels["version"],
+        run_id=labels.get("run_id"),
+        metrics={str(k): float(v) for k, v in metrics.items()},
+        dictionary=dictionary if dictionary.is_file() else None,
+    )
+
+
+def import_champion(name: str) -> str:
+    """Copy the registry's champion into BentoML's model store as ``<name>:v<version>`` (the
+    MLflow model, its run's feature dictionary and test metrics); returns the tag."""
+    import json
+    import tempfile
+
+    from models import tracking
+
+    mv = tracking.get_alias(name, tracking.CHAMPION)
+    if mv is None:
+        raise StartupError(f"registered model {name!r} has no champion to put in a Bento")
+    tag = f"{name}:v{mv.version}"
+    with contextlib.suppress(bentoml.exceptions.NotFound):
+        bentoml.models.get(tag)
+        return tag
+    run = tracking.client().get_run(mv.run_id) if mv.run_id else None
+    metrics = {k: v for k, v in (run.data.metrics if run else {}).items() if k.startswith("test.")}
+    labels = {"registered_model": name, "version": str(mv.version), "run_id": str(mv.run_id)}
+    with bentoml.models.create(tag, labels=labels, metadata={"metrics": metrics}) as bm:
+        tracking.download_model(f"models:/{name}/{mv.version}", Path(bm.path) / BENTO_MLFLOW_DIR)
+        if mv.run_id:
+            with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(Exception):
+                local = tracking.client().download_artifacts(
+                    mv.run_id, "feature_dictionary.json", tmp
+                )
+                doc = json.loads(Path(local).read_text(encoding="utf-8"))
+                (Path(bm.path) / "feature_dictionary.json").write_text(json.dumps(doc))
+    return tag
+
+
 def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))
@@ -229,7 +291,7 @@ class VitalRisk:
         try:
             # worker 1 (or the only one) also audits alias changes made outside vitalrisk
             worker = bentoml.server_context.worker_index
-            set_runtime(build_runtime(primary=worker in (None, 1)))
+            set_runtime(build_runtime(primary=worker in (None, 1), pinned=pinned_model()))
             # a full garbage collection walks every object of MLflow, pandas and BentoML
             # (~300 ms stalls under load, measured): keep start-up objects out of it
             quiet_gc()
