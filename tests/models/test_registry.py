@@ -141,6 +141,12 @@ def test_gate_promote_rollback_and_external_alias_changes(cohort, mlflow_env, no
     assert v1.tags["champion.actor"] == registry.EXTERNAL_ACTOR
     assert not any(k.startswith("champion.") for k in tracking.get_version("vr-test", "2").tags)
     assert registry.champion_history("vr-test")[-1] == "1"
+    from pipelines.lineage import model_lineage
+
+    lineage = model_lineage("vr-test", "champion", str(mlflow_env / "audit.jsonl"))
+    assert (lineage["version"], lineage["aliases"]) == ("1", ["champion"])
+    assert not any("registry tag champion." in p and "dave" in p for p in lineage["promotions"])
+    assert model_lineage("vr-test", "2", str(mlflow_env / "audit.jsonl"))["aliases"] == []
     # ... and deletes it: noticed too
     MlflowClient().delete_registered_model_alias("vr-test", "champion")
     gone = registry.reconcile("vr-test", noticed_by="test")
