@@ -32,11 +32,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _clean_env() -> dict[str, str]:
-    """No PYTHONPATH, no project on the path, no tracking server: only the venv."""
-    keep = ("HOME", "LANG", "LC_ALL", "TMPDIR", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL")
-    env = {k: v for k, v in os.environ.items() if k in keep}
-    env.update({"PATH": "/usr/bin:/bin", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"})
+def _clean_env(venv: Path) -> dict[str, str]:
+    """An activated venv and nothing else: no PYTHONPATH, no project, no tracking server."""
+    keep = ("HOME", "LANG", "LC_ALL", "TMPDIR")
+    # pip's own settings (index, wheelhouse, certificates) say where packages come from
+    env = {k: v for k, v in os.environ.items() if k in keep or k.startswith("PIP_")}
+    env.update(
+        {
+            "PATH": f"{venv / 'bin'}:/usr/bin:/bin",  # `mlflow models serve` runs uvicorn
+            "VIRTUAL_ENV": str(venv),
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "1",
+        }
+    )
     return env
 
 
@@ -58,7 +66,7 @@ def test_logged_model_loads_and_serves_in_a_clean_virtualenv(frame, mlflow_env, 
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=120)
     py = str(venv / "bin" / "python")
-    env = _clean_env()
+    env = _clean_env(venv)
     started = time.monotonic()
     pip = subprocess.run(
         [py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
@@ -99,6 +107,7 @@ def test_logged_model_loads_and_serves_in_a_clean_virtualenv(frame, mlflow_env, 
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
+            assert server.poll() is None, (server.stderr.read() if server.stderr else b"")[-3000:]
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
                     break
