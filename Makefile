@@ -12,7 +12,7 @@ export BENTOML_DO_NOT_TRACK := True
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install demo test lint typecheck unit bench serve mlflow-ui monitor-ui data-dvc clean team-up team-down team-status
+.PHONY: install demo test lint typecheck unit bench serve bento mlflow-ui monitor-ui data-dvc clean team-up team-down team-status
 
 install: $(STAMP)
 
@@ -48,9 +48,15 @@ bench: $(STAMP)
 serve: $(STAMP)
 	vitalrisk serve
 
-mlflow-ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlruns.db} --port $${PORT:-5000}
+## bento: a Bento pinning the registry's champion, runtime dependencies only
+bento: $(STAMP)
+	vitalrisk bento
 
+## mlflow-ui: MLflow's own default store (mlflow.db here); artifact paths resolve from here
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --port $${PORT:-5000}
+
+## monitor-ui: Evidently UI (projects vitalrisk-monitoring and vitalrisk-monitoring-demo)
 monitor-ui: $(STAMP)
 	$(BIN)/evidently ui --workspace $${EVIDENTLY_WORKSPACE:-workspace} --port $${PORT:-8000}
 
@@ -70,5 +76,6 @@ data-dvc: $(STAMP)
 	vitalrisk simulate --out data
 	dvc add data
 
+## clean: every output of the pipeline, the MLflow store and the monitoring workspace
 clean:
-	rm -rf artifacts reports logs mlruns.db mlartifacts workspace
+	rm -rf artifacts reports logs landing mlflow.db mlruns.db mlartifacts mlruns workspace dvc_plots

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pandas as pd
 import pandera.pandas as pa
 
@@ -63,16 +65,32 @@ PREDICTION_LOG_COLUMNS = (
     "probability",
     "news2_total",
     "features",
+    "setting",
+    "horizon_hours",
 )
 OUTCOME_LOG_COLUMNS = ("request_id", "patient_id", "event_time", "event", "label", "received_at")
 
 PREDICTIONS_DDL = """
 CREATE TABLE IF NOT EXISTS predictions (
     request_id TEXT, scored_at TEXT, patient_id TEXT, model_name TEXT, model_version TEXT,
-    role TEXT, probability REAL, news2_total REAL, features TEXT
+    role TEXT, probability REAL, news2_total REAL, features TEXT, setting TEXT,
+    horizon_hours REAL
 )"""
+#: columns added after the first release: (name, SQL type); logs written before get them
+#: with NULLs (unknown setting/horizon) by ``upgrade_prediction_log``
+PREDICTIONS_ADDED = (("setting", "TEXT"), ("horizon_hours", "REAL"))
 OUTCOMES_DDL = """
 CREATE TABLE IF NOT EXISTS outcomes (
     request_id TEXT, patient_id TEXT, event_time TEXT, event TEXT, label INTEGER,
     received_at TEXT
 )"""
+
+
+def upgrade_prediction_log(con: sqlite3.Connection) -> None:
+    """Create the prediction-log tables, or add the newer columns to an older log."""
+    con.execute(PREDICTIONS_DDL)
+    con.execute(OUTCOMES_DDL)
+    have = {row[1] for row in con.execute("PRAGMA table_info(predictions)")}
+    for name, sql_type in PREDICTIONS_ADDED:
+        if name not in have:
+            con.execute(f"ALTER TABLE predictions ADD COLUMN {name} {sql_type}")

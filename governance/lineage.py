@@ -45,8 +45,26 @@ def canonical_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+#: files DVC itself rewrites while it runs the pipeline: a change there is not a change of code,
+#: params or data (``dvc repro`` records each finished stage in dvc.lock before the next runs)
+DVC_BOOKKEEPING = frozenset({"dvc.lock"})
+
+
+def dirty_files(porcelain: str) -> list[str]:
+    """Changed tracked files from ``git status --porcelain`` output, without DVC's bookkeeping."""
+    out = []
+    for line in porcelain.splitlines():
+        path = line[3:].split(" -> ")[-1].strip().strip('"')
+        if path and Path(path).name not in DVC_BOOKKEEPING:
+            out.append(path)
+    return out
+
+
 def git_commit(repo: str | Path = ".") -> tuple[str | None, bool | None]:
-    """``(HEAD commit, working tree dirty?)``; ``(None, None)`` outside a git checkout."""
+    """``(HEAD commit, working tree dirty?)``; ``(None, None)`` outside a git checkout.
+
+    Dirty means a tracked file differs from HEAD, except ``dvc.lock`` (see DVC_BOOKKEEPING).
+    """
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
@@ -60,7 +78,7 @@ def git_commit(repo: str | Path = ".") -> tuple[str | None, bool | None]:
             text=True,
             timeout=30,
         )
-        dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+        dirty = bool(dirty_files(status.stdout)) if status.returncode == 0 else None
         return head.stdout.strip(), dirty
     except (OSError, subprocess.SubprocessError):
         return None, None

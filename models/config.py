@@ -117,8 +117,15 @@ class RegisterConfig(_Strict):
         default=0.0, ge=0, description="challenger Brier may exceed the champion's by at most this"
     )
     max_calibration_slope_error: float = Field(
-        default=0.3,
+        default=0.2,
         gt=0,
-        description="|calibration slope - 1| of the challenger must be within this",
+        description="|calibration slope - 1| on the test set must be within this (every model)",
     )
-    require_beats_news2: bool = True
+    require_beats_news2: bool = Field(
+        default=True, description="test AUPRC must exceed NEWS2's on the same rows (every model)"
+    )
+    min_auroc_gain_ci_low: float | None = Field(
+        default=0.0,
+        description="the 95% patient-bootstrap interval of AUROC(model) - AUROC(NEWS2) must lie "
+        "above this (every model); null = not checked",
+    )

@@ -11,26 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-#: Evidently stat tests whose score is a p-value (drift when score < threshold); every other
-#: method is a distance (drift when score >= threshold).
-P_VALUE_METHODS = frozenset(
-    {
-        "ks",
-        "chisquare",
-        "z",
-        "fisher_exact",
-        "g_test",
-        "t_test",
-        "mannw",
-        "anderson",
-        "cramer_von_mises",
-        "epps_singleton",
-        "empirical_mmd",
-    }
-)
-DISTANCE_METHODS = frozenset(
-    {"wasserstein", "jensenshannon", "kl_div", "psi", "hellinger", "energy_distance", "TVD"}
-)
+from monitoring.stattests import P_VALUE_METHODS, TESTS
 
 
 class DriftTest(BaseModel):
@@ -43,17 +24,12 @@ class DriftTest(BaseModel):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in P_VALUE_METHODS | DISTANCE_METHODS:
-            raise ValueError(
-                f"unknown drift method {v!r}: expected one of "
-                f"{sorted(P_VALUE_METHODS | DISTANCE_METHODS)}"
-            )
+        if v not in TESTS:
+            raise ValueError(f"unknown drift method {v!r}: expected one of {sorted(TESTS)}")
         return v
 
     def drifted(self, score: float) -> bool:
-        if self.method in P_VALUE_METHODS:
-            return score < self.threshold
-        return score >= self.threshold
+        return TESTS[self.method].drifted(score, self.threshold)
 
     def severity(self, score: float) -> float:
         """How far past the threshold (> 1 = drifted), comparable across methods for ranking."""
@@ -116,8 +92,19 @@ class PerformanceConfig(BaseModel):
     max_calibration_error: float = Field(default=0.05, ge=0, le=1)
     #: pandas offset alias for the over-time table (``1D``, ``7D``)
     period: str = "1D"
-    #: an event within this many hours after a prediction makes its label 1
-    label_horizon_hours: float = Field(default=24.0, gt=0)
+    #: patient/time outcomes: an event within the horizon after a prediction makes its label
+    #: 1. Per care setting; the service logs the served model's own horizon with each
+    #: prediction, which wins (these are for older logs without it)
+    label_horizon_hours: dict[str, float] = Field(
+        default_factory=lambda: {"ward": 24.0, "home": 168.0}
+    )
+    #: performance at this alert threshold when the served model's is unknown (null: none)
+    alert_threshold: float | None = Field(default=None, gt=0, lt=1)
+
+    @field_validator("label_horizon_hours", mode="before")
+    @classmethod
+    def _per_setting(cls, v: object) -> object:
+        return {"*": v} if isinstance(v, int | float) else v
 
 
 class VerdictConfig(BaseModel):
@@ -167,5 +154,11 @@ class MonitorConfig(BaseModel):
     #: segments with fewer units on either side are not tested on their own (units are
     #: patients when ``drift.unit`` is ``patient``, else rows)
     min_segment_units: int = Field(default=50, ge=10)
-    #: Evidently workspace project name
+    #: below this many units in the window (patients when ``drift.unit`` is ``patient``, else
+    #: rows) the verdict is ``insufficient_data`` (exit 3): no drift test means much on a
+    #: handful of predictions
+    min_units: int = Field(default=30, ge=1)
+    #: Evidently workspace projects: the served model's monitoring, and the drift demo's
+    #: simulated cohorts (kept apart so a demo never shows up in production's history)
     project: str = "vitalrisk-monitoring"
+    demo_project: str = "vitalrisk-monitoring-demo"

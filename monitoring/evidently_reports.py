@@ -18,41 +18,13 @@ logger = logging.getLogger(__name__)
 
 #: summary values plotted on the project dashboard (one MeanValue metric each)
 DASHBOARD_VALUES = {
-    "drift_share": "Share of monitored features drifted",
+    "drift_share_percent": "Monitored features drifted (%)",
     "drifted_features": "Drifted features",
     "predicted_risk_mean": "Mean predicted risk (current window)",
-    "verdict_level": "Verdict (0 ok, 1 warn, 2 retrain)",
+    "verdict_level": "Verdict (-1 insufficient data, 0 ok, 1 warn, 2 retrain)",
     "auroc": "AUROC on labelled predictions",
 }
 SUMMARY_TAG = "summary"
-
-
-def stat_test_scores(
-    reference: pd.DataFrame,
-    current: pd.DataFrame,
-    tests: Mapping[str, tuple[str, float, str]],
-) -> dict[str, tuple[float, bool]]:
-    """``column -> (drift score, drifted)`` with Evidently's stat tests, no report widgets.
-
-    ``tests`` maps a column to ``(method, threshold, "num" | "cat")``. This is the very test
-    ``ValueDrift`` runs (missing and infinite values dropped first); it skips the plots, which
-    cost far more than the test at a hundred columns. Columns empty on either side are left out.
-    """
-    import numpy as np
-    from evidently.legacy.calculations.stattests import get_stattest
-    from evidently.legacy.core import ColumnType
-
-    out: dict[str, tuple[float, bool]] = {}
-    for col, (method, threshold, kind) in tests.items():
-        ref = reference[col].replace([-np.inf, np.inf], np.nan).dropna()
-        cur = current[col].replace([-np.inf, np.inf], np.nan).dropna()
-        if ref.empty or cur.empty:
-            continue
-        ctype = ColumnType.Numerical if kind == "num" else ColumnType.Categorical
-        test = get_stattest(ref, cur, ctype, method)
-        res = test(ref, cur, ctype, threshold)
-        out[col] = (float(res.drift_score), bool(res.drifted))
-    return out
 
 
 def drift_report(
@@ -61,58 +33,39 @@ def drift_report(
     *,
     numerical: Sequence[str],
     categorical: Sequence[str],
-    tests: Mapping[str, tuple[str, float]],
-    ranges: Mapping[str, tuple[float, float]],
-    categories: Mapping[str, Sequence[Any]],
+    widgets: Mapping[str, tuple[str, float]],
     prediction: str | None = None,
-    prediction_test: tuple[str, float] | None = None,
     timestamp: datetime | None = None,
     tags: Sequence[str] = (),
     metadata: Mapping[str, str] | None = None,
 ) -> Any:
-    """Data drift, prediction drift and data quality in one report.
+    """The drift widgets of the verdict's own tests, on the verdict's own frames.
 
-    ``tests`` maps the features shown with a drift widget (distribution plots) to
-    ``(method, threshold)``; every feature gets a missing-values metric; ``ranges`` gives the
-    plausible range of features that carry a vocabulary code's value; ``categories`` the
-    reference categories of categorical features (values outside are "new categories").
+    ``reference``/``current`` are the frames the monitor tested (one row per patient when it
+    tests patients; a segment's column holds values only for that segment's units);
+    ``widgets`` maps the columns shown to ``(method, threshold)``, the threshold being the one
+    the verdict applied (the noise floor included), so a widget says "drift detected" exactly
+    when the verdict counts the column as drifted.
     """
     from evidently import DataDefinition, Dataset, Report
-    from evidently.metrics import (
-        MeanValue,
-        MissingValueCount,
-        OutListValueCount,
-        OutRangeValueCount,
-        QuantileValue,
-        ValueDrift,
-    )
+    from evidently.metrics import MeanValue, QuantileValue, ValueDrift
 
-    features = [*numerical, *categorical]
-    num = list(numerical) + ([prediction] if prediction else [])
-    definition = DataDefinition(numerical_columns=num, categorical_columns=list(categorical))
-    cols = [*features, *([prediction] if prediction else [])]
+    shown = [c for c in [*numerical, *categorical] if c in widgets]
+    num = [c for c in numerical if c in widgets]
+    cat = [c for c in categorical if c in widgets]
+    if prediction:
+        num.append(prediction)
+    definition = DataDefinition(numerical_columns=num, categorical_columns=cat)
+    cols = list(dict.fromkeys([*shown, *([prediction] if prediction else [])]))
     cur = Dataset.from_pandas(current[cols], data_definition=definition)
     ref = Dataset.from_pandas(reference[cols], data_definition=definition)
-    # One ValueDrift per column rather than DataDriftPreset: the preset recomputes every test
-    # three times (per column, for the dataset counter, for its table), which triples the
-    # cost at a hundred columns; the per-column widgets show the same scores and histograms,
-    # and our drift share (value + missingness) goes to the summary snapshot.
+    # one ValueDrift per column rather than DataDriftPreset: the preset's dataset counter
+    # would apply one threshold to every column, not the verdict's per-column ones
     metrics: list[Any] = [
-        ValueDrift(column=c, method=tests[c][0], threshold=tests[c][1])
-        for c in features
-        if c in tests
+        ValueDrift(column=c, method=widgets[c][0], threshold=widgets[c][1]) for c in cols
     ]
-    if prediction and prediction_test:
-        metrics += [
-            ValueDrift(column=prediction, method=prediction_test[0], threshold=prediction_test[1]),
-            MeanValue(column=prediction),
-            QuantileValue(column=prediction, quantile=0.9),
-        ]
-    metrics += [MissingValueCount(column=c) for c in features]
-    metrics += [OutRangeValueCount(column=c, left=lo, right=hi) for c, (lo, hi) in ranges.items()]
-    metrics += [
-        OutListValueCount(column=c, values=list(v)) for c, v in categories.items() if len(v)
-    ]
+    if prediction:
+        metrics += [MeanValue(column=prediction), QuantileValue(column=prediction, quantile=0.9)]
     report = Report(metrics, include_tests=False)
     return report.run(
         cur,
@@ -120,18 +73,45 @@ def drift_report(
         timestamp=timestamp,
         tags=list(tags),
         metadata=dict(metadata or {}),
-        name="drift and data quality",
+        name="drift (the verdict's tests)",
     )
+
+
+def value_drift_scores(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    columns: Mapping[str, tuple[str, float, str]],
+) -> dict[str, float]:
+    """Evidently's own ``ValueDrift`` score per column (``(method, threshold, "num"|"cat")``):
+    the reference the monitor's fast tests are checked against."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
+
+    definition = DataDefinition(
+        numerical_columns=[c for c, t in columns.items() if t[2] == "num"],
+        categorical_columns=[c for c, t in columns.items() if t[2] == "cat"],
+    )
+    cols = list(columns)
+    snap = Report(
+        [ValueDrift(column=c, method=m, threshold=t) for c, (m, t, _) in columns.items()],
+        include_tests=False,
+    ).run(
+        Dataset.from_pandas(current[cols], data_definition=definition),
+        Dataset.from_pandas(reference[cols], data_definition=definition),
+    )
+    return drift_scores(snap)
 
 
 def performance_report(
     labelled: pd.DataFrame,
     *,
+    threshold: float | None = None,
     timestamp: datetime | None = None,
     tags: Sequence[str] = (),
     metadata: Mapping[str, str] | None = None,
 ) -> Any:
-    """Classification quality of the labelled predictions (``probability``, ``label``)."""
+    """Classification quality of the labelled predictions (``probability``, ``label``) at the
+    model's alert ``threshold`` (Evidently's default of 0.5 would count almost no alerts)."""
     from evidently import BinaryClassification, DataDefinition, Dataset, Report
     from evidently.presets import ClassificationQuality
 
@@ -143,7 +123,8 @@ def performance_report(
         categorical_columns=["label"],
     )
     ds = Dataset.from_pandas(labelled[["probability", "label"]], data_definition=definition)
-    report = Report([ClassificationQuality(pr_curve=True)], include_tests=False)
+    quality = ClassificationQuality(probas_threshold=threshold, conf_matrix=True, pr_curve=True)
+    report = Report([quality], include_tests=False)
     return report.run(
         ds,
         None,
@@ -213,9 +194,14 @@ def drift_scores(snapshot: Any) -> dict[str, float]:
     }
 
 
-def save_html(snapshot: Any, path: str | Path) -> None:
+def save_html(snapshot: Any, path: str | Path, header: str | None = None) -> None:
+    """The snapshot's HTML, with ``header`` (our HTML: verdict and reasons) at the top."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     snapshot.save_html(str(path))
+    if header:
+        page = Path(path).read_text(encoding="utf-8")
+        page = page.replace("<body>", f"<body>\n{header}\n", 1)
+        Path(path).write_text(page, encoding="utf-8")
 
 
 def _dashboard_panels() -> list[Any]:
@@ -230,18 +216,26 @@ def _dashboard_panels() -> list[Any]:
             tags=[SUMMARY_TAG],
         )
 
+    # counters show whole numbers: a share of 0.003 (1 of 320 features) would read "0" next to
+    # a "warn" verdict, so they show the verdict level and the count of drifted features
     return [
         text_panel(
             "vitalrisk monitoring",
             "Each run: drift of the training features vs the current window of the prediction "
-            "log, predicted-risk level, data quality and (once outcomes arrive) performance.",
+            "log, predicted-risk level, data quality and (once outcomes arrive) performance. "
+            "The verdict and its reasons are at the top of each run's report.",
         ),
         counter_panel(
-            "Latest verdict (0 ok, 1 warn, 2 retrain)", [value("verdict_level")], size="half"
+            "Latest verdict (-1 insufficient data, 0 ok, 1 warn, 2 retrain)",
+            [value("verdict_level")],
+            size="half",
         ),
-        counter_panel("Latest drift share", [value("drift_share")], size="half"),
+        counter_panel("Drifted features (latest run)", [value("drifted_features")], size="half"),
         line_plot_panel("Verdict over time", [value("verdict_level")], size="half"),
-        line_plot_panel("Drift share over time", [value("drift_share")], size="half"),
+        line_plot_panel("Drifted features over time", [value("drifted_features")], size="half"),
+        line_plot_panel(
+            "Monitored features drifted (%)", [value("drift_share_percent")], size="half"
+        ),
         line_plot_panel("Predicted risk level", [value("predicted_risk_mean")], size="half"),
         line_plot_panel("AUROC on fed-back outcomes", [value("auroc")], size="half"),
     ]

@@ -17,18 +17,21 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
 from core.vocabulary import Vocabulary
 from monitoring import evidently_reports as er
-from monitoring.config import DISTANCE_METHODS, DriftTest, MonitorConfig
+from monitoring import stattests
+from monitoring.config import DriftTest, MonitorConfig
+from monitoring.performance import performance
+from monitoring.stattests import DISTANCE_METHODS
 
 logger = logging.getLogger(__name__)
 
 ColumnKind = Literal["numerical", "binary", "categorical"]
 VERDICTS = ("ok", "warn", "retrain")
-#: exit codes a scheduler can act on (2 stays "bad input", 1 an unexpected crash)
-EXIT_CODES = {"ok": 0, "warn": 10, "retrain": 20}
+#: exit codes a scheduler can act on (2 stays "bad input", 1 an unexpected crash); a window
+#: too small to test is neither ok nor a reason to retrain
+EXIT_CODES = {"ok": 0, "warn": 10, "retrain": 20, "insufficient_data": 3}
 PREDICTION = "probability"
 
 
@@ -295,7 +298,7 @@ def _split_scores(
     out: dict[str, float] = {}
     for _ in range(splits):
         mask = ids.isin(set(rng.permutation(uniq)[: len(uniq) // 2])).to_numpy()
-        for c, (score, _) in er.stat_test_scores(reference[mask], reference[~mask], tests).items():
+        for c, (score, _) in stattests.scores(reference[mask], reference[~mask], tests).items():
             out[c] = max(out.get(c, 0.0), score)
     if len(_FLOOR_CACHE) >= 8:
         _FLOOR_CACHE.pop(next(iter(_FLOOR_CACHE)))
@@ -372,19 +375,18 @@ def segment_drift(
     current: pd.DataFrame,
     tests: Mapping[str, tuple[str, float, str]],
     config: MonitorConfig,
-) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
+) -> tuple[dict[tuple[str, str], Tested], dict[str, dict[str, Any]]]:
     """Drift within each value of the ``segment_by`` columns (e.g. ``setting=home``).
 
     A shift confined to one device or care setting (a wearable's firmware offset) is diluted
     in the whole population; within its segment it is not. ``reference``/``current`` are
     the frames the overall tests ran on: one row per patient when ``drift.unit`` is
     ``patient`` (segments are then sized in patients), so the p-values stay honest. Returns
-    ``feature -> {"setting=home": score}`` for the drifted features and, per segment, its
-    sizes, whether it was tested and what drifted in it.
+    every segment test, ``(feature, "setting=home") -> Tested``, and, per segment, its sizes,
+    whether it was tested and what drifted in it.
     """
-    out: dict[str, dict[str, float]] = {}
+    out: dict[tuple[str, str], Tested] = {}
     info: dict[str, dict[str, Any]] = {}
-    margin = config.drift.noise_margin
     for col in config.segment_by:
         if col not in reference.columns or col not in current.columns:
             continue
@@ -403,54 +405,50 @@ def segment_drift(
                 continue
             seg_tests = {c: t for c, t in tests.items() if c != col}
             floor, _ = noise_floor(rs, cs, seg_tests, [], config)
-            for c, (score, drifted) in er.stat_test_scores(rs, cs, seg_tests).items():
-                if drifted and score >= margin * floor.get(c, 0.0):
-                    out.setdefault(c, {})[name] = score
+            for c, tested_c in _tested(rs, cs, seg_tests, floor, config).items():
+                out[(c, name)] = tested_c
+                if tested_c.drifted:
                     info[name]["drifted"].append(c)
     return out, info
 
 
-# --------------------------------------------------------------------------- performance
-def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    idx = np.minimum((p * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            total += m.sum() * abs(float(y[m].mean()) - float(p[m].mean()))
-    return total / max(len(y), 1)
+@dataclass(frozen=True)
+class Tested:
+    """One drift test as the verdict applies it: the score and the threshold it must pass.
+
+    ``threshold`` is the configured one, raised to ``noise_margin`` x the noise floor for
+    distance methods; the report's widget uses this very threshold, so widget and verdict
+    agree by construction.
+    """
+
+    method: str
+    score: float
+    threshold: float
+    drifted: bool
+
+    def severity(self) -> float:
+        """> 1 when drifted; comparable across methods for ranking."""
+        if stattests.TESTS[self.method].p_value:
+            return self.threshold / max(self.score, 1e-300)
+        return self.score / max(self.threshold, 1e-300)
 
 
-def _perf(y: np.ndarray, p: np.ndarray) -> dict[str, float | int | None]:
-    both = 0 < y.sum() < len(y)
-    return {
-        "n": len(y),
-        "positives": int(y.sum()),
-        "auroc": float(roc_auc_score(y, p)) if both else None,
-        "auprc": float(average_precision_score(y, p)) if both else None,
-        "brier": float(brier_score_loss(y, p)) if len(y) else None,
-        "ece": expected_calibration_error(y, p) if len(y) else None,
-        "observed_rate": float(y.mean()) if len(y) else None,
-        "mean_predicted": float(p.mean()) if len(y) else None,
-    }
-
-
-def performance(labelled: pd.DataFrame, config: MonitorConfig) -> dict[str, Any]:
-    """Overall and per-period AUROC, AUPRC, Brier, calibration of fed-back outcomes."""
-    y = labelled["label"].to_numpy(dtype=int)
-    p = labelled[PREDICTION].to_numpy(dtype=float)
-    overall = _perf(y, p)
-    by_period = []
-    if len(labelled):
-        period = labelled["scored_at"].dt.floor(config.performance.period)
-        for start, grp in labelled.groupby(period):
-            row = _perf(grp["label"].to_numpy(dtype=int), grp[PREDICTION].to_numpy(dtype=float))
-            by_period.append({"period_start": pd.Timestamp(start).isoformat(), **row})
-    enough = (
-        overall["n"] >= config.performance.min_labelled  # type: ignore[operator]
-        and overall["positives"] >= config.performance.min_positives  # type: ignore[operator]
-    )
-    return {"evaluated": bool(enough), "overall": overall, "over_time": by_period}
+def _tested(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    tests: Mapping[str, tuple[str, float, str]],
+    floor: Mapping[str, float],
+    config: MonitorConfig,
+) -> dict[str, Tested]:
+    """Run ``tests`` and apply the noise floor to the distance methods' thresholds."""
+    margin = config.drift.noise_margin
+    out: dict[str, Tested] = {}
+    for c, (score, _) in stattests.scores(reference, current, tests).items():
+        method, threshold, _kind = tests[c]
+        if method in DISTANCE_METHODS:
+            threshold = max(threshold, margin * floor.get(c, 0.0))
+        out[c] = Tested(method, score, threshold, stattests.TESTS[method].drifted(score, threshold))
+    return out
 
 
 # --------------------------------------------------------------------------- verdict
@@ -469,7 +467,7 @@ class MonitorResult:
 
 
 def _describe(c: str, f: Mapping[str, Any]) -> str:
-    parts = [f"{f['method']} {f['score']:.3g}"] if f["score"] is not None else []
+    parts = [f"{f['method']} {f['score']:.3g}"] if f["value_drift_overall"] else []
     parts += [f"{k}: {v:.3g}" for k, v in f.get("segments_drifted", {}).items()]
     return f"{c} ({'; '.join(parts)})"
 
@@ -478,6 +476,341 @@ def _fmt_list(items: list[str], limit: int = 12) -> str:
     return ", ".join(items[:limit]) + (
         f" and {len(items) - limit} more" if len(items) > limit else ""
     )
+
+
+@dataclass
+class DriftFrames:
+    """The frames and tests of one evaluation: rows (quality) and tested units (drift)."""
+
+    ref: pd.DataFrame  # rows, categories as text
+    cur: pd.DataFrame
+    ref_t: pd.DataFrame  # what the drift tests see: one row per patient, or the rows
+    cur_t: pd.DataFrame
+    by_patient: bool
+    per_unit: dict[str, tuple[str, float, str]]  # column -> (method, threshold, kind)
+    flat: dict[str, tuple[str, float, str]]  # tested over rows although per patient
+    tests: dict[str, DriftTest]
+    usable: list[str]
+    dropped: list[str]
+    has_pred: bool
+
+
+def drift_frames(
+    reference: pd.DataFrame,
+    current: CurrentWindow,
+    kinds: Mapping[str, ColumnKind],
+    config: MonitorConfig,
+    reference_units: pd.DataFrame | None = None,
+) -> DriftFrames:
+    """Prepare both sides once: categories as text, per patient if configured, the tests."""
+    tests = dict(drift_tests(kinds, config))
+    cur = _categories_as_text(current.sample, kinds)
+    ref = _categories_as_text(reference, kinds)
+    has_pred = (
+        PREDICTION in ref.columns and PREDICTION in cur.columns and ref[PREDICTION].notna().any()
+    )
+    # a test needs at least one non-missing value per column on each side
+    usable = [c for c in kinds if cur[c].notna().any() and ref[c].notna().any()]
+    to_test = {
+        c: (t.method, t.threshold, "num" if kinds[c] == "numerical" else "cat")
+        for c, t in tests.items()
+        if c in usable
+    }
+    pt = config.drift.prediction
+    if has_pred:
+        to_test[PREDICTION] = (pt.method, pt.threshold, "num")
+    by_patient = (
+        config.drift.unit == "patient"
+        and "patient_id" in ref.columns
+        and "patient_id" in cur.columns
+        and bool(ref["patient_id"].notna().all())
+        and bool(cur["patient_id"].notna().all())
+    )
+    ref_t, cur_t, flat = ref, cur, {}
+    if by_patient:
+        ref_t = reference_units if reference_units is not None else per_patient(ref, kinds)
+        cur_t = per_patient(cur, kinds)
+        # a flag becomes each patient's share of flagged rows: the numerical test applies
+        # (unless the feature has its own test in per_feature)
+        nt = config.drift.numerical
+        for c, k in kinds.items():
+            if k == "binary" and c in to_test and c not in config.drift.per_feature:
+                to_test[c] = (nt.method, nt.threshold, "num")
+                tests[c] = nt
+        # a feature constant across the reference's patients (a score that is nearly always
+        # 0) has no spread to norm a distance by at patient level: it is tested over rows
+        flat = {
+            c: t
+            for c, t in to_test.items()
+            if t[2] == "num" and t[0] in DISTANCE_METHODS and ref_t[c].nunique() <= 1
+        }
+    per_unit = {c: t for c, t in to_test.items() if c not in flat}
+    dropped = [c for c in kinds if c not in usable]
+    return DriftFrames(
+        ref, cur, ref_t, cur_t, by_patient, per_unit, flat, tests, usable, dropped, has_pred
+    )
+
+
+@dataclass
+class DriftFindings:
+    overall: dict[str, Tested]
+    segments: dict[tuple[str, str], Tested]
+    segment_info: dict[str, dict[str, Any]]
+    floor: dict[str, float]
+    miss_floor: dict[str, float]
+
+    def drifted_segments(self, c: str) -> dict[str, float]:
+        return {seg: t.score for (col, seg), t in self.segments.items() if col == c and t.drifted}
+
+    def value_drift(self, c: str) -> bool:
+        return (c in self.overall and self.overall[c].drifted) or bool(self.drifted_segments(c))
+
+    def severity(self, c: str) -> float:
+        found = [self.overall[c].severity()] if c in self.overall else []
+        found += [t.severity() for (col, _), t in self.segments.items() if col == c]
+        return max(found, default=0.0)
+
+
+def drift_findings(
+    frames: DriftFrames,
+    reference: pd.DataFrame,
+    kinds: Mapping[str, ColumnKind],
+    config: MonitorConfig,
+) -> DriftFindings:
+    """Every drift test of the window: overall, within each segment, and the noise floors."""
+    f = frames
+    rows = [] if f.by_patient else list(kinds)
+    floor, miss_floor = noise_floor(f.ref_t, f.cur_t, f.per_unit, rows, config)
+    overall = _tested(f.ref_t, f.cur_t, f.per_unit, floor, config)
+    if f.by_patient:  # missing shares stay over rows, split by patient all the same
+        # ``reference``, not its category-converted copy: the same missing pattern, and the
+        # caller's frame keeps the split-half cache valid across runs
+        flat_floor, miss_floor = noise_floor(reference, f.cur, f.flat, list(kinds), config)
+        overall.update(_tested(f.ref, f.cur, f.flat, flat_floor, config))
+        floor.update(flat_floor)
+    segments, info = segment_drift(f.ref_t, f.cur_t, f.per_unit, config)
+    return DriftFindings(overall, segments, info, floor, miss_floor)
+
+
+def _report_widgets(
+    frames: DriftFrames, found: DriftFindings, limit: int
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, tuple[str, float]], list[str], list[str]]:
+    """The tested frames plus one column per shown segment test, and the widgets to show.
+
+    Shown: the tests furthest past their threshold (drifted first), ``limit`` of them; a
+    segment's test is the column ``"<feature> | setting=home"`` holding values only for that
+    segment's units, which is what the segment test saw.
+    """
+    entries: list[tuple[tuple[str, str | None], Tested]] = [
+        ((c, None), t) for c, t in found.overall.items() if c not in frames.flat
+    ]
+    entries += [((c, seg), t) for (c, seg), t in found.segments.items()]
+    entries.sort(key=lambda e: e[1].severity(), reverse=True)
+    ref, cur = frames.ref_t.copy(), frames.cur_t.copy()
+    widgets: dict[str, tuple[str, float]] = {}
+    numerical: list[str] = []
+    categorical: list[str] = []
+    for (c, seg), t in entries[:limit]:
+        name = c if seg is None else f"{c} | {seg}"
+        if seg is not None:
+            col, value = seg.split("=", 1)
+            ref[name] = ref[c].where(ref[col].astype(str) == value)
+            cur[name] = cur[c].where(cur[col].astype(str) == value)
+        widgets[name] = (t.method, t.threshold)
+        kind = frames.per_unit.get(c, ("", 0.0, "num"))[2]
+        if c != PREDICTION:
+            (numerical if kind == "num" else categorical).append(name)
+    return ref, cur, widgets, numerical, categorical
+
+
+def _feature_table(
+    reference: pd.DataFrame,
+    current: CurrentWindow,
+    kinds: Mapping[str, ColumnKind],
+    codes: Mapping[str, str],
+    frames: DriftFrames,
+    found: DriftFindings,
+    config: MonitorConfig,
+) -> dict[str, dict[str, Any]]:
+    """Per feature: its test, score, threshold applied, segments drifted, quality shares."""
+    n_ref, n_cur = max(len(reference), 1), max(current.rows, 1)
+    margin = config.drift.noise_margin
+    out: dict[str, dict[str, Any]] = {}
+    for c in kinds:
+        t = frames.tests[c]
+        o = found.overall.get(c)
+        ref_miss = float(reference[c].isna().sum()) / n_ref
+        cur_miss = current.missing.get(c, 0) / n_cur
+        md = cur_miss - ref_miss > max(
+            config.quality.max_missing_increase, margin * found.miss_floor.get(c, 0.0)
+        )
+        out[c] = {
+            "kind": kinds[c],
+            "code": codes.get(c),
+            "method": t.method,
+            "threshold": t.threshold,
+            "score": None if o is None else o.score,
+            "threshold_applied": None if o is None else o.threshold,
+            "noise_floor": round(found.floor[c], 4) if c in found.floor else None,
+            "tested_over": "rows" if c in frames.flat or not frames.by_patient else "patients",
+            "segments_drifted": {
+                k: float(f"{v:.4g}") for k, v in found.drifted_segments(c).items()
+            },
+            "value_drift_overall": bool(o is not None and o.drifted),
+            "value_drift": found.value_drift(c),
+            "missing_share_reference": round(ref_miss, 4),
+            "missing_share_current": round(cur_miss, 4),
+            "missing_drift": bool(md),
+            "out_of_range_share": round(current.out_of_range[c] / n_cur, 4)
+            if c in current.out_of_range
+            else None,
+            "new_category_share": round(current.new_category[c] / n_cur, 4)
+            if c in current.new_category
+            else None,
+        }
+    return out
+
+
+class _Reasons:
+    """Findings -> reasons with a level each; the verdict is the highest level."""
+
+    def __init__(self) -> None:
+        self.level = 0
+        self.items: list[str] = []
+
+    def flag(self, lvl: int, reason: str) -> None:
+        self.level = max(self.level, lvl)
+        self.items.append(f"[{VERDICTS[lvl]}] {reason}")
+
+    def info(self, reason: str) -> None:
+        self.items.append(f"[info] {reason}")
+
+
+def _drift_reasons(
+    r: _Reasons,
+    per_feature: Mapping[str, Mapping[str, Any]],
+    drifted: list[str],
+    found: DriftFindings,
+    frames: DriftFrames,
+    config: MonitorConfig,
+) -> dict[str, Any] | None:
+    """Reasons from value, missingness and predicted-risk drift; returns the risk finding."""
+    v = config.verdict
+    n = len(per_feature)
+    value = sorted((c for c in per_feature if per_feature[c]["value_drift"]), key=found.severity)
+    value.reverse()
+    missing = [c for c in per_feature if per_feature[c]["missing_drift"]]
+    lvl = 1 if len(drifted) >= v.warn_drifted_features else 0
+    if value:
+        detail = [_describe(c, per_feature[c]) for c in value]
+        r.flag(lvl, f"value drift in {len(value)} of {n} features: {_fmt_list(detail)}")
+    if missing:
+        detail = [
+            f"{c} ({per_feature[c]['missing_share_reference']:.2f} -> "
+            f"{per_feature[c]['missing_share_current']:.2f})"
+            for c in missing
+        ]
+        r.flag(lvl, f"missing share up in {len(missing)} features: {_fmt_list(detail)}")
+    share = len(drifted) / max(n, 1)
+    if share >= v.retrain_drift_share:
+        r.flag(2, f"drift share {share:.2f} >= retrain threshold {v.retrain_drift_share:.2f}")
+    t = found.overall.get(PREDICTION)
+    if not frames.has_pred or t is None:
+        return None
+    if t.drifted:
+        both = v.retrain_on_prediction_drift and len(drifted) >= v.warn_drifted_features
+        r.flag(2 if both else 1, f"predicted risk drifted ({t.method} {t.score:.3g})")
+    return {
+        "method": t.method,
+        "threshold": config.drift.prediction.threshold,
+        "threshold_applied": t.threshold,
+        "score": t.score,
+        "drift": t.drifted,
+    }
+
+
+def _quality_reasons(
+    r: _Reasons,
+    reference: pd.DataFrame,
+    current: CurrentWindow,
+    ranges: Mapping[str, tuple[float, float]],
+    config: MonitorConfig,
+) -> None:
+    q, n_ref, n_cur = config.quality, max(len(reference), 1), max(current.rows, 1)
+    for c, n in current.out_of_range.items():
+        lo, hi = ranges[c]
+        ref_v = reference[c].to_numpy(dtype=float)
+        ref_share = float(np.count_nonzero((ref_v < lo) | (ref_v > hi))) / n_ref
+        if n / n_cur - ref_share > q.max_out_of_range_share:
+            r.flag(
+                1,
+                f"{c}: {n / n_cur:.1%} of values outside the plausible range [{lo:g}, {hi:g}] "
+                f"({ref_share:.1%} in the reference)",
+            )
+    for c, n in current.new_category.items():
+        if n / n_cur > q.max_new_category_share:
+            r.flag(
+                1,
+                f"{c}: {n / n_cur:.1%} of rows have categories unseen in training: "
+                f"{current.new_values[c]}",
+            )
+
+
+def _performance_reasons(r: _Reasons, perf: Mapping[str, Any], config: MonitorConfig) -> None:
+    o, pc = perf["overall"], config.performance
+    if not perf["evaluated"] or o["auroc"] is None:
+        if o["n"]:
+            r.info(
+                f"performance not judged: {o['n']} labelled predictions with {o['positives']} "
+                f"events (need {pc.min_labelled} and {pc.min_positives})"
+            )
+        return
+    if o["auroc"] < pc.retrain_auroc:
+        r.flag(
+            2,
+            f"AUROC {o['auroc']:.3f} < retrain floor {pc.retrain_auroc:.2f} on {o['n']} labelled predictions",
+        )
+    elif o["auroc"] < pc.warn_auroc:
+        r.flag(
+            1,
+            f"AUROC {o['auroc']:.3f} < warn floor {pc.warn_auroc:.2f} on {o['n']} labelled predictions",
+        )
+    if o["ece"] is not None and o["ece"] > pc.max_calibration_error:
+        r.flag(1, f"calibration error {o['ece']:.3f} > {pc.max_calibration_error:.2f}")
+
+
+def _window(current: CurrentWindow) -> dict[str, Any]:
+    return {
+        "start": None if current.start is None else current.start.isoformat(),
+        "end": None if current.end is None else current.end.isoformat(),
+        "rows": current.window_rows if current.window_rows is not None else current.rows,
+        "sampled_rows": len(current.sample),
+        "quality_rows": current.rows,
+        "quality_exact": current.rows == (current.window_rows or current.rows),
+    }
+
+
+def insufficient(
+    current: CurrentWindow, units: int, unit: str, config: MonitorConfig, reference_units: int
+) -> dict[str, Any]:
+    """Summary of a window too small to test: no drift verdict either way."""
+    need = config.min_units
+    return {
+        "verdict": "insufficient_data",
+        "status": "insufficient_data",
+        "exit_code": EXIT_CODES["insufficient_data"],
+        "created_at": pd.Timestamp.now(tz="UTC").isoformat(),
+        "reasons": [
+            f"[info] {units} {unit}s in the window ({current.window_rows or current.rows} "
+            f"predictions); the drift and quality tests need at least {need} "
+            "(monitor.min_units): no verdict on so little data"
+        ],
+        "drifted_features": [],
+        "drift_unit": unit,
+        "current_units": units,
+        "reference_units": reference_units,
+        "window": _window(current),
+    }
 
 
 def evaluate(
@@ -493,303 +826,161 @@ def evaluate(
     tags: Iterable[str] = (),
     report: bool = True,
     reference_units: pd.DataFrame | None = None,
+    alert_threshold: float | None = None,
 ) -> MonitorResult:
-    """Run the Evidently report(s) and turn the findings into a verdict with reasons.
+    """Findings -> reasons -> verdict, and the reports built from the same frames and tests.
 
     ``report=False`` skips the Evidently snapshots (the findings and verdict are the same):
     the benchmark's hundreds of resamples need the verdict only. ``reference_units``:
     ``patient_units(reference, kinds)`` computed once by a caller that reuses the reference.
+    ``alert_threshold``: the served model's, for performance at the alerts clinicians get.
     """
-    row_tests = drift_tests(kinds, config)
-    tests = dict(row_tests)  # per patient, flags get the numerical test below
-    numerical = [c for c, k in kinds.items() if k == "numerical"]
-    categorical = [c for c, k in kinds.items() if k != "numerical"]
-    cur = _categories_as_text(current.sample, kinds)
-    ref = _categories_as_text(reference, kinds)
-    has_pred = (
-        PREDICTION in ref.columns and PREDICTION in cur.columns and ref[PREDICTION].notna().any()
-    )
-    # Evidently needs at least one non-missing value per column on each side
-    usable = [c for c in kinds if cur[c].notna().any() and ref[c].notna().any()]
-    dropped = [c for c in kinds if c not in usable]
+    frames = drift_frames(reference, current, kinds, config, reference_units)
+    unit = "patient" if frames.by_patient else "row"
     tags = list(tags)
     meta = {
         "window_start": str(current.start),
         "window_end": str(current.end),
         "rows": str(current.window_rows or current.rows),
     }
-    pt = config.drift.prediction
-    to_test = {
-        c: (t.method, t.threshold, "num" if kinds[c] == "numerical" else "cat")
-        for c, t in tests.items()
-        if c in usable
-    }
-    if has_pred:
-        to_test[PREDICTION] = (pt.method, pt.threshold, "num")
-    by_patient = (
-        config.drift.unit == "patient"
-        and "patient_id" in ref.columns
-        and "patient_id" in cur.columns
-        and ref["patient_id"].notna().all()
-        and cur["patient_id"].notna().all()
-    )
-    if by_patient:
-        ref_t = reference_units if reference_units is not None else per_patient(ref, kinds)
-        cur_t = per_patient(cur, kinds)
-        # a flag becomes each patient's share of flagged rows: the numerical test applies
-        # (unless the feature has its own test in per_feature)
-        nt = config.drift.numerical
-        for c, k in kinds.items():
-            if k == "binary" and c in to_test and c not in config.drift.per_feature:
-                to_test[c] = (nt.method, nt.threshold, "num")
-                tests[c] = nt
-    else:
-        ref_t, cur_t = ref, cur
-    # a feature constant across the reference's patients (a score that is nearly always 0)
-    # has no spread to norm a distance by at patient level: it is tested over rows instead
-    flat = (
-        {
-            c: t
-            for c, t in to_test.items()
-            if t[2] == "num" and t[0] in DISTANCE_METHODS and ref_t[c].nunique() <= 1
-        }
-        if by_patient
-        else {}
-    )
-    per_unit = {c: t for c, t in to_test.items() if c not in flat}
-    results = er.stat_test_scores(ref_t, cur_t, per_unit)
-    floor, miss_floor = noise_floor(
-        ref_t, cur_t, per_unit, [] if by_patient else list(kinds), config
-    )
-    if by_patient:  # missing shares stay over rows, split by patient all the same
-        # ``reference``, not its category-converted copy: the same missing pattern, and the
-        # caller's frame keeps the split-half cache valid across runs
-        flat_floor, miss_floor = noise_floor(reference, cur, flat, list(kinds), config)
-        results.update(er.stat_test_scores(ref, cur, flat))
-        floor.update(flat_floor)
-    scores = {c: r[0] for c, r in results.items()}
-    margin = config.drift.noise_margin
-    # drifted: past the configured threshold (Evidently's verdict) AND past the noise floor
-    flags = {c: r[1] and r[0] >= margin * floor.get(c, 0.0) for c, r in results.items()}
-    segments, segment_info = segment_drift(ref_t, cur_t, to_test, config)
-    for c in segments:
-        flags[c] = True
-
-    def severity(c: str) -> float:
-        t = tests.get(c, pt)
-        overall = t.severity(scores[c]) if c in scores else 0.0
-        return max([overall, *(t.severity(x) for x in segments.get(c, {}).values())])
-
-    shown = sorted((c for c in kinds if c in scores), key=severity, reverse=True)
-    shown = shown[: config.report_columns]
-    snap = (
-        None
-        if not report
-        else er.drift_report(
-            ref,
-            cur,
-            numerical=[c for c in numerical if c in usable],
-            categorical=[c for c in categorical if c in usable],
-            # the report's widgets test rows: each column type keeps its configured test
-            tests={c: (row_tests[c].method, row_tests[c].threshold) for c in shown},
-            ranges={c: r for c, r in ranges.items() if c in usable and kinds[c] == "numerical"},
-            categories={
-                c: sorted(ref_categories.get(c, set()))
-                for c in categorical
-                if c in usable and kinds[c] == "categorical"
-            },
-            prediction=PREDICTION if has_pred else None,
-            prediction_test=(pt.method, pt.threshold),
-            timestamp=timestamp,
-            tags=tags,
-            metadata=meta,
-        )
-    )
-
-    per_feature: dict[str, dict[str, Any]] = {}
-    value_drifted: list[str] = []
-    missing_drifted: list[str] = []
-    n_ref = max(len(reference), 1)
-    n_cur = max(current.rows, 1)
-    for c in kinds:
-        t = tests[c]
-        score = scores.get(c)
-        ref_miss = float(reference[c].isna().sum()) / n_ref
-        cur_miss = current.missing.get(c, 0) / n_cur
-        vd = flags.get(c, False)
-        md = cur_miss - ref_miss > max(
-            config.quality.max_missing_increase, margin * miss_floor.get(c, 0.0)
-        )
-        per_feature[c] = {
-            "kind": kinds[c],
-            "code": codes.get(c),
-            "method": t.method,
-            "threshold": t.threshold,
-            "score": score,
-            "noise_floor": round(floor[c], 4) if c in floor else None,
-            "segments_drifted": {k: float(f"{v:.4g}") for k, v in segments.get(c, {}).items()},
-            "value_drift": bool(vd),
-            "missing_share_reference": round(ref_miss, 4),
-            "missing_share_current": round(cur_miss, 4),
-            "missing_drift": bool(md),
-            "out_of_range_share": round(current.out_of_range[c] / n_cur, 4)
-            if c in current.out_of_range
-            else None,
-            "new_category_share": round(current.new_category[c] / n_cur, 4)
-            if c in current.new_category
-            else None,
-        }
-        if vd:
-            value_drifted.append(c)
-        if md:
-            missing_drifted.append(c)
-
-    def overall(c: str) -> float:  # value or missingness, whichever is further past its bar
-        f = per_feature[c]
-        rise = f["missing_share_current"] - f["missing_share_reference"]
-        return max(severity(c), rise / max(config.quality.max_missing_increase, 1e-9))
-
-    drifted = sorted(set(value_drifted) | set(missing_drifted), key=overall, reverse=True)
-    value_drifted.sort(key=severity, reverse=True)
-    share = len(drifted) / max(len(kinds), 1)
-
-    level = 0
-    reasons: list[str] = []
-
-    def flag(lvl: int, reason: str) -> None:
-        nonlocal level
-        level = max(level, lvl)
-        reasons.append(f"[{VERDICTS[lvl]}] {reason}")
-
-    v = config.verdict
-    if value_drifted:
-        detail = [_describe(c, per_feature[c]) for c in value_drifted]
-        flag(
-            1 if len(drifted) >= v.warn_drifted_features else 0,
-            f"value drift in {len(value_drifted)} of {len(kinds)} features: {_fmt_list(detail)}",
-        )
-    if missing_drifted:
-        detail = [
-            f"{c} ({per_feature[c]['missing_share_reference']:.2f} -> {per_feature[c]['missing_share_current']:.2f})"
-            for c in missing_drifted
-        ]
-        flag(
-            1 if len(drifted) >= v.warn_drifted_features else 0,
-            f"missing share up in {len(missing_drifted)} features: {_fmt_list(detail)}",
-        )
+    if len(frames.cur_t) < config.min_units:
+        too_few = insufficient(current, len(frames.cur_t), unit, config, len(frames.ref_t))
+        snaps: dict[str, Any] = {"drift": None}
+        if report:
+            snaps["summary"] = er.summary_snapshot(
+                _dashboard_values(too_few, -1), timestamp=timestamp, tags=tags, metadata=meta
+            )
+        return MonitorResult(summary=too_few, snapshots=snaps)
+    found = drift_findings(frames, reference, kinds, config)
+    per_feature = _feature_table(reference, current, kinds, codes, frames, found, config)
+    drifted = [c for c, f in per_feature.items() if f["value_drift"] or f["missing_drift"]]
+    drifted.sort(key=lambda c: _overall_severity(c, per_feature[c], found, config), reverse=True)
+    reasons = _Reasons()
+    pred = _drift_reasons(reasons, per_feature, drifted, found, frames, config)
+    _quality_reasons(reasons, reference, current, ranges, config)
+    if frames.dropped:
+        reasons.info(f"not assessed (no values on one side): {_fmt_list(frames.dropped)}")
+    if current.columns_absent:
+        reasons.info(f"features not in the prediction log: {_fmt_list(current.columns_absent)}")
+    perf: dict[str, Any] = {"evaluated": False}
+    if labelled is not None and len(labelled):
+        perf = performance(labelled, config, alert_threshold)
+        _performance_reasons(reasons, perf, config)
+    if not reasons.items:
+        reasons.items.append("[ok] no drift, quality or performance finding above its threshold")
+    verdict = VERDICTS[reasons.level]
     signals: dict[str, int] = {}
     for c in drifted:
         if codes.get(c):
             signals[codes[c]] = signals.get(codes[c], 0) + 1
-    if share >= v.retrain_drift_share:
-        flag(2, f"drift share {share:.2f} >= retrain threshold {v.retrain_drift_share:.2f}")
-    pred = None
-    if has_pred and PREDICTION in scores:
-        pd_flag = flags[PREDICTION]
-        pred = {
-            "method": pt.method,
-            "threshold": pt.threshold,
-            "score": scores[PREDICTION],
-            "drift": bool(pd_flag),
-            "mean_reference": float(reference[PREDICTION].mean()),
-        }
-        if pd_flag:
-            both = v.retrain_on_prediction_drift and len(drifted) >= v.warn_drifted_features
-            flag(2 if both else 1, f"predicted risk drifted ({pt.method} {scores[PREDICTION]:.3g})")
     risk_mean = current.probability_sum / current.probability_n if current.probability_n else None
-    q = config.quality
-    for c, n in current.out_of_range.items():
-        lo, hi = ranges[c]
-        ref_v = reference[c].to_numpy(dtype=float)
-        ref_share = float(np.count_nonzero((ref_v < lo) | (ref_v > hi))) / n_ref
-        if n / n_cur - ref_share > q.max_out_of_range_share:
-            flag(
-                1,
-                f"{c}: {n / n_cur:.1%} of values outside the plausible range [{lo:g}, {hi:g}] "
-                f"({ref_share:.1%} in the reference)",
-            )
-    for c, n in current.new_category.items():
-        if n / n_cur > q.max_new_category_share:
-            flag(
-                1,
-                f"{c}: {n / n_cur:.1%} of rows have categories unseen in training: {current.new_values[c]}",
-            )
-    if dropped:
-        reasons.append(f"[info] not assessed (no values on one side): {_fmt_list(dropped)}")
-    if current.columns_absent:
-        reasons.append(
-            f"[info] features not in the prediction log: {_fmt_list(current.columns_absent)}"
-        )
-
-    perf: dict[str, Any] = {"evaluated": False}
-    snapshots: dict[str, Any] = {"drift": snap}
-    if labelled is not None and len(labelled):
-        perf = performance(labelled, config)
-        o = perf["overall"]
-        pc = config.performance
-        if perf["evaluated"] and o["auroc"] is not None:
-            if o["auroc"] < pc.retrain_auroc:
-                flag(
-                    2,
-                    f"AUROC {o['auroc']:.3f} < retrain floor {pc.retrain_auroc:.2f} on {o['n']} labelled predictions",
-                )
-            elif o["auroc"] < pc.warn_auroc:
-                flag(
-                    1,
-                    f"AUROC {o['auroc']:.3f} < warn floor {pc.warn_auroc:.2f} on {o['n']} labelled predictions",
-                )
-            if o["ece"] is not None and o["ece"] > pc.max_calibration_error:
-                flag(1, f"calibration error {o['ece']:.3f} > {pc.max_calibration_error:.2f}")
-        if report and o["positives"] and 0 < o["positives"] < o["n"]:
-            snapshots["performance"] = er.performance_report(
-                labelled, timestamp=timestamp, tags=tags, metadata=meta
-            )
-
-    verdict = VERDICTS[level]
-    if not reasons:
-        reasons.append("[ok] no drift, quality or performance finding above its threshold")
     summary: dict[str, Any] = {
         "verdict": verdict,
         "status": "monitored",
         "exit_code": EXIT_CODES[verdict],
         "created_at": pd.Timestamp.now(tz="UTC").isoformat(),
-        "reasons": reasons,
+        "reasons": reasons.items,
         "drifted_features": drifted,
         "drifted_signals": dict(sorted(signals.items(), key=lambda kv: -kv[1])),
-        "drift_share": round(share, 4),
+        "drift_share": round(len(drifted) / max(len(kinds), 1), 4),
         "monitored_features": len(kinds),
-        "drift_unit": "patient" if by_patient else "row",
-        "segments": segment_info,
-        "window": {
-            "start": None if current.start is None else current.start.isoformat(),
-            "end": None if current.end is None else current.end.isoformat(),
-            "rows": current.window_rows if current.window_rows is not None else current.rows,
-            "sampled_rows": len(current.sample),
-            "quality_rows": current.rows,
-            "quality_exact": current.rows == (current.window_rows or current.rows),
-        },
+        "drift_unit": unit,
+        "current_units": len(frames.cur_t),
+        "reference_units": len(frames.ref_t),
+        "segments": found.segment_info,
+        "window": _window(current),
         "reference_rows": len(reference),
-        "predicted_risk": {"mean_current": risk_mean, "drift": pred},
+        "predicted_risk": {
+            "mean_current": risk_mean,
+            "drift": None
+            if pred is None
+            else {**pred, "mean_reference": float(reference[PREDICTION].mean())},
+        },
         "performance": perf,
         "features": per_feature,
     }
-    values = {
-        "drift_share": share,
-        "drifted_features": float(len(drifted)),
-        "verdict_level": float(level),
-    }
-    if risk_mean is not None:
-        values["predicted_risk_mean"] = risk_mean
-    if perf.get("evaluated") and perf["overall"]["auroc"] is not None:
-        values["auroc"] = perf["overall"]["auroc"]
+    snapshots: dict[str, Any] = {"drift": None}
     if report:
-        snapshots["summary"] = er.summary_snapshot(
-            values,
-            timestamp=timestamp,
-            tags=[f"verdict:{verdict}", *tags],
-            metadata={**meta, "verdict": verdict},
+        snapshots = _snapshots(
+            frames, found, summary, labelled, alert_threshold, config, timestamp, tags, meta
         )
     return MonitorResult(summary=summary, snapshots=snapshots)
+
+
+def _overall_severity(
+    c: str, f: Mapping[str, Any], found: DriftFindings, config: MonitorConfig
+) -> float:
+    """Value or missingness, whichever is further past its bar (the order reasons list)."""
+    rise = f["missing_share_current"] - f["missing_share_reference"]
+    return max(found.severity(c), rise / max(config.quality.max_missing_increase, 1e-9))
+
+
+def _dashboard_values(summary: Mapping[str, Any], level: int) -> dict[str, float]:
+    values = {
+        "drift_share_percent": 100.0 * float(summary.get("drift_share") or 0.0),
+        "drifted_features": float(len(summary.get("drifted_features") or [])),
+        "verdict_level": float(level),
+    }
+    risk = (summary.get("predicted_risk") or {}).get("mean_current")
+    if risk is not None:
+        values["predicted_risk_mean"] = float(risk)
+    perf = summary.get("performance") or {}
+    if perf.get("evaluated") and perf["overall"]["auroc"] is not None:
+        values["auroc"] = float(perf["overall"]["auroc"])
+    return values
+
+
+def _snapshots(
+    frames: DriftFrames,
+    found: DriftFindings,
+    summary: dict[str, Any],
+    labelled: pd.DataFrame | None,
+    alert_threshold: float | None,
+    config: MonitorConfig,
+    timestamp: datetime | None,
+    tags: list[str],
+    meta: dict[str, str],
+) -> dict[str, Any]:
+    """Evidently snapshots: drift widgets of the verdict's tests, performance, the summary."""
+    ref, cur, widgets, numerical, categorical = _report_widgets(
+        frames, found, config.report_columns
+    )
+    summary["report_widgets"] = {
+        name: {"method": m, "threshold": t, "drifted": _widget_drifted(name, found)}
+        for name, (m, t) in widgets.items()
+    }
+    out: dict[str, Any] = {
+        "drift": er.drift_report(
+            ref,
+            cur,
+            numerical=numerical,
+            categorical=categorical,
+            widgets=widgets,
+            prediction=PREDICTION if PREDICTION in widgets else None,
+            timestamp=timestamp,
+            tags=tags,
+            metadata=meta,
+        )
+    }
+    o = summary["performance"].get("overall") or {}
+    if labelled is not None and o.get("positives") and 0 < o["positives"] < o["n"]:
+        out["performance"] = er.performance_report(
+            labelled, threshold=alert_threshold, timestamp=timestamp, tags=tags, metadata=meta
+        )
+    verdict = summary["verdict"]
+    out["summary"] = er.summary_snapshot(
+        _dashboard_values(summary, VERDICTS.index(verdict)),
+        timestamp=timestamp,
+        tags=[f"verdict:{verdict}", *tags],
+        metadata={**meta, "verdict": verdict},
+    )
+    return out
+
+
+def _widget_drifted(name: str, found: DriftFindings) -> bool:
+    col, _, seg = name.partition(" | ")
+    t = found.segments.get((col, seg)) if seg else found.overall.get(col)
+    return bool(t is not None and t.drifted)
 
 
 def reference_categories(
@@ -811,6 +1002,7 @@ def monitor_log(
     window_end: datetime | None = None,
     timestamp: datetime | None = None,
     tags: Iterable[str] = (),
+    alert_threshold: float | None = None,
 ) -> MonitorResult:
     """Reference = sampled training features; current = the log window (read in chunks)."""
     from monitoring import prediction_log as plog
@@ -870,6 +1062,7 @@ def monitor_log(
         labelled=labelled,
         timestamp=timestamp or window.end.floor("s").to_pydatetime(),
         tags=tags,
+        alert_threshold=alert_threshold,
     )
 
 

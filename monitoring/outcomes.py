@@ -7,12 +7,15 @@ request (it knows ``request_id``) or from the clinical record (it knows patient 
 * ``patient_id``, ``time``, ``event``: every prediction of that patient gets label 1 when an
   event follows it within the horizon, 0 when the patient is known event-free for the whole
   horizon (a row with a later ``time``, e.g. ``event`` = ``none`` at discharge), and no label
-  otherwise (censored: monitoring must not count unknowns as negatives).
+  otherwise (censored: monitoring must not count unknowns as negatives). The horizon is the
+  one the model predicts for the patient's care setting (training: ward 24 h, home 168 h),
+  as the service logged it with the prediction.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -93,10 +96,33 @@ def labels_by_request(outcomes: pd.DataFrame, predictions: pd.DataFrame) -> pd.D
     ).dropna(subset=["label"])
 
 
+def prediction_horizons(
+    predictions: pd.DataFrame, horizon_hours: Mapping[str, float] | float
+) -> pd.Series:
+    """Label horizon of each prediction: the one the service logged with it (the served
+    model's, for the patient's care setting), else ``horizon_hours`` by setting (``"*"`` for
+    any), else missing (such a prediction gets no label)."""
+    by_setting = dict(horizon_hours) if isinstance(horizon_hours, Mapping) else {"*": horizon_hours}
+    setting = predictions.get("setting", pd.Series(None, index=predictions.index, dtype=object))
+    fallback = setting.map(lambda s: by_setting.get(str(s), by_setting.get("*")))
+    logged = pd.to_numeric(
+        predictions.get("horizon_hours", pd.Series(np.nan, index=predictions.index)),
+        errors="coerce",
+    )
+    return logged.fillna(pd.to_numeric(fallback, errors="coerce"))
+
+
 def labels_by_patient_time(
-    outcomes: pd.DataFrame, predictions: pd.DataFrame, horizon_hours: float
+    outcomes: pd.DataFrame, predictions: pd.DataFrame, horizon_hours: Mapping[str, float] | float
 ) -> pd.DataFrame:
     """Outcome-table rows for patient/time outcomes (see the module docstring)."""
+    predictions = predictions.assign(
+        _horizon=pd.to_timedelta(prediction_horizons(predictions, horizon_hours), unit="h")
+    )
+    unknown = int(predictions["_horizon"].isna().sum())
+    if unknown:
+        logger.warning("%d predictions have no known label horizon: left unlabelled", unknown)
+        predictions = predictions[predictions["_horizon"].notna()]
     o = outcomes[["patient_id", "time", "event"]].copy()
     o["patient_id"] = o["patient_id"].astype(str)
     o["time"] = pd.to_datetime(o["time"], utc=True, errors="coerce")
@@ -104,11 +130,10 @@ def labels_by_patient_time(
         row = int(np.flatnonzero(o["time"].isna().to_numpy())[0]) + 1
         raise OutcomeFileError(f"row {row}: time is not a date-time")
     o["is_event"] = _is_event(o["event"])
-    horizon = pd.Timedelta(hours=horizon_hours)
     follow = o.groupby("patient_id")["time"].max().rename("known_until")
     pairs = predictions.merge(o[o.is_event], on="patient_id", how="left")
     in_window = (pairs["time"] > pairs["scored_at"]) & (
-        pairs["time"] <= pairs["scored_at"] + horizon
+        pairs["time"] <= pairs["scored_at"] + pairs["_horizon"]
     )
     pairs["hit"] = in_window
     first_hit = (
@@ -120,7 +145,7 @@ def labels_by_patient_time(
         first_hit, on="request_id", how="left"
     )
     positive = out["time"].notna()
-    negative = ~positive & (out["known_until"] >= out["scored_at"] + horizon)
+    negative = ~positive & (out["known_until"] >= out["scored_at"] + out["_horizon"])
     out = out[positive | negative]
     return pd.DataFrame(
         {
@@ -134,7 +159,7 @@ def labels_by_patient_time(
 
 
 def outcome_rows(
-    outcomes: pd.DataFrame, predictions: pd.DataFrame, horizon_hours: float
+    outcomes: pd.DataFrame, predictions: pd.DataFrame, horizon_hours: Mapping[str, float] | float
 ) -> pd.DataFrame:
     """Rows for the ``outcomes`` table (contract columns) from either accepted shape."""
     if "request_id" in outcomes.columns:

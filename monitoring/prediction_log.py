@@ -22,9 +22,8 @@ import polars as pl
 
 from core.schema import (
     OUTCOME_LOG_COLUMNS,
-    OUTCOMES_DDL,
     PREDICTION_LOG_COLUMNS,
-    PREDICTIONS_DDL,
+    upgrade_prediction_log,
 )
 
 logger = logging.getLogger(__name__)
@@ -64,8 +63,7 @@ def ensure_tables(path: str | Path) -> None:
     """Create both tables if absent (serving creates them too; the DDL is the contract)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with closing(connect(path)) as con, con:
-        con.execute(PREDICTIONS_DDL)
-        con.execute(OUTCOMES_DDL)
+        upgrade_prediction_log(con)
         con.execute(MONITOR_INDEX_DDL)
         con.execute(OUTCOMES_INDEX_DDL)
 
@@ -73,8 +71,8 @@ def ensure_tables(path: str | Path) -> None:
 def ensure_monitor_index(path: str | Path) -> None:
     """Add the monitor's indexes to an existing log (one scan the first time, then kept up)."""
     with closing(connect(path)) as con, con:
+        upgrade_prediction_log(con)  # a log of an older service gets setting/horizon (NULL)
         con.execute(MONITOR_INDEX_DDL)
-        con.execute(OUTCOMES_DDL)
         con.execute(OUTCOMES_INDEX_DDL)
 
 
@@ -184,7 +182,7 @@ def iter_window(
         while True:
             rows = con.execute(
                 "SELECT rowid, request_id, scored_at, patient_id, model_version, probability, "
-                "news2_total, features FROM predictions "
+                "news2_total, features, setting FROM predictions "
                 "WHERE rowid > ? AND role = ? AND scored_at > ? AND scored_at <= ? "
                 "ORDER BY rowid LIMIT ?",
                 (last_rowid, role, lo, hi, chunk_rows),
@@ -305,7 +303,7 @@ def sample_window(
             )
             rows = con.execute(
                 "SELECT p.rowid, p.request_id, p.scored_at, p.patient_id, p.model_version, "
-                "p.probability, p.news2_total, p.features FROM pick JOIN predictions p "
+                "p.probability, p.news2_total, p.features, p.setting FROM pick JOIN predictions p "
                 "ON p.rowid = pick.r ORDER BY p.rowid"
             ).fetchall()
             if rows:
@@ -330,6 +328,13 @@ def _parse_chunk(rows: Sequence[tuple], dtype: pl.Struct) -> pd.DataFrame:
         .str.json_decode(dtype)
         .struct.unnest()
     )
+    logged_setting = pl.Series("_setting", cols[8], dtype=pl.String)
+    if "setting" in feats.columns:  # the log's column wins; older logs had it in the JSON only
+        feats = feats.with_columns(
+            pl.coalesce(logged_setting, pl.col("setting").cast(pl.String)).alias("setting")
+        )
+    elif logged_setting.null_count() < len(logged_setting):
+        feats = feats.with_columns(logged_setting.alias("setting"))
     out = pl.concat([meta, feats], how="horizontal")
     if "news2_total" in out.columns:
         out = out.with_columns(pl.col("news2_total").fill_null(pl.col("_news2")))
@@ -345,12 +350,14 @@ def logged_feature_names(path: str | Path, role: str, probe: int = 200) -> set[s
     """Feature keys present in the latest ``probe`` log rows (which columns serving logs)."""
     names: set[str] = set()
     with closing(sqlite3.connect(str(path))) as con:
-        for (text,) in con.execute(
-            "SELECT features FROM predictions WHERE role = ? ORDER BY rowid DESC LIMIT ?",
+        for text, setting in con.execute(
+            "SELECT features, setting FROM predictions WHERE role = ? ORDER BY rowid DESC LIMIT ?",
             (role, probe),
         ):
             if text:
                 names.update(json.loads(text).keys())
+            if setting is not None:
+                names.add("setting")
     return names
 
 
@@ -380,7 +387,8 @@ def read_predictions_for(
     request_ids: Sequence[str] | None = None,
     patient_ids: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """``request_id, patient_id, scored_at`` of the given requests or patients (any role)."""
+    """``request_id, patient_id, scored_at, setting, horizon_hours`` of the given requests or
+    patients (any role)."""
     key, values = (
         ("request_id", request_ids) if request_ids is not None else ("patient_id", patient_ids)
     )
@@ -390,7 +398,7 @@ def read_predictions_for(
             "INSERT OR IGNORE INTO wanted VALUES (?)", ((str(v),) for v in values or [])
         )
         df = pd.read_sql_query(
-            f"SELECT request_id, patient_id, scored_at FROM predictions "
+            f"SELECT request_id, patient_id, scored_at, setting, horizon_hours FROM predictions "
             f"WHERE {key} IN (SELECT v FROM wanted)",
             con,
         )

@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "promote": "promote",
     "rollback": "rollback",
     "serve": "serve",
+    "bento": "bento",
     "monitor": "monitor",
     "export": "export",
     "audit": "audit",

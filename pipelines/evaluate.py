@@ -16,7 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--outcomes", default=None, help="outcomes.parquet: exact event times for lead time"
     )
-    parser.add_argument("--metrics", required=True, help="metrics JSON to write")
+    parser.add_argument("--metrics", required=True, help="metrics JSON to write (everything)")
+    parser.add_argument(
+        "--headline", default=None, help="headline test metrics JSON (DVC metrics, one table)"
+    )
     parser.add_argument("--plots", required=True, help="folder for DVC plot CSVs")
     parser.add_argument("--figures", required=True, help="folder for PNG figures")
     parser.add_argument("--card", required=True, help="model card markdown to write")
@@ -45,6 +48,7 @@ def _cohort_event_times(features):  # type: ignore[no-untyped-def]
 def run(args: argparse.Namespace) -> int:
     from core.params import load_section
     from models.config import EvaluateConfig, RegisterConfig
+    from models.tracking import StoreMismatchError
     from models.workflow import evaluate_and_log
     from pipelines._modelio import read_features, read_json
 
@@ -66,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
             read_json(args.dictionary, "feature dictionary"),
             _cohort_event_times(features) or _event_times(args.outcomes),
             reg.model_name,
+            headline_path=args.headline,
         )
+    except StoreMismatchError as exc:
+        raise UserError(str(exc)) from None
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(f"{args.model_dir}: {exc}") from None
     m, n = metrics["model"], metrics["news2"]

@@ -96,6 +96,10 @@ def model_lineage(name: str, version: str, audit_log: str | None = None) -> dict
         )
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client = tracking.client()
+    from models.registry import reconcile
+
+    # alias changes made in the MLflow UI are noticed (and audited) before we report on them
+    reconcile(name, noticed_by="vitalrisk lineage")
     ref = version.lstrip("@")
     try:
         mv = (
@@ -112,7 +116,8 @@ def model_lineage(name: str, version: str, audit_log: str | None = None) -> dict
     info: dict[str, Any] = {
         "name": name,
         "version": str(mv.version),
-        "aliases": list(getattr(mv, "aliases", []) or []),
+        # the registry's actual aliases, not tags that may describe an earlier state
+        "aliases": sorted(a for a, v in tracking.aliases(name).items() if v == str(mv.version)),
         "run_id": mv.run_id,
         "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(
             timespec="seconds"

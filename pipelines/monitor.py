@@ -1,10 +1,11 @@
 """``vitalrisk monitor``: drift, data quality and performance of the served model.
 
 Reference = the training features (sampled); current = a time window of the prediction log.
-Writes ``report.html`` (Evidently), ``performance.html`` (once outcomes exist) and
-``summary.json`` (verdict ``ok``/``warn``/``retrain`` with reasons) to ``--out``, adds the run
-to the Evidently workspace (``make monitor-ui``), and exits 0 / 10 / 20 for ok / warn /
-retrain so that a scheduler can act (``--exit-zero`` for DVC). ``--outcomes FILE`` feeds
+Writes ``summary.json`` (verdict ``ok``/``warn``/``retrain``/``insufficient_data`` with
+reasons) and, built from it and the same tests, ``report.html`` and ``performance.html`` (once
+outcomes exist) to ``--out``; adds the run to the Evidently workspace (``make monitor-ui``;
+the drift demo to its own project), and exits 0 / 10 / 20 / 3 for ok / warn / retrain /
+insufficient data so that a scheduler can act (``--exit-zero`` for DVC). ``--outcomes FILE`` feeds
 outcomes back first; ``--retrain`` closes the loop with ``dvc repro``; ``--drift-demo KIND``
 simulates a drifted cohort, scores it with the champion and monitors it.
 """
@@ -152,24 +153,37 @@ def _read_dictionary(path: str | None) -> dict | None:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
 
 
-def score_reference(reference: Any, model_name: str, alias: str) -> Any:
-    """Add the model's predicted risk on the reference rows (``probability``), if loadable."""
+def score_reference(reference: Any, model_name: str, alias: str) -> tuple[Any, float | None]:
+    """Add the model's predicted risk on the reference rows (``probability``), if loadable;
+    also return the model's alert threshold (performance is judged at it)."""
     if alias.lower() == "none":
-        return reference
+        return reference, None
     try:
         from models import tracking
 
         info, model = tracking.load_by_alias(model_name, alias)
     except Exception as exc:  # no registry, no alias, unreadable artefact: monitor without it
         logger.warning("no reference risk (%s@%s not loadable: %s)", model_name, alias, exc)
-        return reference
+        return reference, None
     out = reference.copy()
     out["probability"] = model.predict_proba(out)
     logger.info("scored %d reference rows with %s v%s", len(out), model_name, info.version)
-    return out
+    threshold = (model.metadata or {}).get("threshold")
+    return out, None if threshold is None else float(threshold)
 
 
-def ingest_outcomes(path: str, log: Path, horizon_hours: float) -> int:
+def traininglabel_horizons(dictionary: Mapping[str, Any] | None, config: Any) -> Any:
+    """Label horizon per care setting the model was trained with (the feature dictionary's),
+    else ``monitor.performance.label_horizon_hours``."""
+    horizon = ((dictionary or {}).get("label") or {}).get("horizon_hours")
+    if isinstance(horizon, Mapping) and horizon:
+        return {str(k): float(v) for k, v in horizon.items()}
+    if isinstance(horizon, int | float):
+        return {"*": float(horizon)}
+    return dict(config.performance.label_horizon_hours)
+
+
+def ingest_outcomes(path: str, log: Path, horizon_hours: Mapping[str, float] | float) -> int:
     """Join an outcome file to logged predictions and append to the ``outcomes`` table."""
     from monitoring import outcomes as oc
     from monitoring import prediction_log as plog
@@ -196,14 +210,21 @@ def ingest_outcomes(path: str, log: Path, horizon_hours: float) -> int:
 
 
 def write_outputs(result: Any, out: Path) -> dict[str, str]:
+    """``summary.json`` and the HTML pages built from it: verdict and reasons first."""
     from monitoring import evidently_reports as er
+    from monitoring import html
 
     out.mkdir(parents=True, exist_ok=True)
     files = {"html": str(out / "report.html"), "json": str(out / "summary.json")}
-    er.save_html(result.snapshots["drift"], files["html"])
+    header = html.verdict_header(result.summary)
+    if result.snapshots.get("drift") is None:  # too little data: our page, no widgets
+        Path(files["html"]).write_text(html.standalone(header, "vitalrisk monitoring"))
+    else:
+        er.save_html(result.snapshots["drift"], files["html"], header=header)
     if "performance" in result.snapshots:
         files["performance_html"] = str(out / "performance.html")
-        er.save_html(result.snapshots["performance"], files["performance_html"])
+        perf = html.performance_header(result.summary["performance"])
+        er.save_html(result.snapshots["performance"], files["performance_html"], header=perf)
     else:
         (out / "performance.html").unlink(missing_ok=True)
     result.summary["files"] = files
@@ -269,6 +290,7 @@ def simulated_features(
     raw_dir: Path,
     purpose: str = "care",
     simulate: Mapping[str, Any] | None = None,
+    first_id: int = 0,
 ) -> Any:
     """Feature matrix of a simulated cohort, through the pipeline's own functions.
 
@@ -277,7 +299,9 @@ def simulated_features(
     ``simulate``/``ingest``/``features`` params of ``params`` (``drift``, ``n_patients``,
     ``seed`` and the consent ``purpose`` overridden, plus any other ``simulate`` keys, e.g.
     ``{"hr_offset_bpm": 5}``). The drift demo, the monitor's tests and its benchmark all draw
-    their cohorts here.
+    their cohorts here. ``first_id``: number the raw source ids from ``MRN-<first_id + 1>``,
+    so that a cohort of other people never reuses the training cohort's ids (which would
+    give them the training patients' pseudonyms).
     """
     from core.vocabulary import load_vocabulary
     from features.build import build_feature_matrix
@@ -304,9 +328,35 @@ def simulated_features(
     raw_dir = Path(raw_dir)
     if raw_dir.exists():
         shutil.rmtree(raw_dir)
-    write_cohort(simulate_cohort(sim), raw_dir, sim)
+    write_cohort(renumber(simulate_cohort(sim), first_id), raw_dir, sim)
     result = ingest([raw_dir], ing, vocab, get_key())
     return build_feature_matrix(result.observations, result.patients, result.outcomes, fcfg, vocab)
+
+
+#: the drift demo's patients are other people: source ids from MRN-900001 (the simulator's
+#: cohorts are at most 100,000 patients, numbered from MRN-000001)
+DEMO_FIRST_ID = 900_000
+
+
+def renumber(cohort: Any, first_id: int) -> Any:
+    """The cohort with source ids ``MRN-000123`` moved to ``MRN-<first_id + 123>``."""
+    if not first_id:
+        return cohort
+    from dataclasses import replace
+
+    def moved(frame: Any) -> Any:
+        if "patient_id" not in frame.columns:
+            return frame
+        number = frame["patient_id"].str.removeprefix("MRN-").astype(int) + first_id
+        return frame.assign(patient_id="MRN-" + number.map("{:06d}".format))
+
+    return replace(
+        cohort,
+        patients=moved(cohort.patients),
+        outcomes=moved(cohort.outcomes),
+        observations=moved(cohort.observations),
+        snapshot=moved(cohort.snapshot),
+    )
 
 
 def drift_demo(args: argparse.Namespace) -> Path:
@@ -316,24 +366,38 @@ def drift_demo(args: argparse.Namespace) -> Path:
     ``simulated_features``) and the registered pyfunc. The simulated outcomes are fed back as
     labels, so the demo report has a performance section too. Returns the demo prediction log.
     """
+    import tempfile
+
     import numpy as np
     import pandas as pd
 
     from models import tracking
     from monitoring import prediction_log as plog
+    from serving.runtime import label_horizons
 
     raw = read_params(args.params)
     seed = int((raw.get("simulate") or {}).get("seed", 42)) + 1000  # new patients
     base = Path(args.demo_out) / args.drift_demo
-    # serving scores for care: the care consent applies, not the training one
-    feats = simulated_features(
-        args.params, args.drift_demo, args.demo_patients, seed, base / "raw", purpose="care"
-    )
     try:
         info, model = tracking.load_by_alias(_model_name(args.params), "champion")
     except LookupError as exc:
         raise UserError(f"--drift-demo needs a champion model: {exc} (run dvc repro)") from None
+    shutil.rmtree(base / "raw", ignore_errors=True)  # raw ids of an older demo
+    # the raw files carry source ids: only in a temporary directory, never under reports/;
+    # serving scores for care: the care consent applies, not the training one
+    with tempfile.TemporaryDirectory(prefix="vitalrisk-drift-demo-") as tmp:
+        feats = simulated_features(
+            args.params,
+            args.drift_demo,
+            args.demo_patients,
+            seed,
+            Path(tmp) / "raw",
+            purpose="care",
+            first_id=DEMO_FIRST_ID,
+        )
     proba = np.asarray(model.predict_proba(feats), dtype=float)
+    horizons = label_horizons(model)
+    setting = feats["setting"].astype(str)
     log = base / "predictions.sqlite"
     for suffix in ("", "-wal", "-shm"):
         Path(str(log) + suffix).unlink(missing_ok=True)
@@ -353,6 +417,8 @@ def drift_demo(args: argparse.Namespace) -> Path:
                 "probability": proba,
                 "news2_total": feats.get("news2_total"),
                 "features": feats[feature_cols].to_dict(orient="records"),
+                "setting": setting.to_numpy(),
+                "horizon_hours": setting.map(lambda s: horizons.get(s, horizons.get("*"))),
             }
         ),
     )
@@ -389,8 +455,9 @@ def run(args: argparse.Namespace) -> int:
         args.out = str(Path(args.demo_out) / args.drift_demo)
         args.window_end = None
         config = config.model_copy(update={"window_days": 3650.0})  # the whole simulated span
+    dictionary = _read_dictionary(args.dictionary)
     if args.outcomes:
-        ingest_outcomes(args.outcomes, log, config.performance.label_horizon_hours)
+        ingest_outcomes(args.outcomes, log, traininglabel_horizons(dictionary, config))
     if not log.is_file():
         if args.retrain and args.force:
             retrain(Path(args.repo), args.new_data, args.data_dir, args.dry_run)
@@ -400,9 +467,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{log}: prediction log not found (serve the model or set --log)")
 
     features = _read_features(args.features)
-    dictionary = _read_dictionary(args.dictionary)
     reference = mon.sample_reference(features, config)
-    reference = score_reference(reference, _model_name(args.params), args.reference_model)
+    reference, threshold = score_reference(
+        reference, _model_name(args.params), args.reference_model
+    )
+    threshold = threshold if threshold is not None else config.performance.alert_threshold
     window_end = None
     if args.window_end:
         try:
@@ -414,23 +483,37 @@ def run(args: argparse.Namespace) -> int:
     tags = [f"drift-demo:{args.drift_demo}"] if args.drift_demo else []
     try:
         result = mon.monitor_log(
-            reference, str(log), config, load_vocabulary(), dictionary, window_end, tags=tags
+            reference,
+            str(log),
+            config,
+            load_vocabulary(),
+            dictionary,
+            window_end,
+            tags=tags,
+            alert_threshold=threshold,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
     files = write_outputs(result, Path(args.out))
-    if not args.no_workspace:
+    project = config.demo_project if args.drift_demo else config.project
+    experiment = os.environ.get("DVC_EXP_NAME")
+    ws_note = None
+    if experiment and not args.drift_demo:  # an experiment's features are not production's
+        ws_note = f"not added to the workspace: inside DVC experiment {experiment}"
+    elif not args.no_workspace:
         ws = _workspace(args)
-        runs = er.add_to_workspace(ws, config.project, list(result.snapshots.values()))
-        result.summary["workspace"] = {"path": str(ws), "project": config.project, **runs}
+        snaps = [v for v in result.snapshots.values() if v is not None]
+        runs = er.add_to_workspace(ws, project, snaps)
+        result.summary["workspace"] = {"path": str(ws), "project": project, **runs}
+        ws_note = f"workspace: {ws} project {project} (make monitor-ui)"
         Path(files["json"]).write_text(json.dumps(result.summary, indent=2, default=str) + "\n")
     s = result.summary
     print(f"verdict: {s['verdict']} (exit code {s['exit_code']})")
     for reason in s["reasons"]:
         print(f"  {reason}")
     print(f"report: {files['html']}  summary: {files['json']}")
-    if not args.no_workspace:
-        print(f"workspace: {s['workspace']['path']} project {config.project} (make monitor-ui)")
+    if ws_note:
+        print(ws_note)
     if args.retrain and (args.force or result.verdict == "retrain"):
         retrain(Path(args.repo), args.new_data, args.data_dir, args.dry_run)
     elif args.retrain:

@@ -29,11 +29,14 @@ def _fmt(m: dict[str, Any], k: str, nd: int = 3) -> str:
 def render(metrics: dict[str, Any], register: dict[str, Any] | None) -> str:
     lines = []
     if register:
+        alias = register.get("alias")
+        where = f"@{alias}" if alias else f"no alias (DVC experiment {register.get('experiment')})"
+        verdict = "passes" if register.get("gate_passed") else "fails"
         lines.append(
-            f"model {register.get('model_name')} version {register.get('version')} -> "
-            f"@{register.get('alias')} ({register.get('reason')}); champion is version "
-            f"{register.get('champion_now')}"
+            f"model {register.get('model_name')} version {register.get('version')} -> {where}; "
+            f"champion is version {register.get('champion_now') or 'none'}"
         )
+        lines.append(f"gate: {verdict} - {register.get('reason')}")
     unit = str(metrics.get("exposure_unit", "patient_days")).replace("_", "-")
     lines.append(
         f"test set: {int(metrics['n_rows'])} prediction times, {int(metrics['n_patients'])} "

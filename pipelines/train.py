@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from core.errors import UserError
 
@@ -21,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="patients.parquet: if given, keep only patients consenting to model_training",
     )
     parser.add_argument("--out", required=True, help="output folder (run.json, predictions)")
+    parser.add_argument(
+        "--metrics", default=None, help="small JSON of validation/CV figures (DVC metrics)"
+    )
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data-dvc", default="data.dvc", help="for lineage (md5 of raw data)")
     parser.add_argument("--backend", choices=["local", "dask"], default=None, help="override")
@@ -41,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from core.vocabulary import load_vocabulary
     from models.config import TrainConfig
     from models.lineage import build_lineage
-    from models.workflow import train_and_log
+    from models.workflow import RunContext, train_and_log
     from pipelines._modelio import read_features, read_json, read_optional_parquet
 
     config = load_section(TrainConfig, "train", args.params)
@@ -78,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     used = {k: raw.get(k) for k in ("features", "train") if k in raw}
     record, tags = build_lineage(used, dictionary, args.features, consent, args.data_dvc)
     vocab = load_vocabulary(args.vocabulary)
+    context = RunContext.from_env(os.environ, tags)
     try:
         info = train_and_log(
             frame,
@@ -87,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
             tags,
             lineage_record=record,
             vocabulary=vocab.model_dump(mode="json"),
+            context=context,
+            features_path=str(args.features),
+            metrics_path=args.metrics,
         )
     except ValueError as exc:
         raise UserError(f"{args.features}: {exc}") from None
@@ -97,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
         frame.to_parquet(Path(args.out) / COHORT_FEATURES, index=False)
     print(
-        f"trained run {info['run_id']}: {len(info['feature_names'])} features, "
+        f"trained run {info['run_id']} ({info['run_name']}): {len(info['feature_names'])} features, "
         f"{info['best_iteration']} trees, val AUPRC {info['val'].get('val_auprc') or float('nan'):.3f}, "
         f"alert threshold {info['threshold']:.4f}"
     )

@@ -55,6 +55,9 @@ class ServeConfig(BaseModel):
     risk_bands: RiskBands = Field(default_factory=lambda: RiskBands())
     top_features: int = Field(5, ge=0, le=50)
     shadow_challenger: bool = True
+    #: seconds between looks at the registry's champion/challenger aliases; the service swaps
+    #: to the version they name (promote, rollback, a change in the MLflow UI). 0 = never
+    model_watch_seconds: float = Field(10.0, ge=0, le=3600)
     # limits: everything above them is a 4xx answer, never a crash
     max_body_bytes: int = Field(2_000_000, ge=1_000)
     max_patients: int = Field(100, ge=1)

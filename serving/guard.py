@@ -333,7 +333,8 @@ class GuardMiddleware:
         try:
             await self.app(scope, replay, send_with_id)
         finally:
-            version = ctx.get("model_version")
+            # batched feature rows: the runtime knows which version scored this request
+            version = rt.answered_by(rid) or ctx.get("model_version")
             rt.audit.submit(
                 actor=key.name,
                 action=ROUTE_ACTIONS.get(path, "request"),

@@ -17,17 +17,11 @@ from typing import Any
 
 import orjson
 
-from core.schema import OUTCOMES_DDL, PREDICTION_LOG_COLUMNS, PREDICTIONS_DDL
+from core.schema import PREDICTION_LOG_COLUMNS, upgrade_prediction_log
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = ";\n".join(
-    [
-        PREDICTIONS_DDL,
-        OUTCOMES_DDL,
-        "CREATE INDEX IF NOT EXISTS predictions_scored_at ON predictions (scored_at)",
-    ]
-)
+SCHEMA = "CREATE INDEX IF NOT EXISTS predictions_scored_at ON predictions (scored_at)"
 
 COLUMNS = PREDICTION_LOG_COLUMNS
 
@@ -43,6 +37,10 @@ class PredictionRecord:
     probability: float
     news2_total: float | None
     features: Mapping[str, Any] | str  # mapping, or its JSON text when already serialised
+    #: care setting of the patient (per-setting drift tests) and the model's label horizon
+    #: for it (hours: outcomes are labelled over the horizon the model predicts)
+    setting: str | None = None
+    horizon_hours: float | None = None
 
     def row(self) -> tuple[Any, ...]:
         feats = self.features if isinstance(self.features, str) else features_json(self.features)
@@ -56,6 +54,8 @@ class PredictionRecord:
             float(self.probability),
             _clean(self.news2_total),
             feats,
+            self.setting,
+            _clean(self.horizon_hours),
         )
 
 
@@ -97,6 +97,7 @@ class PredictionLog:
         # on power failure, and commits skip the fsync (much faster on a busy disk)
         self._conn.execute(f"PRAGMA synchronous={synchronous}")
         self._conn.execute("PRAGMA busy_timeout=30000")
+        upgrade_prediction_log(self._conn)
         self._conn.executescript(SCHEMA)
         self._stop = threading.Event()
         self._checkpointer: threading.Thread | None = None

@@ -10,8 +10,10 @@ import json
 import logging
 import math
 import os
+import threading
 import uuid
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,19 +75,48 @@ def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+@dataclass(frozen=True)
+class ModelSet:
+    """The models one answer is computed with, and everything that depends on them.
+
+    Built whole (outside the request path) and swapped in with one assignment
+    (``Runtime.swap``): a request takes the current set once and uses it throughout, so an
+    answer, its prediction-log rows and its audit entry always name the version that scored it.
+    """
+
+    champion: LoadedModel
+    shadow: LoadedModel | None
+    feature_config: Any
+    texts: dict[str, FeatureText]
+    info: ModelInfo
+    input_codes: Any
+    #: feature-row keys accepted by /v1/score/features (features, NEWS2 and ``setting``)
+    known: frozenset[str]
+    categorical: frozenset[str]
+    logged_cols: list[str]
+    #: label horizon of the champion per care setting (hours), logged with each prediction
+    horizons: Mapping[str, float]
+    #: the vocabulary the champion was trained with: raw observations are judged by it
+    vocab: Vocabulary
+
+    def horizon(self, setting: str | None) -> float | None:
+        if setting and setting in self.horizons:
+            return float(self.horizons[setting])
+        values = set(self.horizons.values())
+        return float(values.pop()) if len(values) == 1 else None
+
+
 @dataclass
 class Runtime:
     config: ServeConfig
     keys: KeyStore
     vocab: Vocabulary
-    champion: LoadedModel
-    shadow: LoadedModel | None
+    models: ModelSet
     audit: AuditBatcher
     predlog: PredictionLog
-    feature_config: Any
-    texts: dict[str, FeatureText]
-    info: ModelInfo
     limiter: RateLimiter = field(init=False)
+    #: set by ``serving.follow`` when the service follows the registry's aliases
+    follower: Any = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         workers = int(os.environ.get("VITALRISK_SERVE_WORKERS", self.config.workers))
@@ -99,20 +130,52 @@ class Runtime:
             self.limiter = RateLimiter(
                 self.config.rate_limit_per_second, self.config.rate_limit_burst
             )
-        self._known = set(self.champion.feature_names) | {"news2_total"}
-        self._categorical = set(getattr(self.champion.model, "categories", None) or {})
-        self._logged_cols = list(dict.fromkeys([*self.champion.feature_names, "news2_total"]))
         self._column_cache: dict[tuple[Any, ...], np.ndarray | None] = {}
-        self._input_codes = input_codes(self.feature_config, self.vocab)
+        #: request id -> the champion version that answered (/v1/score/features is batched by
+        #: BentoML, so the guard learns the version from here); bounded, popped by the guard
+        self._answered: OrderedDict[str, str] = OrderedDict()
+        self._answered_lock = threading.Lock()
         #: raw-observation requests queue up and are scored in batches (serving/batching.py)
         self.queue: ScoreQueue[Sequence[PatientIn]] = ScoreQueue(
             self.score_jobs, self.config.score_batch_patients, self.config.inline_observations
         )
 
+    # the current set's parts (each read is one attribute load: take ``models`` once instead
+    # when several parts must belong together)
+    @property
+    def champion(self) -> LoadedModel:
+        return self.models.champion
+
+    @property
+    def shadow(self) -> LoadedModel | None:
+        return self.models.shadow
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.models.info
+
+    def swap(self, models: ModelSet) -> ModelSet:
+        """Serve ``models`` from now on; requests already scoring finish with the old set."""
+        old, self.models = self.models, models
+        return old
+
+    def _remember(self, request_ids: Sequence[str], version: str) -> None:
+        with self._answered_lock:
+            for rid in dict.fromkeys(request_ids):
+                self._answered[rid] = version
+            while len(self._answered) > 10_000:
+                self._answered.popitem(last=False)
+
+    def answered_by(self, request_id: str) -> str | None:
+        """The champion version that scored ``request_id`` (once; for the audit entry)."""
+        with self._answered_lock:
+            return self._answered.pop(request_id, None)
+
     # -- /v1/score/features ---------------------------------------------------------------
     def check_feature_rows(self, body: dict[str, Any]) -> tuple[int, str] | None:
         """Cheap checks before adaptive batching (a bad row must not fail a whole batch)."""
         rows = body.get("rows")
+        models = self.models
         if not isinstance(rows, list) or not rows:
             return 422, "rows: expected a non-empty list of {patient_id?, features: {name: value}}"
         if len(rows) > self.config.max_feature_rows:
@@ -127,56 +190,66 @@ class Runtime:
             # set operations in C first: rows of hundreds of features, up to thousands of rows
             if str in set(map(type, feats.values())):
                 bad = [
-                    k for k, v in feats.items() if isinstance(v, str) and k not in self._categorical
+                    k
+                    for k, v in feats.items()
+                    if isinstance(v, str) and k not in models.categorical
                 ]
                 if bad:
                     return (
                         422,
                         f"rows[{i}].features: {bad[:5]} must be numbers or null (text only for categorical features)",
                     )
-            if not feats.keys() <= self._known:
-                unknown = [k for k in feats if k not in self._known]
+            if not feats.keys() <= models.known:
+                unknown = [k for k in feats if k not in models.known]
                 return 422, (
                     f"rows[{i}].features: unknown feature(s) {unknown[:5]}; "
-                    f"GET /v1/model lists the {len(self.champion.feature_names)} features"
+                    f"GET /v1/model lists the {len(models.champion.feature_names)} features"
                 )
         return None
 
     def score_rows(self, rows: list[FeatureRow]) -> list[FeatureScore]:
         """Score a (batched) list of rows; one prediction-log transaction for the batch."""
+        models = self.models  # one set for the whole batch, whatever the follower does
+        champion, shadow = models.champion, models.shadow
         feats = [r.features for r in rows]
-        X = self.champion.matrix(feats)
-        p = self.champion.predict_matrix(X)
+        X = champion.matrix(feats)
+        p = champion.predict_matrix(X)
         ids = [pseudonym_of(r.patient_id) if r.patient_id else None for r in rows]
         scored_at = _now_iso()
         rids = [r.request_id or uuid.uuid4().hex for r in rows]
         texts = [features_json(f) for f in feats]  # serialised once, shared with the shadow
         news2 = [_num(f.get("news2_total")) for f in feats]
         pids = [pid or "" for pid in ids]
-        records = _records(self.champion, "champion", scored_at, rids, pids, p, news2, texts)
-        if self.shadow is not None:
-            ps = self.shadow.predict_matrix(self.shadow.matrix(feats))
-            records += _records(self.shadow, "shadow", scored_at, rids, pids, ps, news2, texts)
+        settings = [_text(f.get("setting")) for f in feats]
+        context = _RowContext(scored_at, rids, pids, news2, texts, settings, models)
+        records = _records(champion, "champion", context, p)
+        if shadow is not None:
+            ps = shadow.predict_matrix(shadow.matrix(feats))
+            records += _records(shadow, "shadow", context, ps)
         self.predlog.append(records)
+        self._remember(rids, champion.version)
         bands = self.config.risk_bands
         return [
             FeatureScore(
                 patient_id=pid,
                 probability=float(pi),
                 risk_band=bands.band(float(pi)),
-                model_version=self.champion.version,
+                model_version=champion.version,
                 request_id=rid,
             )
             for pid, pi, rid in zip(ids, p, rids, strict=True)
         ]
 
     # -- /v1/score ------------------------------------------------------------------------
-    def feature_arrays(self, prepared: list[PreparedPatient]) -> FeatureArrays:
+    def feature_arrays(
+        self, prepared: list[PreparedPatient], models: ModelSet | None = None
+    ) -> FeatureArrays:
         """The training feature code's output, rows in request order (patients are distinct)."""
         from features.build import features_from_arrays
 
-        inputs = feature_inputs_for(prepared, self._input_codes)
-        out = features_from_arrays(inputs, self.feature_config, self.vocab)
+        models = models or self.models
+        inputs = feature_inputs_for(prepared, models.input_codes)
+        out = features_from_arrays(inputs, models.feature_config, models.vocab)
         row_of = {pid: i for i, pid in enumerate(out.patient_id.tolist())}
         rows = [row_of[p.pseudonym] for p in prepared]
         if rows != list(range(len(out.patient_id))):
@@ -224,7 +297,9 @@ class Runtime:
             return np.asarray(arrays.values[cols].T, dtype=np.float64)
         return arrays.frame().reindex(columns=logged_cols).to_numpy(dtype=float)
 
-    def prepare(self, patients: Sequence[PatientIn]) -> list[PreparedPatient]:
+    def prepare(
+        self, patients: Sequence[PatientIn], models: ModelSet | None = None
+    ) -> list[PreparedPatient]:
         """Validate and canonicalise one request's patients (``InputError`` lists problems)."""
         if len(patients) > self.config.max_patients:
             from serving.scoring import InputError
@@ -238,7 +313,7 @@ class Runtime:
                 ],
                 status=413,
             )
-        return prepare_patients(patients, self.vocab, self.config)
+        return prepare_patients(patients, (models or self.models).vocab, self.config)
 
     async def score(
         self, patients: Sequence[PatientIn], request_id: str
@@ -263,9 +338,10 @@ class Runtime:
         ] * len(jobs)
         groups: list[list[tuple[int, list[PreparedPatient], str]]] = []
         used: list[set[str]] = []
+        models = self.models  # one set (and vocabulary) for the batch, whatever the follower does
         for i, job in enumerate(jobs):
             try:
-                prepared = self.prepare(job.payload)
+                prepared = self.prepare(job.payload, models)
             except Exception as exc:  # InputError -> 4xx for this request only
                 results[i] = exc
                 continue
@@ -280,7 +356,7 @@ class Runtime:
                 used.append(set(ids))
         for group in groups:
             try:
-                resps = self.score_prepared([(prep, rid) for _, prep, rid in group])
+                resps = self.score_prepared([(prep, rid) for _, prep, rid in group], models)
             except Exception as exc:
                 logger.exception("scoring a batch of %d request(s) failed", len(group))
                 for i, _, _ in group:
@@ -291,7 +367,9 @@ class Runtime:
         return results
 
     def score_prepared(
-        self, requests: Sequence[tuple[list[PreparedPatient], str]]
+        self,
+        requests: Sequence[tuple[list[PreparedPatient], str]],
+        models: ModelSet | None = None,
     ) -> list[ScoreResponse]:
         """Features, probabilities, reasons and one prediction-log commit for all requests.
 
@@ -299,29 +377,33 @@ class Runtime:
         :meth:`score_jobs`); each request keeps its own request id in its answer and in the
         prediction log.
         """
+        models = models or self.models  # one set for the whole batch, whatever the follower does
+        champion, shadow = models.champion, models.shadow
         prepared = [pp for prep, _ in requests for pp in prep]
         rids = [rid for prep, rid in requests for _ in prep]
         pids = [pp.pseudonym for pp in prepared]
-        names = self.champion.feature_names
-        frame = self.feature_arrays(prepared)
-        X = self._feature_matrix(frame, self.champion)
-        p = self.champion.predict_matrix(X)
-        contrib = self.champion.contributions_matrix(X)
-        logged_cols = self._logged_cols
+        names = champion.feature_names
+        frame = self.feature_arrays(prepared, models)
+        X = self._feature_matrix(frame, champion)
+        p = champion.predict_matrix(X)
+        contrib = champion.contributions_matrix(X)
+        logged_cols = models.logged_cols
         values = self._logged_values(frame, logged_cols)
         news2 = [_num(v) for v in values[:, logged_cols.index("news2_total")]]
         scored_at = _now_iso()
         logged = [
             features_json(dict(zip(logged_cols, row.tolist(), strict=True))) for row in values
         ]
-        records = _records(self.champion, "champion", scored_at, rids, pids, p, news2, logged)
-        if self.shadow is not None:
-            ps = self.shadow.predict_matrix(self._feature_matrix(frame, self.shadow))
-            records += _records(self.shadow, "shadow", scored_at, rids, pids, ps, news2, logged)
+        settings = [_text(v) for v in frame.setting.tolist()]
+        context = _RowContext(scored_at, rids, pids, news2, logged, settings, models)
+        records = _records(champion, "champion", context, p)
+        if shadow is not None:
+            ps = shadow.predict_matrix(self._feature_matrix(frame, shadow))
+            records += _records(shadow, "shadow", context, ps)
         self.predlog.append(records)
         scores = []
         for i, pp in enumerate(prepared):
-            warnings = pp.warnings + missing_warnings(self.vocab, pp)
+            warnings = pp.warnings + missing_warnings(models.vocab, pp)
             scores.append(
                 PatientScore(
                     patient_id=pp.pseudonym,
@@ -330,12 +412,12 @@ class Runtime:
                     risk_band=self.config.risk_bands.band(float(p[i])),  # type: ignore[arg-type]
                     news2_total=news2[i],
                     top_features=explain(
-                        names, X[i], contrib[i], self.texts, self.config.top_features
+                        names, X[i], contrib[i], models.texts, self.config.top_features
                     ),
                     warnings=warnings,
                 )
             )
-        model = ModelRef(name=self.champion.name, version=self.champion.version)
+        model = ModelRef(name=champion.name, version=champion.version)
         out = []
         start = 0
         for prep, rid in requests:
@@ -380,23 +462,58 @@ class Runtime:
         return resp, pats
 
 
+@dataclass(frozen=True)
+class _RowContext:
+    """What the prediction-log rows of one batch share between the champion and its shadow."""
+
+    scored_at: str
+    request_ids: Sequence[str]
+    patient_ids: Sequence[str]
+    news2: Sequence[float | None]
+    features: Sequence[str]
+    settings: Sequence[str | None]
+    models: ModelSet
+
+
 def _records(
     model: LoadedModel,
     role: str,
-    scored_at: str,
-    request_ids: Sequence[str],
-    patient_ids: Sequence[str],
+    ctx: _RowContext,
     probabilities: np.ndarray | Sequence[float],
-    news2: Sequence[float | None],
-    features: Sequence[str],
 ) -> list[PredictionRecord]:
     """Prediction-log rows of one model (``champion`` or its ``shadow``) for scored rows."""
+    horizon = ctx.models.horizon
     return [
-        PredictionRecord(rid, scored_at, pid, model.name, model.version, role, float(p), n2, f)
-        for rid, pid, p, n2, f in zip(
-            request_ids, patient_ids, probabilities, news2, features, strict=True
+        PredictionRecord(
+            rid,
+            ctx.scored_at,
+            pid,
+            model.name,
+            model.version,
+            role,
+            float(p),
+            n2,
+            f,
+            st,
+            horizon(st),
+        )
+        for rid, pid, p, n2, f, st in zip(
+            ctx.request_ids,
+            ctx.patient_ids,
+            probabilities,
+            ctx.news2,
+            ctx.features,
+            ctx.settings,
+            strict=True,
         )
     ]
+
+
+def _text(v: Any) -> str | None:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    text = str(v)
+    return text or None
 
 
 def _num(v: Any) -> float | None:
@@ -555,32 +672,72 @@ def quiet_gc() -> None:
     gc.set_threshold(10_000, 20, 100)
 
 
-def build_runtime() -> Runtime:
-    """Load params, keys, vocabulary, the champion (and challenger for shadow scoring).
+def label_horizons(model: Any) -> dict[str, float]:
+    """Label horizon per care setting the model was trained for (its feature dictionary's)."""
+    label = (getattr(model, "metadata", None) or {}).get("label") or {}
+    horizon = label.get("horizon_hours")
+    if isinstance(horizon, Mapping):
+        return {str(k): float(v) for k, v in horizon.items()}
+    if isinstance(horizon, int | float):
+        return {"*": float(horizon)}
+    return {}
+
+
+@dataclass(frozen=True)
+class PinnedModel:
+    """A model shipped inside a Bento (``serving.service.pinned_model``): served as is."""
+
+    path: Path
+    name: str
+    version: str
+    run_id: str | None
+    metrics: dict[str, float]
+    dictionary: Path | None
+
+
+def _loaded(info: Any, model: Any) -> LoadedModel:
+    return LoadedModel(info.name, info.version, info.alias, info.run_id, model)
+
+
+def load_models(
+    config: ServeConfig,
+    vocab: Vocabulary,
+    name: str,
+    champion_version: str | None = None,
+    shadow_version: str | None = None,
+) -> ModelSet:
+    """The champion (by alias, or the given version), its shadow and what depends on them.
 
     Raises ``StartupError`` with one clear sentence when something the service needs is missing.
     """
     from models import tracking
 
-    config, keys, name = load_startup()
     try:
-        info, model = tracking.load_by_alias(name, tracking.CHAMPION)
+        if champion_version is None:
+            info, model = tracking.load_by_alias(name, tracking.CHAMPION)
+        else:
+            info, model = tracking.load_version(name, champion_version)
+            info = tracking.LoadedVersion(**{**info.__dict__, "alias": tracking.CHAMPION})
     except LookupError:
         raise StartupError(
             f"no champion to serve: registered model {name!r} has no '{tracking.CHAMPION}' alias "
-            f"in {tracking.tracking_uri()} (run `dvc repro` / `vitalrisk register` first, or set "
+            f"in {tracking.describe_store()} (run `dvc repro` / `vitalrisk promote` first, or set "
             "MLFLOW_TRACKING_URI / VITALRISK_MODEL_NAME)"
         ) from None
-    champion = LoadedModel(info.name, info.version, info.alias, info.run_id, model)
+    champion = _loaded(info, model)
     shadow = None
     if config.shadow_challenger:
         try:
-            sinfo, smodel = tracking.load_by_alias(name, tracking.CHALLENGER)
+            if shadow_version is None:
+                sinfo, smodel = tracking.load_by_alias(name, tracking.CHALLENGER)
+            else:
+                sinfo, smodel = tracking.load_version(name, shadow_version)
             if sinfo.version != info.version:
-                shadow = LoadedModel(sinfo.name, sinfo.version, sinfo.alias, sinfo.run_id, smodel)
+                shadow = _loaded(sinfo, smodel)
         except LookupError:
             shadow = None
-    vocab = _run_vocabulary(tracking, info.run_id) or load_vocabulary()
+    # units and ranges as the champion was trained with (its run's vocabulary.json)
+    vocab = _run_vocabulary(tracking, info.run_id) or vocab
     # the feature params the champion was trained with: its run's feature dictionary first
     run_dict = _run_dictionary(tracking, info.run_id)
     path = config.feature_dictionary_path()
@@ -589,24 +746,91 @@ def build_runtime() -> Runtime:
     except Exception as exc:
         raise StartupError(f"feature params unusable: {exc}") from None
     doc = run_dict or _dictionary(path, fconf, vocab, champion.feature_names)
-    texts = load_feature_texts(doc, champion.feature_names, vocab)
+    return _model_set(champion, shadow, fconf, doc, vocab, _model_info(champion, shadow, tracking))
+
+
+def load_pinned(config: ServeConfig, vocab: Vocabulary, pinned: PinnedModel) -> ModelSet:
+    """The Bento's own model (no registry, no shadow): what ``bentoml build`` pinned."""
+    from models import tracking
+
+    model = tracking.load_model(str(pinned.path))
+    champion = LoadedModel(pinned.name, pinned.version, tracking.CHAMPION, pinned.run_id, model)
+    dictionary = pinned.dictionary or config.feature_dictionary_path()
+    try:
+        fconf = _load_features_config(None, dictionary)
+    except Exception as exc:
+        raise StartupError(f"feature params unusable: {exc}") from None
+    doc = _dictionary(dictionary, fconf, vocab, champion.feature_names)
+    info = ModelInfo(
+        name=pinned.name,
+        version=pinned.version,
+        alias=tracking.CHAMPION,
+        run_id=pinned.run_id,
+        features=champion.feature_names,
+        training_data_hash=None,
+        metrics=pinned.metrics,
+        shadow=None,
+    )
+    return _model_set(champion, None, fconf, doc, vocab, info)
+
+
+def _model_set(
+    champion: LoadedModel,
+    shadow: LoadedModel | None,
+    fconf: Any,
+    doc: dict[str, Any],
+    vocab: Vocabulary,
+    info: ModelInfo,
+) -> ModelSet:
+    categorical = frozenset(getattr(champion.model, "categories", None) or {})
+    return ModelSet(
+        champion=champion,
+        shadow=shadow,
+        feature_config=fconf,
+        texts=load_feature_texts(doc, champion.feature_names, vocab),
+        info=info,
+        input_codes=input_codes(fconf, vocab),
+        known=frozenset(champion.feature_names) | {"news2_total", "setting"},
+        categorical=categorical | {"setting"},
+        logged_cols=list(dict.fromkeys([*champion.feature_names, "news2_total"])),
+        horizons=label_horizons(champion.model),
+        vocab=vocab,
+    )
+
+
+def build_runtime(
+    follow: bool = True, primary: bool = True, pinned: PinnedModel | None = None
+) -> Runtime:
+    """Load params, keys, vocabulary, the champion (and challenger for shadow scoring).
+
+    ``follow``: watch the registry's aliases every ``serve.model_watch_seconds`` and swap
+    models while serving (``serving.follow``); ``primary``: this worker also notices alias
+    changes made outside vitalrisk (one worker does, so each change is audited once);
+    ``pinned``: serve this Bento's own model instead (no registry, nothing to follow).
+    Raises ``StartupError`` with one clear sentence when something the service needs is missing.
+    """
+    config, keys, name = load_startup()
+    vocab = load_vocabulary()
+    models = (
+        load_models(config, vocab, name) if pinned is None else load_pinned(config, vocab, pinned)
+    )
     rt = Runtime(
         config=config,
         keys=keys,
         vocab=vocab,
-        champion=champion,
-        shadow=shadow,
+        models=models,
         audit=AuditBatcher(AuditLog(config.audit_log_path()), config.audit_flush_seconds).start(),
         predlog=PredictionLog(config.prediction_log_path(), config.prediction_log_synchronous),
-        feature_config=fconf,
-        texts=texts,
-        info=_model_info(champion, shadow, tracking),
     )
     logger.info(
         "serving %s version %s (%d features)%s",
         name,
-        info.version,
-        len(champion.feature_names),
-        f", shadow version {shadow.version}" if shadow else "",
+        models.champion.version,
+        len(models.champion.feature_names),
+        f", shadow version {models.shadow.version}" if models.shadow else "",
     )
+    if follow and pinned is None and config.model_watch_seconds > 0:
+        from serving.follow import ModelFollower
+
+        rt.follower = ModelFollower(rt, name, config.model_watch_seconds, primary).start()
     return rt

@@ -15,10 +15,12 @@ Start with ``vitalrisk serve`` or ``bentoml serve serving.service:VitalRisk``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
@@ -32,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving.fhir import bundle_to_patient, risk_assessment
 from serving.guard import GuardMiddleware, problems_payload
 from serving.runtime import (
+    PinnedModel,
     Runtime,
     StartupError,
     build_runtime,
@@ -160,7 +163,7 @@ async def score(request: Request, body: ScoreRequest) -> Response:
     """Score patients from raw observations with the training feature code."""
     rt = _rt()
     resp, patients = await rt.score(body.patients, _rid(request))
-    _audit(request, patients, rt.champion.version)
+    _audit(request, patients, resp.model.version)  # the version that answered
     # serialised here: returning the model would make FastAPI validate it once more;
     # ``response_model`` still documents it
     return Response(resp.model_dump_json(), media_type="application/json")
@@ -172,7 +175,7 @@ async def fhir_score(request: Request, body: FhirBundle) -> JSONResponse:
     rt = _rt()
     patient, warnings = bundle_to_patient(body.model_dump(exclude_none=True), rt.vocab)
     resp, patients = await rt.score([patient], _rid(request))
-    _audit(request, patients, rt.champion.version)
+    _audit(request, patients, resp.model.version)  # the version that answered
     score = resp.results[0]
     score.warnings = warnings + score.warnings
     ra = risk_assessment(score, resp.model.name, resp.model.version, resp.request_id)
@@ -196,9 +199,68 @@ def observations(request: Request, body: ObservationsRequest) -> ObservationsRes
 @app.get("/v1/model", response_model=ModelInfo, responses=_ERRORS, tags=["model"])
 def model(request: Request) -> ModelInfo:
     """The served model: version, feature list, training-data hash and metrics."""
-    rt = _rt()
-    _audit(request, [], rt.champion.version)
-    return rt.info
+    info = _rt().info  # one read: the follower may swap models at any time
+    _audit(request, [], info.version)
+    return info
+
+
+#: the model a Bento pins (``bentofile.yaml``): served from the Bento, not the registry
+BENTO_MODEL_ENV = "VITALRISK_BENTO_MODEL"
+#: the MLflow model directory inside a BentoML model made by ``import_champion``
+BENTO_MLFLOW_DIR = "mlflow"
+
+
+def pinned_model() -> PinnedModel | None:
+    """The BentoML model named by ``VITALRISK_BENTO_MODEL`` (set in the Bento), if any."""
+    tag = os.environ.get(BENTO_MODEL_ENV)
+    if not tag:
+        return None
+    try:
+        bm = bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound:
+        raise StartupError(f"{BENTO_MODEL_ENV}={tag}: no such model in the Bento") from None
+    labels, meta = dict(bm.info.labels), dict(bm.info.metadata)
+    metrics: Any = meta.get("metrics") or {}
+    root = Path(bm.path)
+    dictionary = root / "feature_dictionary.json"
+    return PinnedModel(
+        path=root / BENTO_MLFLOW_DIR,
+        name=labels["registered_model"],
+        version=labels["version"],
+        run_id=labels.get("run_id"),
+        metrics={str(k): float(v) for k, v in metrics.items()},
+        dictionary=dictionary if dictionary.is_file() else None,
+    )
+
+
+def import_champion(name: str) -> str:
+    """Copy the registry's champion into BentoML's model store as ``<name>:v<version>`` (the
+    MLflow model, its run's feature dictionary and test metrics); returns the tag."""
+    import json
+    import tempfile
+
+    from models import tracking
+
+    mv = tracking.get_alias(name, tracking.CHAMPION)
+    if mv is None:
+        raise StartupError(f"registered model {name!r} has no champion to put in a Bento")
+    tag = f"{name}:v{mv.version}"
+    with contextlib.suppress(bentoml.exceptions.NotFound):
+        bentoml.models.get(tag)
+        return tag
+    run = tracking.client().get_run(mv.run_id) if mv.run_id else None
+    metrics = {k: v for k, v in (run.data.metrics if run else {}).items() if k.startswith("test.")}
+    labels = {"registered_model": name, "version": str(mv.version), "run_id": str(mv.run_id)}
+    with bentoml.models.create(tag, labels=labels, metadata={"metrics": metrics}) as bm:
+        tracking.download_model(f"models:/{name}/{mv.version}", Path(bm.path) / BENTO_MLFLOW_DIR)
+        if mv.run_id:
+            with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(Exception):
+                local = tracking.client().download_artifacts(
+                    mv.run_id, "feature_dictionary.json", tmp
+                )
+                doc = json.loads(Path(local).read_text(encoding="utf-8"))
+                (Path(bm.path) / "feature_dictionary.json").write_text(json.dumps(doc))
+    return tag
 
 
 def _env_int(name: str, default: int) -> int:
@@ -227,7 +289,9 @@ class VitalRisk:
         # fail fast: without a champion, keys or valid params the server must not start (BentoML
         # would otherwise restart the worker forever), so stop the supervising process too
         try:
-            set_runtime(build_runtime())
+            # worker 1 (or the only one) also audits alias changes made outside vitalrisk
+            worker = bentoml.server_context.worker_index
+            set_runtime(build_runtime(primary=worker in (None, 1), pinned=pinned_model()))
             # a full garbage collection walks every object of MLflow, pandas and BentoML
             # (~300 ms stalls under load, measured): keep start-up objects out of it
             quiet_gc()
@@ -241,6 +305,8 @@ class VitalRisk:
     def _flush_audit(self) -> None:
         rt = current_runtime()
         if rt is not None:
+            if rt.follower is not None:
+                rt.follower.stop()
             rt.queue.close()
             rt.limiter.close()
             rt.audit.close()

@@ -178,3 +178,23 @@ def test_tune_command_logs_nested_trials(workdir, capsys):
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     assert len(children) == 3
+
+
+def test_model_dir_from_another_store_is_one_clear_message(workdir, capsys, monkeypatch):
+    """DVC restored artifacts/model from its cache, but the MLflow store lacks the run."""
+    quick = dict(PARAMS, train={"cv_folds": 0, "n_estimators": 50})
+    (workdir / "params.yaml").write_text(yaml.safe_dump(quick))
+    F = "artifacts/features/features.parquet"
+    assert main(["train", "--features", F, "--out", "artifacts/model"]) == 0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/other.db")
+    capsys.readouterr()
+    argv = ["evaluate", "--model-dir", "artifacts/model", "--metrics", "m.json"]
+    argv += ["--plots", "p", "--figures", "f", "--card", "c.md"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "artifacts/model/run.json refers to MLflow run" in err and "other.db" in err
+    assert "dvc repro --force train" in err and "Traceback" not in err
+    (workdir / "m.json").write_text("{}")
+    assert main(["register", "--model-dir", "artifacts/model", "--features", F, "--metrics",
+                 "m.json", "--out", "r.json"]) == 2  # fmt: skip
+    assert "refers to MLflow run" in capsys.readouterr().err

@@ -64,3 +64,30 @@ def test_bad_files_name_the_problem(tmp_path, preds):
         oc.outcome_rows(oc.read_outcome_file(p), preds, 24)
     with pytest.raises(oc.OutcomeFileError, match="not found"):
         oc.read_outcome_file(tmp_path / "nope.csv")
+
+
+def test_patient_time_labels_use_each_predictions_training_horizon():
+    """Home patients are labelled over 168 h like in training, ward patients over 24 h; the
+    horizon the service logged with a prediction wins over the per-setting defaults."""
+    t = pd.Timestamp("2026-11-01T00:00", tz="UTC")
+    preds = pd.DataFrame(
+        {
+            "request_id": ["ward", "home", "home-logged", "unknown"],
+            "patient_id": [P1, P2, P2, P1],
+            "scored_at": [t, t, t, t],
+            "setting": ["ward", "home", "home", None],
+            "horizon_hours": [None, None, 12.0, None],
+        }
+    )
+    events = pd.DataFrame(
+        {
+            "patient_id": [P1, P2, P1, P2],
+            "time": [t + pd.Timedelta(hours=100)] * 2 + [t + pd.Timedelta(days=9)] * 2,
+            "event": ["icu_transfer", "emergency_admission", "none", "none"],
+        }
+    )
+    rows = oc.outcome_rows(events, preds, {"ward": 24, "home": 168}).set_index("request_id")
+    assert rows.loc["ward", "label"] == 0  # event at 100 h is after the 24 h ward horizon
+    assert rows.loc["home", "label"] == 1  # ... and within the 168 h home horizon
+    assert rows.loc["home-logged", "label"] == 0  # the logged 12 h horizon wins
+    assert "unknown" not in rows.index  # no setting, no horizon: no label rather than a guess

@@ -55,7 +55,10 @@ def test_z_suffix_and_null_features_from_other_writers(tmp_path):
     plog.ensure_tables(log)
     with sqlite3.connect(log) as con:
         con.executemany(
-            "INSERT INTO predictions VALUES (?,?,?,?,?,?,?,?,?)",
+            # an older writer: the first nine columns only (no setting / horizon)
+            "INSERT INTO predictions (request_id, scored_at, patient_id, model_name, "
+            "model_version, role, probability, news2_total, features) "
+            "VALUES (?,?,?,?,?,?,?,?,?)",
             [
                 (
                     "a",

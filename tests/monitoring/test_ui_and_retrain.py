@@ -27,7 +27,12 @@ def test_evidently_ui_lists_the_project_with_its_dashboard_series(tmp_path):
     ws = tmp_path / "workspace"
     for day, level in enumerate([0, 1, 2]):
         snap = er.summary_snapshot(
-            {"drift_share": 0.1 * day, "verdict_level": level, "predicted_risk_mean": 0.05},
+            {
+                "drift_share_percent": 10.0 * day,
+                "drifted_features": float(day),
+                "verdict_level": level,
+                "predicted_risk_mean": 0.05,
+            },
             timestamp=dt.datetime(2026, 11, 1 + day),
         )
         er.add_to_workspace(ws, "vitalrisk-monitoring", [snap])
@@ -55,7 +60,15 @@ def test_evidently_ui_lists_the_project_with_its_dashboard_series(tmp_path):
         assert len(snaps) == 3
         dash = httpx.get(f"{base}/v2/dashboards/{pid}", timeout=10).json()
         titles = {p["title"] for p in dash["panels"]}
-        assert {"Drift share over time", "Verdict over time", "Predicted risk level"} <= titles
+        assert {"Drifted features over time", "Verdict over time", "Predicted risk level"} <= titles
+        # counters show whole numbers the verdict is made of, never a share rounded to 0
+        counters = {
+            p["title"] for p in dash["panels"] if p["plot_params"].get("plot_type") == "counter"
+        }
+        assert counters == {
+            "Latest verdict (-1 insufficient data, 0 ok, 1 warn, 2 retrain)",
+            "Drifted features (latest run)",
+        }
         tab = dash["tabs"][0]["panels"]
         assert len(tab) == len(set(tab)) == len(dash["panels"])
         series = httpx.post(

@@ -716,6 +716,8 @@ def test_prediction_log_contract(server: Server) -> None:
         "probability",
         "news2_total",
         "features",
+        "setting",
+        "horizon_hours",
     ]
     out_cols = [row[1] for row in con.execute("PRAGMA table_info(outcomes)")]
     assert out_cols == ["request_id", "patient_id", "event_time", "event", "label", "received_at"]
