@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from core.vocabulary import Vocabulary
-from serving.schemas import Covariates, ObservationIn, PatientIn, PatientScore
+from serving.schemas import MAX_PATIENT_ID, Covariates, ObservationIn, PatientIn, PatientScore
 from serving.scoring import InputError
 
 RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
@@ -60,6 +60,15 @@ def _codes(cc: Any) -> list[str]:
     return [str(c.code) for c in (cc.coding or []) if c.code] if cc is not None else []
 
 
+def _subject_id(subject: Any) -> str | None:
+    """The patient id of ``Patient/<id>``, stripped; None when absent, blank or too long."""
+    ref = str(getattr(subject, "reference", None) or "") if subject is not None else ""
+    if not ref.startswith("Patient/"):
+        return None
+    pid = ref.split("/", 1)[1].strip()
+    return pid if 0 < len(pid) <= MAX_PATIENT_ID else None
+
+
 def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[PatientIn, list[str]]:
     """Parse and validate a Bundle; one subject only. Raises ``InputError`` with locations."""
     from fhir.resources.R4B.bundle import Bundle
@@ -70,6 +79,11 @@ def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[Patie
         bundle = Bundle.model_validate(payload)
     except ValidationError as exc:
         raise InputError(_errors(exc, "Bundle.")) from None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        # fhir.resources raises these for an entry of an unknown resource type
+        raise InputError(
+            [("Bundle.entry", "not valid FHIR R4 resources (unknown resourceType?)")]
+        ) from None
     subjects: set[str] = set()
     observations: list[ObservationIn] = []
     problems: list[tuple[str, str]] = []
@@ -81,8 +95,8 @@ def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[Patie
         loc = f"entry[{i}]"
         kind = getattr(res, "__resource_type__", type(res).__name__)
         if kind == "Patient":
-            if res.id:
-                subjects.add(str(res.id))
+            if res.id and str(res.id).strip():
+                subjects.add(str(res.id).strip())
             gender = res.gender
             birth = res.birthDate if isinstance(res.birthDate, date) else None
             continue
@@ -92,10 +106,16 @@ def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[Patie
         if res.status in _SKIP_STATUS:
             warnings.append(f"{loc}: status {res.status} ignored")
             continue
-        if res.subject is None or not (res.subject.reference or "").startswith("Patient/"):
-            problems.append((f"{loc}.subject", "expected a reference 'Patient/<id>'"))
+        subject = _subject_id(res.subject)
+        if subject is None:
+            problems.append(
+                (
+                    f"{loc}.subject",
+                    f"expected a reference 'Patient/<id>' (id of 1-{MAX_PATIENT_ID} characters)",
+                )
+            )
             continue
-        subjects.add(res.subject.reference.split("/", 1)[1])
+        subjects.add(subject)
         t = _time(res)
         if t is None or t.tzinfo is None:
             problems.append((f"{loc}.effectiveDateTime", "expected a date-time with timezone"))
