@@ -22,11 +22,17 @@ import pandas as pd
 
 from core.vocabulary import Vocabulary, load_vocabulary
 from features.build import FeatureArrays, input_codes
-from governance.audit import AuditLog
-from serving.auditq import AuditBatcher
+from governance.audit import AuditLog, AuditLogError
+from serving.auditq import AuditWriter
 from serving.auth import KeyStore, RateLimiter, SharedRateLimiter
 from serving.batching import Job, ScoreQueue
-from serving.config import ServeConfig, load_serve_config, model_name, params_path
+from serving.config import (
+    ServeConfig,
+    check_secrets,
+    load_serve_config,
+    model_name,
+    params_path,
+)
 from serving.predlog import PredictionLog, PredictionRecord, features_json
 from serving.schemas import (
     FeatureRow,
@@ -80,7 +86,7 @@ class Runtime:
     vocab: Vocabulary
     champion: LoadedModel
     shadow: LoadedModel | None
-    audit: AuditBatcher
+    audit: AuditWriter
     predlog: PredictionLog
     feature_config: Any
     texts: dict[str, FeatureText]
@@ -522,6 +528,10 @@ def load_startup(params: str | Path | None = None) -> tuple[ServeConfig, KeyStor
             "no API keys configured: set VITALRISK_API_KEYS (name:scope1+scope2:secret, "
             "comma-separated) or VITALRISK_API_KEYS_FILE (see README, Serving)"
         )
+    try:
+        check_secrets()
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     return config, keys, model_name(params)
 
 
@@ -576,13 +586,17 @@ def build_runtime() -> Runtime:
         raise StartupError(f"feature params unusable: {exc}") from None
     doc = run_dict or _dictionary(path, fconf, vocab, champion.feature_names)
     texts = load_feature_texts(doc, champion.feature_names, vocab)
+    try:  # no audit trail, no service: recover a crash-torn tail, check it can be appended
+        audit = AuditWriter(AuditLog(config.audit_log_path())).start()
+    except (AuditLogError, OSError) as exc:
+        raise StartupError(f"audit log unusable: {exc}") from None
     rt = Runtime(
         config=config,
         keys=keys,
         vocab=vocab,
         champion=champion,
         shadow=shadow,
-        audit=AuditBatcher(AuditLog(config.audit_log_path()), config.audit_flush_seconds).start(),
+        audit=audit,
         predlog=PredictionLog(config.prediction_log_path(), config.prediction_log_synchronous),
         feature_config=fconf,
         texts=texts,
