@@ -183,7 +183,8 @@ class Supervisor:
                     )
                     return 1
                 logger.error("worker %d exited (%s); restarting it", w.index, _exit_text(rc))
-                sel.unregister(w.ready_fd)
+                if w.ready_fd in sel.get_map():
+                    sel.unregister(w.ready_fd)
                 os.close(w.ready_fd)
                 del self._pool[w.index]
                 self._spawn(w.index, sock, metrics_dir, sel)
@@ -200,9 +201,20 @@ class Supervisor:
         return 0
 
     def _read_ready(self, w: Worker, sel: Any) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            while chunk := os.read(w.ready_fd, 4096):
+        """Collect what the worker reported; at end of file stop watching its pipe (an
+        closed pipe is always readable: watching it would spin)."""
+        eof = False
+        try:
+            while True:
+                chunk = os.read(w.ready_fd, 4096)
+                if not chunk:
+                    eof = True
+                    break
                 w.message += chunk
+        except (BlockingIOError, OSError):
+            pass
+        if eof and w.ready_fd in sel.get_map():
+            sel.unregister(w.ready_fd)
         if w.message.startswith(b"ready"):
             w.ready = True
 
