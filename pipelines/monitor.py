@@ -389,6 +389,10 @@ def run(args: argparse.Namespace) -> int:
         args.out = str(Path(args.demo_out) / args.drift_demo)
         args.window_end = None
         config = config.model_copy(update={"window_days": 3650.0})  # the whole simulated span
+    if log.is_file():  # first, read-only: a damaged log is one line, and is never written to
+        from monitoring.log_check import check_log
+
+        check_log(log)
     if args.outcomes:
         ingest_outcomes(args.outcomes, log, config.performance.label_horizon_hours)
     if not log.is_file():
