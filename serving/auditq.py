@@ -246,3 +246,4 @@ class AuditWriter:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        self.store.close()

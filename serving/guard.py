@@ -368,7 +368,7 @@ class GuardMiddleware:
                 return
             start = held[0]
             raw = b"".join(m.get("body", b"") for m in held[1:])
-            if int(start["status"]) != 200:
+            if int(start["status"]) != 200 or not raw:  # HEAD, or an error: as it is
                 for m in held:
                     await send(m)
                 return

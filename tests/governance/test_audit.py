@@ -388,3 +388,16 @@ def test_check_writable_names_an_unwritable_log(tmp_path: Path) -> None:
     path.mkdir()  # root ignores permissions; a directory in the way fails for everyone
     with pytest.raises(AuditLogError, match="cannot open"):
         AuditLog(path).check_writable()
+
+
+def test_head_interval_holds_the_sidecar_back_until_close(tmp_path: Path) -> None:
+    """A long-lived writer (the service) rewrites the head at most every head_interval: in
+    between verify sees it behind (a warning, not tampering); close brings it up to date."""
+    log = AuditLog(tmp_path / "audit.jsonl", head_interval=3600)
+    for i in range(5):
+        log.append("svc", "read", f"r/{i}")
+    res = log.verify()
+    assert res.ok and any("behind" in w for w in res.warnings)
+    log.close()
+    res = log.verify()
+    assert res.ok and not res.warnings and log.head()[0] == 5
