@@ -50,6 +50,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -270,6 +271,7 @@ class AuditLog:
         path: str | Path | None = None,
         key: bytes | str | None = None,
         head_interval: float = 0.0,
+        keep_open: bool = False,
     ) -> None:
         self.path = Path(path) if path is not None else default_audit_path()
         #: rewrite the ``.head`` sidecar at most this often (a rename costs ~1-2 ms here);
@@ -278,6 +280,14 @@ class AuditLog:
         self.head_interval = float(head_interval)
         self._head_pending: tuple[int, str] | None = None
         self._head_at = float("-inf")
+        #: ``keep_open``: one descriptor kept between appends (reopened when the path is
+        #: replaced or removed), and the tail this process wrote remembered, so a long-lived
+        #: writer does not reopen the file and re-read its tail for every group
+        self.keep_open = bool(keep_open)
+        self._mutex = threading.Lock()
+        self._fd: int | None = None
+        self._fd_id: tuple[int, int] = (0, 0)
+        self._known: tuple[int, int, str] | None = None  # (file size, seq, hash) we wrote last
         if isinstance(key, str):
             key = key.encode("utf-8")
         self.key: bytes | None = key if key is not None else key_from_env()
@@ -335,21 +345,75 @@ class AuditLog:
         pats = [_check_record(r) for r in records]
         if not records:
             return []
+        if self.keep_open:
+            return self._append_kept_open(records, pats)
         with self._locked() as fh:
             seq, prev = self._tail(fh)
-            entries: list[dict[str, Any]] = []
-            lines: list[bytes] = []
-            for rec, patients in zip(records, pats, strict=True):
-                seq += 1
-                entry = self._entry(rec, patients, seq, prev)
-                prev = entry["hash"]
-                entries.append(entry)
-                lines.append((canonical_json(entry) + "\n").encode("utf-8"))
+            entries, data = self._lines(records, pats, seq, prev)
             fh.seek(0, os.SEEK_END)
-            fh.write(b"".join(lines))
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-            self._write_head(seq, prev)
+            self._write_head(entries[-1]["seq"], entries[-1]["hash"])
+        return entries
+
+    def _lines(
+        self, records: Sequence[AuditRecord], pats: list[list[str] | None], seq: int, prev: str
+    ) -> tuple[list[dict[str, Any]], bytes]:
+        entries: list[dict[str, Any]] = []
+        lines: list[bytes] = []
+        for rec, patients in zip(records, pats, strict=True):
+            seq += 1
+            entry = self._entry(rec, patients, seq, prev)
+            prev = entry["hash"]
+            entries.append(entry)
+            lines.append((canonical_json(entry) + "\n").encode("utf-8"))
+        return entries, b"".join(lines)
+
+    def _kept_fd(self) -> int:
+        """The kept descriptor; a new one when the path now names another file (or none)."""
+        try:
+            st = os.stat(self.path)
+            now: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            now = None
+        if self._fd is not None and now != self._fd_id:
+            os.close(self._fd)
+            self._fd, self._known = None, None
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+            if now is None:
+                _fsync_dir(self.path.parent)
+            st = os.fstat(fd)
+            self._fd, self._fd_id, self._known = fd, (st.st_dev, st.st_ino), None
+        return self._fd
+
+    def _append_kept_open(
+        self, records: Sequence[AuditRecord], pats: list[list[str] | None]
+    ) -> list[dict[str, Any]]:
+        with self._mutex:  # flock does not exclude threads that share one descriptor
+            fd = self._kept_fd()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                size = os.fstat(fd).st_size
+                if self._known is not None and self._known[0] == size:
+                    seq, prev = self._known[1], self._known[2]
+                else:  # first append, or another process appended since
+                    with os.fdopen(os.dup(fd), "rb") as fh:
+                        seq, prev = self._tail(fh)
+                entries, data = self._lines(records, pats, seq, prev)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+                self._known = (size + len(data), entries[-1]["seq"], entries[-1]["hash"])
+                self._write_head(entries[-1]["seq"], entries[-1]["hash"])
+            except BaseException:
+                self._known = None
+                raise
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
         return entries
 
     def _entry(
@@ -456,7 +520,11 @@ class AuditLog:
 
     def close(self) -> None:
         """Write the head held back by ``head_interval`` (if another writer has not moved the
-        log on since; its head is then newer)."""
+        log on since; its head is then newer) and release a kept descriptor."""
+        with self._mutex:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd, self._known = None, None
         if self._head_pending is None:
             return
         with contextlib.suppress(OSError, AuditLogError), self._locked() as fh:

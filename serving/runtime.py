@@ -587,7 +587,9 @@ def build_runtime() -> Runtime:
     doc = run_dict or _dictionary(path, fconf, vocab, champion.feature_names)
     texts = load_feature_texts(doc, champion.feature_names, vocab)
     try:  # no audit trail, no service: recover a crash-torn tail, check it can be appended
-        audit = AuditWriter(AuditLog(config.audit_log_path(), head_interval=0.5)).start()
+        audit = AuditWriter(
+            AuditLog(config.audit_log_path(), head_interval=0.5, keep_open=True)
+        ).start()
     except (AuditLogError, OSError) as exc:
         raise StartupError(f"audit log unusable: {exc}") from None
     rt = Runtime(

@@ -401,3 +401,28 @@ def test_head_interval_holds_the_sidecar_back_until_close(tmp_path: Path) -> Non
     log.close()
     res = log.verify()
     assert res.ok and not res.warnings and log.head()[0] == 5
+
+
+def test_kept_open_writer_interleaves_with_others_and_follows_the_path(tmp_path: Path) -> None:
+    """The service keeps its descriptor and remembers its own tail: another writer's entries
+    in between, a log moved away or replaced, and threads all keep one linear chain."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "audit.jsonl"
+    svc = AuditLog(path, keep_open=True)
+    cli = AuditLog(path)
+    svc.append("svc", "predict", "a", patients=[P1])
+    cli.append("lead", "promote", "models:/m@champion")  # another process's entry
+    svc.append("svc", "predict", "b")
+    with ThreadPoolExecutor(4) as ex:
+        list(ex.map(lambda i: svc.append("t", "read", f"r/{i}"), range(40)))
+    res = svc.verify()
+    assert res.ok and res.entries == 43, res.reason
+    path.rename(tmp_path / "old.jsonl")  # rotated away: the next append starts a new file
+    assert svc.append("svc", "predict", "c")["seq"] == 1
+    path.unlink()
+    path.mkdir()  # replaced by something that cannot be appended to
+    with pytest.raises(OSError):
+        svc.append("svc", "predict", "d")
+    svc.close()
+    assert AuditLog(tmp_path / "old.jsonl").verify().ok
