@@ -29,8 +29,16 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
+from serving.auditq import AuditItem, AuditUnavailable
 from serving.auth import bearer_token
+from serving.schemas import (
+    FeaturesRequest,
+    complete_openapi,
+    feature_rows_look_valid,
+    unknown_flags,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -266,9 +274,7 @@ class Exchange:
     def resource(self) -> str:
         return f"{self.method} {self.path if self.path in ROUTE_SCOPES else '(undeclared path)'}"
 
-    def audit_item(self) -> Any:
-        from serving.auditq import AuditItem
-
+    def audit_item(self) -> AuditItem:
         return AuditItem(
             actor=self.actor,
             action=ROUTE_ACTIONS.get(self.path, "request"),
@@ -373,8 +379,6 @@ class GuardMiddleware:
                     await send(m)
                 return
             if self._docs is None or self._docs[0] != raw:
-                from serving.schemas import complete_openapi
-
                 self._docs = (raw, orjson.dumps(complete_openapi(orjson.loads(raw))))
             body = self._docs[1]
             headers = [
@@ -411,7 +415,7 @@ class GuardMiddleware:
         ex.actor = key.name
         responder = _Responder(rt, ex, send)
         try:
-            body, parsed = await self._admit(rt, ex, key, scope, headers, receive, responder)
+            body, parsed = await self._admit(rt, ex, key, headers, receive, responder)
         except Reject as r:
             await responder.reject(r)
             return
@@ -447,7 +451,6 @@ class GuardMiddleware:
         rt: Any,
         ex: Exchange,
         key: Any,
-        scope: Scope,
         headers: dict[str, str],
         receive: Receive,
         responder: _Responder,
@@ -575,8 +578,6 @@ class _Responder:
         self._held: list[Message] = []
 
     async def _commit(self, status: int) -> bool:
-        from serving.auditq import AuditUnavailable
-
         self.ex.status = status
         if self.ctx is not None:
             self.ex.patients = [str(p) for p in self.ctx.get("patients") or []]
@@ -746,10 +747,6 @@ def parse_body(body: bytes) -> Any:
 def check_features(rt: Any, ex: Exchange, parsed: dict[str, Any]) -> bytes:
     """Everything BentoML's validation of ``/v1/score/features`` would refuse, refused here
     first (BentoML logs the inputs of a body it rejects); returns the body to forward."""
-    from pydantic import ValidationError
-
-    from serving.schemas import FeaturesRequest, feature_rows_look_valid
-
     rows = parsed.get("rows")
     if isinstance(rows, list) and len(rows) > rt.config.max_feature_rows:
         raise Reject(
@@ -781,8 +778,6 @@ def _known_flags(feature_names: tuple[str, ...], scale2: tuple[str, ...]) -> fro
 
 def check_flags(rt: Any, parsed: dict[str, Any]) -> None:
     """Refuse covariate flags the served model does not read, by name (422)."""
-    from serving.schemas import unknown_flags
-
     patients = parsed.get("patients")
     if not isinstance(patients, list):
         return
