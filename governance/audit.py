@@ -24,8 +24,21 @@ Trade-offs, documented here because they decide what the log can prove:
   (action ``log_rotated``) records the old log's path and ``vitalrisk audit head``; keep the
   old key to verify the old file.
 * **Concurrency**: writers from several processes (BentoML workers, a CLI) take an exclusive
-  ``fcntl`` lock on the log, read the last entry, append one line and ``fsync`` before
+  ``fcntl`` lock on the log, read the last entry, append their lines and ``fsync`` before
   releasing, so the chain stays linear. POSIX only; NFS locking is not relied upon.
+* **Group commit**: :meth:`AuditLog.append_many` writes a batch of entries with one ``write``
+  and one ``fsync``; the service answers a request only after the batch holding its entry
+  returned (``serving/auditq.py``).
+* **Canonical lines**: every line is exactly ``canonical_json(entry)``. ``verify`` re-serialises
+  each line and refuses any that differs (duplicate keys, whose first value a parser would
+  silently drop, re-ordered or re-formatted fields), so the bytes on disk are the bytes hashed.
+* **Torn tail**: a crash in the middle of a ``write`` can leave an incomplete last line. Its
+  entries were never fsynced, so no answer depended on them; :meth:`AuditLog.prepare` (run
+  when the service starts) moves the fragment to ``<log>.torn-<time>`` and records an
+  ``audit_recovered`` entry naming its size and SHA-256. Complete lines are never changed.
+
+Other backends (a PostgreSQL chain for team deployments) implement :class:`AuditStore`:
+``prepare``, ``append_many``, ``check_writable``, ``verify`` and ``close``.
 """
 
 from __future__ import annotations
@@ -37,11 +50,13 @@ import hmac
 import json
 import logging
 import os
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from governance.pseudonym import is_pseudonym, production_mode
 
@@ -72,8 +87,11 @@ def key_from_env() -> bytes | None:
 
 
 def canonical_json(obj: Any) -> str:
-    """The one serialisation that is hashed: sorted keys, no whitespace, UTF-8 text."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """The one serialisation that is hashed and written: sorted keys, no whitespace, UTF-8
+    text, finite numbers only (``NaN`` is not JSON and would not read back the same)."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
 
 
 def entry_hash(entry: dict[str, Any], key: bytes | None) -> str:
@@ -82,6 +100,54 @@ def entry_hash(entry: dict[str, Any], key: bytes | None) -> str:
     if key:
         return hmac.new(key, body, hashlib.sha256).hexdigest()
     return hashlib.sha256(body).hexdigest()
+
+
+class _NotCanonical(ValueError):
+    """A line that parses but is not the canonical form of what it parses to."""
+
+
+def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        keys = [k for k, _ in pairs]
+        dup = next(k for i, k in enumerate(keys) if k in keys[:i])
+        raise _NotCanonical(f"duplicate key {dup!r} (a parser keeps only one of the values)")
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise _NotCanonical(f"{name} is not JSON")
+
+
+_STRICT_DECODER = json.JSONDecoder(
+    object_pairs_hook=_pairs_without_duplicates, parse_constant=_no_constants
+)
+
+
+def parse_canonical_line(raw: bytes) -> dict[str, Any]:
+    """One log line (with its newline) -> the entry, refusing anything but canonical JSON.
+
+    Raises ``ValueError`` with the reason: not JSON, not an object, a duplicate key, ``NaN``,
+    or bytes that differ from ``canonical_json`` of the parsed entry (re-ordered keys, added
+    whitespace, escaped characters): the line must be exactly what the writer produced.
+    """
+    if not raw.endswith(b"\n"):
+        raise _NotCanonical("incomplete line (no newline: torn write or edit)")
+    try:
+        text = raw[:-1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise _NotCanonical("not UTF-8 text") from None
+    try:
+        entry = _STRICT_DECODER.decode(text)
+    except _NotCanonical:
+        raise
+    except ValueError:
+        raise ValueError("not valid JSON (edited or torn write)") from None
+    if not isinstance(entry, dict):
+        raise _NotCanonical("not a JSON object")
+    if canonical_json(entry) != text:
+        raise _NotCanonical("not canonical JSON (re-ordered or re-formatted fields)")
+    return entry
 
 
 @dataclass
@@ -100,6 +166,41 @@ class VerifyResult:
         return self.ok
 
 
+@dataclass(frozen=True)
+class AuditRecord:
+    """What one entry says, before the chain adds ``seq``, ``ts``, ``alg`` and the hashes."""
+
+    actor: str
+    action: str
+    resource: str
+    patients: list[str] | None = None
+    model_version: str | None = None
+    details: dict[str, Any] | None = None
+
+
+class AuditStore(Protocol):
+    """A hash-chained audit trail: the file :class:`AuditLog` here, a database chain later.
+
+    ``append_many`` must be durable when it returns (the service answers requests on it),
+    keep the records' order and return the stored entries; ``check_writable`` raises
+    ``AuditLogError`` when an append would fail (readiness probes call it); ``prepare`` makes
+    a store that a crash interrupted appendable again without touching complete entries;
+    ``close`` writes what a store keeps back for speed (the file log's head sidecar).
+    """
+
+    def prepare(self) -> None: ...
+
+    def append_many(self, records: Sequence[AuditRecord]) -> list[dict[str, Any]]: ...
+
+    def check_writable(self) -> None: ...
+
+    def verify(
+        self, anchor: tuple[int, str] | None = None, allow_unkeyed: bool = False
+    ) -> VerifyResult: ...
+
+    def close(self) -> None: ...
+
+
 def _check_patients(patients: list[str] | None) -> list[str] | None:
     if patients is None:
         return None
@@ -114,6 +215,12 @@ def _check_patients(patients: list[str] | None) -> list[str] | None:
             "patient ids are not pseudonyms"
         )
     return out
+
+
+def _check_record(rec: AuditRecord) -> list[str] | None:
+    if not rec.actor or not rec.action:
+        raise ValueError("audit entries need an actor and an action")
+    return _check_patients(rec.patients)
 
 
 def _read_last_line(fh: Any) -> bytes:
@@ -135,15 +242,52 @@ def _read_last_line(fh: Any) -> bytes:
     return buf.rstrip(b"\n")
 
 
+def _ends_with_newline(fh: Any) -> bool:
+    fh.seek(0, os.SEEK_END)
+    if fh.tell() == 0:
+        return True
+    fh.seek(-1, os.SEEK_END)
+    return bool(fh.read(1) == b"\n")
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a file's creation or rename durable (its directory entry)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class AuditLog:
     """One append-only, hash-chained JSON Lines file shared by every writer.
 
     Writers: serving (API data access), models (promotions, rollbacks), export. Readers:
-    ``vitalrisk audit verify`` / ``show``.
+    ``vitalrisk audit verify`` / ``show``. Implements :class:`AuditStore`.
     """
 
-    def __init__(self, path: str | Path | None = None, key: bytes | str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        key: bytes | str | None = None,
+        head_interval: float = 0.0,
+        keep_open: bool = False,
+    ) -> None:
         self.path = Path(path) if path is not None else default_audit_path()
+        #: rewrite the ``.head`` sidecar at most this often (a rename costs ~1-2 ms here);
+        #: the head may then lag the log by that much after a crash, which ``verify`` reports
+        #: as a warning. ``close`` writes the latest head. 0: after every append.
+        self.head_interval = float(head_interval)
+        self._head_pending: tuple[int, str] | None = None
+        self._head_at = float("-inf")
+        #: ``keep_open``: one descriptor kept between appends (reopened when the path is
+        #: replaced or removed), and the tail this process wrote remembered, so a long-lived
+        #: writer does not reopen the file and re-read its tail for every group
+        self.keep_open = bool(keep_open)
+        self._mutex = threading.Lock()
+        self._fd: int | None = None
+        self._fd_id: tuple[int, int] = (0, 0)
+        self._known: tuple[int, int, str] | None = None  # (file size, seq, hash) we wrote last
         if isinstance(key, str):
             key = key.encode("utf-8")
         self.key: bytes | None = key if key is not None else key_from_env()
@@ -162,9 +306,12 @@ class AuditLog:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[Any]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
         # 0o640: the log names pseudonyms and actors; not world-readable
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
         with os.fdopen(fd, "a+b") as fh:
+            if created:
+                _fsync_dir(self.path.parent)
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
                 yield fh
@@ -186,57 +333,206 @@ class AuditLog:
         artifact that leaves the secure enclave. ``details`` must be JSON-serialisable (other
         values are stored as their ``str``).
         """
-        if not actor or not action:
-            raise ValueError("audit entries need an actor and an action")
-        pats = _check_patients(patients)
+        rec = AuditRecord(actor, action, resource, patients, model_version, details)
+        return self.append_many([rec])[0]
+
+    def append_many(self, records: Sequence[AuditRecord]) -> list[dict[str, Any]]:
+        """Append ``records`` in order with one write and one ``fsync``; durable on return.
+
+        All or nothing for the checks (a bad record fails the call before anything is
+        written); raises ``AuditLogError`` when the log's tail is not a valid entry.
+        """
+        pats = [_check_record(r) for r in records]
+        if not records:
+            return []
+        if self.keep_open:
+            return self._append_kept_open(records, pats)
         with self._locked() as fh:
-            last_raw = _read_last_line(fh)
-            if last_raw:
-                fh.seek(-1, os.SEEK_END)
-                if fh.read(1) != b"\n":
-                    raise AuditLogError(
-                        f"{self.path}: last line is incomplete (torn write or edit); "
-                        "run `vitalrisk audit verify` before appending"
-                    )
-                try:
-                    last = json.loads(last_raw)
-                    seq, prev = int(last["seq"]) + 1, str(last["hash"])
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise AuditLogError(
-                        f"{self.path}: last line is not a valid audit entry ({exc}); "
-                        "run `vitalrisk audit verify` before appending"
-                    ) from None
-            else:
-                seq, prev = 1, GENESIS_HASH
-            entry: dict[str, Any] = {
-                "seq": seq,
-                "ts": datetime.now(UTC).isoformat(timespec="microseconds"),
-                "actor": str(actor),
-                "action": str(action),
-                "resource": str(resource),
-                "patients": pats,
-                "model_version": None if model_version is None else str(model_version),
-                "details": details or {},
-                "alg": ALG_HMAC if self.key else ALG_PLAIN,
-                "prev_hash": prev,
-            }
-            # round-trip so the hashed form is exactly what a reader will parse back
-            entry = json.loads(json.dumps(entry, default=str))
-            entry["hash"] = entry_hash(entry, self.key)
-            line = (canonical_json(entry) + "\n").encode("utf-8")
+            seq, prev = self._tail(fh)
+            entries, data = self._lines(records, pats, seq, prev)
             fh.seek(0, os.SEEK_END)
-            fh.write(line)
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-            self._write_head(seq, entry["hash"])
+            self._write_head(entries[-1]["seq"], entries[-1]["hash"])
+        return entries
+
+    def _lines(
+        self, records: Sequence[AuditRecord], pats: list[list[str] | None], seq: int, prev: str
+    ) -> tuple[list[dict[str, Any]], bytes]:
+        entries: list[dict[str, Any]] = []
+        lines: list[bytes] = []
+        for rec, patients in zip(records, pats, strict=True):
+            seq += 1
+            entry = self._entry(rec, patients, seq, prev)
+            prev = entry["hash"]
+            entries.append(entry)
+            lines.append((canonical_json(entry) + "\n").encode("utf-8"))
+        return entries, b"".join(lines)
+
+    def _kept_fd(self) -> int:
+        """The kept descriptor; a new one when the path now names another file (or none)."""
+        try:
+            st = os.stat(self.path)
+            now: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            now = None
+        if self._fd is not None and now != self._fd_id:
+            os.close(self._fd)
+            self._fd, self._known = None, None
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+            if now is None:
+                _fsync_dir(self.path.parent)
+            st = os.fstat(fd)
+            self._fd, self._fd_id, self._known = fd, (st.st_dev, st.st_ino), None
+        return self._fd
+
+    def _append_kept_open(
+        self, records: Sequence[AuditRecord], pats: list[list[str] | None]
+    ) -> list[dict[str, Any]]:
+        with self._mutex:  # flock does not exclude threads that share one descriptor
+            fd = self._kept_fd()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                size = os.fstat(fd).st_size
+                if self._known is not None and self._known[0] == size:
+                    seq, prev = self._known[1], self._known[2]
+                else:  # first append, or another process appended since
+                    with os.fdopen(os.dup(fd), "rb") as fh:
+                        seq, prev = self._tail(fh)
+                entries, data = self._lines(records, pats, seq, prev)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+                self._known = (size + len(data), entries[-1]["seq"], entries[-1]["hash"])
+                self._write_head(entries[-1]["seq"], entries[-1]["hash"])
+            except BaseException:
+                self._known = None
+                raise
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        return entries
+
+    def _entry(
+        self, rec: AuditRecord, patients: list[str] | None, seq: int, prev: str
+    ) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "seq": seq,
+            "ts": datetime.now(UTC).isoformat(timespec="microseconds"),
+            "actor": str(rec.actor),
+            "action": str(rec.action),
+            "resource": str(rec.resource),
+            "patients": patients,
+            "model_version": None if rec.model_version is None else str(rec.model_version),
+            "details": rec.details or {},
+            "alg": ALG_HMAC if self.key else ALG_PLAIN,
+            "prev_hash": prev,
+        }
+        # round-trip so the hashed form is exactly what a reader will parse back
+        try:
+            entry = json.loads(json.dumps(entry, default=str, allow_nan=False))
+        except ValueError:
+            raise ValueError("audit details must not contain NaN or Infinity") from None
+        entry["hash"] = entry_hash(entry, self.key)
         return entry
 
+    def _tail(self, fh: Any) -> tuple[int, str]:
+        """``(seq, hash)`` of the last entry under the lock; refuses a torn or foreign tail."""
+        if not _ends_with_newline(fh):
+            raise AuditLogError(
+                f"{self.path}: last line is incomplete (torn write or edit); "
+                "run `vitalrisk audit verify` before appending"
+            )
+        last_raw = _read_last_line(fh)
+        if not last_raw:
+            return 0, GENESIS_HASH
+        try:
+            last = json.loads(last_raw)
+            return int(last["seq"]), str(last["hash"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AuditLogError(
+                f"{self.path}: last line is not a valid audit entry ({exc}); "
+                "run `vitalrisk audit verify` before appending"
+            ) from None
+
+    def check_writable(self) -> None:
+        """Raise ``AuditLogError`` unless an append would find a writable log and a valid tail."""
+        try:
+            with self._locked() as fh:
+                self._tail(fh)
+        except OSError as exc:
+            raise AuditLogError(
+                f"{self.path}: cannot open for appending ({exc.strerror})"
+            ) from None
+
+    def prepare(self) -> None:
+        """Make a log that a crash interrupted appendable again (see "Torn tail" above).
+
+        Only an incomplete last line (no newline) is moved aside; a complete but invalid last
+        line is left alone and appends keep failing until someone looks at it.
+        """
+        with self._locked() as fh:
+            if _ends_with_newline(fh):
+                return
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - _TAIL_CHUNK * 16))
+            data = fh.read()
+            cut = size - len(data) + data.rfind(b"\n") + 1 if b"\n" in data else 0
+            fh.seek(cut)
+            torn = fh.read()
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+            aside = self.path.with_name(f"{self.path.name}.torn-{stamp}")
+            with aside.open("wb") as out:
+                out.write(torn)
+                out.flush()
+                os.fsync(out.fileno())
+            os.truncate(fh.fileno(), cut)
+            os.fsync(fh.fileno())
+        details = {
+            "torn_bytes": len(torn),
+            "torn_sha256": hashlib.sha256(torn).hexdigest(),
+            "saved_as": aside.name,
+        }
+        logger.warning(
+            "%s: moved an incomplete last line (%d bytes, never acknowledged) to %s",
+            self.path,
+            len(torn),
+            aside.name,
+        )
+        self.append("vitalrisk", "audit_recovered", self.path.name, details=details)
+
     def _write_head(self, seq: int, digest: str) -> None:
-        """Atomic replace, without fsync: after a crash the head may lag the (fsynced) log by
-        an entry, which ``verify`` reports as a warning; a head AHEAD of the log is an error."""
+        """Atomic replace, without fsync: after a crash the head may lag the (fsynced) log,
+        which ``verify`` reports as a warning; a head AHEAD of the log is an error. Called
+        under the log's lock, so heads of several writers never go backwards."""
+        now = time.monotonic()
+        if now - self._head_at < self.head_interval:
+            self._head_pending = (seq, digest)
+            return
+        self._head_pending, self._head_at = None, now
         tmp = self.head_path.with_name(self.head_path.name + f".{os.getpid()}.tmp")
         tmp.write_text(canonical_json({"seq": seq, "hash": digest}) + "\n", encoding="utf-8")
         os.replace(tmp, self.head_path)
+
+    def close(self) -> None:
+        """Write the head held back by ``head_interval`` (if another writer has not moved the
+        log on since; its head is then newer) and release a kept descriptor."""
+        with self._mutex:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd, self._known = None, None
+        if self._head_pending is None:
+            return
+        with contextlib.suppress(OSError, AuditLogError), self._locked() as fh:
+            seq, digest = self._tail(fh)
+            if (seq, digest) == self._head_pending:
+                self._head_at = float("-inf")
+                self._write_head(seq, digest)
+        self._head_pending = None
 
     def entries(self) -> Iterator[dict[str, Any]]:
         """Parsed entries in file order (raises ``AuditLogError`` on an unparsable line)."""
@@ -288,52 +584,56 @@ class AuditLog:
                 if not raw.strip():
                     return fail(expected, f"line {lineno}: empty line inside the log")
                 try:
-                    entry = json.loads(raw)
-                except ValueError:
-                    return fail(expected, f"line {lineno}: not valid JSON (edited or torn write)")
-                if not isinstance(entry, dict):
-                    return fail(expected, f"line {lineno}: not a JSON object")
-                seq = entry.get("seq")
-                if seq != expected:
-                    return fail(
-                        expected,
-                        f"line {lineno}: seq {seq} where {expected} was expected "
-                        "(entry removed, inserted or reordered)",
-                    )
-                if entry.get("prev_hash") != prev_hash:
-                    return fail(
-                        seq,
-                        f"line {lineno}: prev_hash does not match the hash of entry {seq - 1} "
-                        "(entry removed, inserted or reordered)",
-                    )
-                alg = entry.get("alg", ALG_PLAIN)
-                if alg == ALG_HMAC and not self.key:
-                    return fail(seq, f"line {lineno}: entry is keyed (hmac-sha256): set {KEY_ENV}")
-                if alg == ALG_PLAIN and self.key and not allow_unkeyed:
-                    return fail(
-                        seq,
-                        f"line {lineno}: unkeyed entry in a log verified with {KEY_ENV} "
-                        "(downgrade or forgery)",
-                    )
-                if alg not in (ALG_PLAIN, ALG_HMAC):
-                    return fail(seq, f"line {lineno}: unknown hash algorithm {alg!r}")
-                want = entry_hash(entry, self.key if alg == ALG_HMAC else None)
-                if not hmac.compare_digest(str(entry.get("hash", "")), want):
-                    return fail(seq, f"line {lineno}: hash mismatch (entry edited)")
-                hashes[seq] = want
-                prev_hash, expected = want, expected + 1
+                    entry = parse_canonical_line(raw)
+                except ValueError as exc:
+                    return fail(expected, f"line {lineno}: {exc}")
+                problem = self._check_link(entry, expected, prev_hash, allow_unkeyed)
+                if problem:
+                    return fail(expected, f"line {lineno}: {problem}")
+                hashes[expected] = prev_hash = str(entry["hash"])
+                expected += 1
                 res.entries += 1
         res.head_seq, res.head_hash = expected - 1, prev_hash
+        err = self._check_anchors(res, hashes, anchor)
+        return fail(*err) if err else res
 
+    def _check_link(
+        self, entry: dict[str, Any], expected: int, prev_hash: str, allow_unkeyed: bool
+    ) -> str:
+        """Why ``entry`` does not continue the chain at ``expected`` (empty when it does)."""
+        seq = entry.get("seq")
+        if seq != expected:
+            return f"seq {seq} where {expected} was expected (entry removed, inserted or reordered)"
+        if entry.get("prev_hash") != prev_hash:
+            return (
+                f"prev_hash does not match the hash of entry {expected - 1} "
+                "(entry removed, inserted or reordered)"
+            )
+        alg = entry.get("alg", ALG_PLAIN)
+        if alg == ALG_HMAC and not self.key:
+            return f"entry is keyed (hmac-sha256): set {KEY_ENV}"
+        if alg == ALG_PLAIN and self.key and not allow_unkeyed:
+            return f"unkeyed entry in a log verified with {KEY_ENV} (downgrade or forgery)"
+        if alg not in (ALG_PLAIN, ALG_HMAC):
+            return f"unknown hash algorithm {alg!r}"
+        want = entry_hash(entry, self.key if alg == ALG_HMAC else None)
+        if not hmac.compare_digest(str(entry.get("hash", "")), want):
+            return "hash mismatch (entry edited)"
+        return ""
+
+    def _check_anchors(
+        self, res: VerifyResult, hashes: dict[int, str], anchor: tuple[int, str] | None
+    ) -> tuple[int | None, str] | None:
+        """The head sidecar and an external anchor against the chain just walked."""
         if self.head_path.exists():
             try:
                 head = json.loads(self.head_path.read_text(encoding="utf-8"))
                 h_seq, h_hash = int(head["seq"]), str(head["hash"])
             except (ValueError, KeyError, TypeError):
-                return fail(None, f"{self.head_path}: unreadable head file")
+                return None, f"{self.head_path}: unreadable head file"
             err = self._check_point(h_seq, h_hash, hashes, res.head_seq, "head file")
             if err:
-                return fail(*err)
+                return err
             if h_seq < res.head_seq:
                 res.warnings.append(
                     f"head file is {res.head_seq - h_seq} entries behind the log "
@@ -344,10 +644,8 @@ class AuditLog:
                 f"{self.head_path} missing: tail truncation is only detectable with --anchor"
             )
         if anchor is not None:
-            err = self._check_point(anchor[0], anchor[1], hashes, res.head_seq, "anchor")
-            if err:
-                return fail(*err)
-        return res
+            return self._check_point(anchor[0], anchor[1], hashes, res.head_seq, "anchor")
+        return None
 
     @staticmethod
     def _check_point(

@@ -172,7 +172,7 @@ def score_reference(reference: Any, model_name: str, alias: str) -> tuple[Any, f
     return out, None if threshold is None else float(threshold)
 
 
-def traininglabel_horizons(dictionary: Mapping[str, Any] | None, config: Any) -> Any:
+def training_label_horizons(dictionary: Mapping[str, Any] | None, config: Any) -> Any:
     """Label horizon per care setting the model was trained with (the feature dictionary's),
     else ``monitor.performance.label_horizon_hours``."""
     horizon = ((dictionary or {}).get("label") or {}).get("horizon_hours")
@@ -455,9 +455,13 @@ def run(args: argparse.Namespace) -> int:
         args.out = str(Path(args.demo_out) / args.drift_demo)
         args.window_end = None
         config = config.model_copy(update={"window_days": 3650.0})  # the whole simulated span
+    if log.is_file():  # first, read-only: a damaged log is one line, and is never written to
+        from monitoring.log_check import check_log
+
+        check_log(log)
     dictionary = _read_dictionary(args.dictionary)
     if args.outcomes:
-        ingest_outcomes(args.outcomes, log, traininglabel_horizons(dictionary, config))
+        ingest_outcomes(args.outcomes, log, training_label_horizons(dictionary, config))
     if not log.is_file():
         if args.retrain and args.force:
             retrain(Path(args.repo), args.new_data, args.data_dir, args.dry_run)

@@ -1,8 +1,9 @@
 """``vitalrisk serve``: start the BentoML API on the registry's champion.
 
-Checks what the service needs first (valid ``serve`` params, API keys, a ``champion`` alias)
-so that a missing piece is one clear line instead of a worker traceback, then hands the
-process over to ``bentoml serve serving.service:VitalRisk``.
+Checks what the service needs first (valid ``serve`` params, API keys, production secrets,
+a ``champion`` alias, enough open files) so that a missing piece is one clear line instead of
+a worker traceback, then runs the server (``serving/supervisor.py``) until SIGTERM or SIGINT,
+and returns only once every worker has stopped and the port is free.
 """
 
 from __future__ import annotations
@@ -10,14 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
-import sys
 from pathlib import Path
 
 from core.errors import UserError
 
 HELP = "serve the champion model over HTTP (BentoML): /v1/score, /v1/score/features, FHIR, data collection"
-SERVICE = "serving.service:VitalRisk"
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_command(host: str, port: int) -> list[str]:
-    exe = Path(sys.executable).with_name("bentoml")
-    bentoml = str(exe) if exe.exists() else (shutil.which("bentoml") or "bentoml")
-    return [bentoml, "serve", SERVICE, "--host", host, "--port", str(port)]
-
-
 def run(args: argparse.Namespace) -> int:
     from serving.config import PARAMS_ENV
     from serving.runtime import StartupError, load_startup
+    from serving.supervisor import Supervisor, ensure_open_files
 
-    os.environ[PARAMS_ENV] = (
-        str(Path(args.params).resolve()) if Path(args.params).is_file() else args.params
-    )
+    params = str(Path(args.params).resolve()) if Path(args.params).is_file() else args.params
+    os.environ[PARAMS_ENV] = params
     try:
         config, _, name = load_startup(args.params)
     except StartupError as exc:
@@ -61,19 +53,26 @@ def run(args: argparse.Namespace) -> int:
                 f"registered model {name!r} has no '{tracking.CHAMPION}' alias in "
                 f"{tracking.tracking_uri()}: run `dvc repro` (or `vitalrisk register`) first"
             )
+    ensure_open_files(config.max_connections)
     host = args.host or config.host
     port = args.port or config.port
+    workers = args.workers or config.workers
     env = dict(os.environ)
     env.setdefault("BENTOML_DO_NOT_TRACK", "True")
-    env["VITALRISK_SERVE_WORKERS"] = str(args.workers or config.workers)
+    env["VITALRISK_SERVE_WORKERS"] = str(workers)
     env["VITALRISK_ADAPTIVE_BATCHING"] = "1" if config.adaptive_batching else "0"
     env["VITALRISK_MAX_BATCH_SIZE"] = str(config.max_batch_size)
     env["VITALRISK_MAX_LATENCY_MS"] = str(config.max_latency_ms)
     env["VITALRISK_ACCESS_LOG"] = "1" if config.access_log else "0"
     env["VITALRISK_TRACING"] = "1" if config.tracing else "0"
-    cmd = build_command(host, port)
-    log.info("serving %s@champion on http://%s:%d (%s)", name, host, port, " ".join(cmd))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execvpe(cmd[0], cmd, env)  # replaces this process: signals go straight to bentoml
-    return 0  # pragma: no cover
+    log.info("serving %s@champion on http://%s:%d (%d worker(s))", name, host, port, workers)
+    supervisor = Supervisor(
+        host=host,
+        port=port,
+        workers=workers,
+        params=params if Path(params).is_file() else None,
+        env=env,
+        shutdown_timeout=float(config.shutdown_timeout_seconds),
+        max_restarts_per_minute=config.max_worker_restarts_per_minute,
+    )
+    return supervisor.run()

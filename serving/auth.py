@@ -12,6 +12,15 @@ with ``rate=N`` to give this key its own limit of N requests per second (burst 2
 SHA-256 digest of each secret is kept in memory, and a presented key is compared with every
 stored digest using ``hmac.compare_digest`` so timing does not reveal which prefix matched.
 The key *name* (never the key) is what audit entries record.
+
+The service refuses to start, with one line naming the entry, on: a malformed entry, an
+unknown scope, a name outside ``[A-Za-z0-9_.@-]`` (names go into logs and the audit trail), a
+repeated name, one secret listed for two entries (whose scopes would then depend on which
+entry matched), and a weak secret: fewer than 16 characters or fewer than 8 different ones,
+and in production mode (``VITALRISK_MODE=production``) a placeholder such as ``change-me``.
+
+Failed authentication is throttled per client address (:class:`AuthThrottle`): a token bucket
+that every 401 draws from; an empty bucket answers 429 before any key is compared.
 """
 
 from __future__ import annotations
@@ -19,14 +28,21 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 KEYS_ENV = "VITALRISK_API_KEYS"
 KEYS_FILE_ENV = "VITALRISK_API_KEYS_FILE"
 SCOPES = frozenset({"score", "ingest", "read"})
+MIN_SECRET_CHARS = 16
+MIN_DISTINCT_CHARS = 8
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+#: secrets copied from documentation or templates (refused in production mode)
+_PLACEHOLDERS = ("change-me", "changeme", "password", "example", "replace-me", "your-key")
 
 
 class AuthConfigError(ValueError):
@@ -49,15 +65,24 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
-def parse_key_spec(spec: str, where: str = KEYS_ENV) -> ApiKey:
-    parts = spec.strip().split(":", 2)
-    if len(parts) != 3 or not all(parts):
+def _check_secret(name: str, secret: str, where: str) -> None:
+    from governance.pseudonym import production_mode
+
+    if len(secret) < MIN_SECRET_CHARS or len(set(secret)) < MIN_DISTINCT_CHARS:
         raise AuthConfigError(
-            f"{where}: key entry must be NAME:SCOPES:SECRET or NAME:SCOPES:sha256:HEX "
-            f"(got an entry with {len(parts)} field(s))"
+            f"{where}: key {name!r}: secret is weak: use at least {MIN_SECRET_CHARS} "
+            f"characters, {MIN_DISTINCT_CHARS} of them different (e.g. `openssl rand -hex 24`)"
         )
-    name, scopes_text, secret = parts
-    tokens = [s.strip() for s in scopes_text.split("+") if s.strip()]
+    lowered = secret.lower()
+    if production_mode() and any(p in lowered for p in _PLACEHOLDERS):
+        raise AuthConfigError(
+            f"{where}: key {name!r}: secret looks like a placeholder; production mode needs "
+            "a random secret"
+        )
+
+
+def _parse_scopes(name: str, text: str, where: str) -> tuple[frozenset[str], float | None]:
+    tokens = [s.strip() for s in text.split("+") if s.strip()]
     rate: float | None = None
     for tok in [t for t in tokens if t.startswith("rate=")]:
         tokens.remove(tok)
@@ -65,7 +90,7 @@ def parse_key_spec(spec: str, where: str = KEYS_ENV) -> ApiKey:
             rate = float(tok.removeprefix("rate="))
         except ValueError:
             rate = -1.0
-        if not rate > 0:
+        if not 0 < rate < float("inf"):
             raise AuthConfigError(
                 f"{where}: key {name!r}: {tok!r} must be rate=<requests per second>"
             )
@@ -76,16 +101,51 @@ def parse_key_spec(spec: str, where: str = KEYS_ENV) -> ApiKey:
             f"{where}: key {name!r} has scope(s) {sorted(unknown) or '(none)'}; "
             f"expected '+'-separated from {sorted(SCOPES)} or '*'"
         )
+    return scopes, rate
+
+
+def parse_key_spec(spec: str, where: str = KEYS_ENV) -> ApiKey:
+    parts = spec.strip().split(":", 2)
+    if len(parts) != 3 or not all(p.strip() for p in parts):
+        raise AuthConfigError(
+            f"{where}: key entry must be NAME:SCOPES:SECRET or NAME:SCOPES:sha256:HEX "
+            f"(got an entry with {len(parts)} field(s))"
+        )
+    name, scopes_text, secret = (p.strip() for p in parts)
+    if not _NAME.match(name):
+        raise AuthConfigError(
+            f"{where}: key name must be 1-64 of A-Z a-z 0-9 _ . @ - (it goes into logs and "
+            "the audit trail)"
+        )
+    scopes, rate = _parse_scopes(name, scopes_text, where)
     if secret.startswith("sha256:"):
         hexd = secret.removeprefix("sha256:").strip().lower()
         if len(hexd) != 64 or any(c not in "0123456789abcdef" for c in hexd):
             raise AuthConfigError(f"{where}: key {name!r}: sha256 digest must be 64 hex chars")
         digest = bytes.fromhex(hexd)
     else:
-        if len(secret) < 8:
-            raise AuthConfigError(f"{where}: key {name!r}: secret must be at least 8 characters")
+        _check_secret(name, secret, where)
         digest = hashlib.sha256(secret.encode("utf-8")).digest()
-    return ApiKey(name=name.strip(), scopes=scopes, digest=digest, rate=rate)
+    return ApiKey(name=name, scopes=scopes, digest=digest, rate=rate)
+
+
+def _entries(env: dict[str, str] | os._Environ[str]) -> list[tuple[str, str]]:
+    """``(where, spec)`` of every configured key, ``where`` naming the entry for messages."""
+    out = [
+        (f"{KEYS_ENV} entry {i}", item)
+        for i, item in enumerate((env.get(KEYS_ENV) or "").split(","), 1)
+        if item.strip()
+    ]
+    file = env.get(KEYS_FILE_ENV)
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise AuthConfigError(f"{KEYS_FILE_ENV}={file}: file not found")
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            text = line.split("#", 1)[0].strip()
+            if text:
+                out.append((f"{file} line {n}", text))
+    return out
 
 
 @dataclass
@@ -96,22 +156,24 @@ class KeyStore:
     def from_env(cls, environ: dict[str, str] | None = None) -> KeyStore:
         env = os.environ if environ is None else environ
         keys: list[ApiKey] = []
-        for item in (env.get(KEYS_ENV) or "").split(","):
-            if item.strip():
-                keys.append(parse_key_spec(item, KEYS_ENV))
-        file = env.get(KEYS_FILE_ENV)
-        if file:
-            path = Path(file)
-            if not path.is_file():
-                raise AuthConfigError(f"{KEYS_FILE_ENV}={file}: file not found")
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                text = line.split("#", 1)[0].strip()
-                if text:
-                    keys.append(parse_key_spec(text, f"{file} line {n}"))
-        names = [k.name for k in keys]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise AuthConfigError(f"API key names must be unique; repeated: {dupes}")
+        where_of: dict[str, str] = {}
+        by_digest: dict[bytes, ApiKey] = {}
+        for where, spec in _entries(env):
+            key = parse_key_spec(spec, where)
+            if key.name in where_of:
+                raise AuthConfigError(
+                    f"{where}: API key names must be unique; {key.name!r} is also "
+                    f"{where_of[key.name]}"
+                )
+            other = by_digest.get(key.digest)
+            if other is not None:
+                raise AuthConfigError(
+                    f"{where}: key {key.name!r} has the same secret as key {other.name!r} "
+                    f"({where_of[other.name]}); every key needs its own secret"
+                )
+            where_of[key.name] = where
+            by_digest[key.digest] = key
+            keys.append(key)
         return cls(keys)
 
     def authenticate(self, presented: str) -> ApiKey | None:
@@ -215,3 +277,44 @@ class SharedRateLimiter(RateLimiter):
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+class AuthThrottle:
+    """Failed authentications per client address: a token bucket each 401 draws from.
+
+    ``blocked(addr)`` is checked before any key is compared: while an address's bucket is
+    empty its requests are answered 429 (brute force then runs at ``per_minute``, not at the
+    speed of the network). Addresses are kept in a bounded LRU (``max_clients``); forgetting
+    an old address only refills its bucket. One throttle per worker process.
+    """
+
+    def __init__(self, per_minute: float, burst: int, max_clients: int = 10_000) -> None:
+        self.rate = float(per_minute) / 60.0
+        self.burst = float(burst)
+        self.max_clients = int(max_clients)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _level(self, addr: str, t: float) -> float:
+        tokens, last = self._buckets.get(addr, (self.burst, t))
+        return min(self.burst, tokens + max(0.0, t - last) * self.rate)
+
+    def blocked(self, addr: str, now: float | None = None) -> float:
+        """Seconds until ``addr`` may try a key again (0.0: it may now)."""
+        t = time.monotonic() if now is None else now
+        with self._lock:
+            if addr not in self._buckets:
+                return 0.0
+            tokens = self._level(addr, t)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+    def failed(self, addr: str, now: float | None = None) -> bool:
+        """Record a failed authentication; True when this one emptied the bucket."""
+        t = time.monotonic() if now is None else now
+        with self._lock:
+            tokens = max(0.0, self._level(addr, t) - 1.0)
+            self._buckets[addr] = (tokens, t)
+            self._buckets.move_to_end(addr)
+            while len(self._buckets) > self.max_clients:
+                self._buckets.popitem(last=False)
+        return tokens < 1.0

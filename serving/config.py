@@ -76,9 +76,37 @@ class ServeConfig(BaseModel):
     max_batch_size: int = Field(5_000, ge=1)
     #: BentoML latency budget: a request queued longer is answered 503 (not a fixed wait)
     max_latency_ms: int = Field(1_000, ge=10)
-    #: audit entries are coalesced per key/route/model version over this many seconds
-    #: (0 = one entry per request, written synchronously)
-    audit_flush_seconds: float = Field(0.25, ge=0, le=10)
+    #: a data request waits at most this long for its audit entry to be durable (then 503)
+    audit_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    # connections (uvicorn, per worker process; serving/connections.py). The defaults fit the
+    # common 1,024 open-file limit; `vitalrisk serve` raises the soft limit when it can and
+    # refuses to start when the cap cannot fit
+    #: open connections per worker; more are closed at once (and requests answered 503)
+    max_connections: int = Field(500, ge=8, le=100_000)
+    #: open connections per client address (0 = no per-address cap; behind a proxy every
+    #: client has the proxy's address)
+    max_connections_per_client: int = Field(100, ge=0, le=100_000)
+    #: requests on one keep-alive connection; the last answer says ``Connection: close``
+    max_requests_per_connection: int = Field(1_000, ge=1)
+    #: a request's line and headers must arrive within this time (else 408 and closed)
+    header_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    #: request line and headers larger than this: 431 and closed
+    max_header_bytes: int = Field(32_768, ge=1_024, le=1_048_576)
+    #: the whole body must arrive within this time after the headers (else 408 and closed)
+    body_timeout_seconds: float = Field(30.0, gt=0, le=600)
+    #: idle keep-alive connections are closed after this many seconds
+    keep_alive_seconds: int = Field(5, ge=1, le=300)
+    #: after a 413, up to this many further body bytes are read and discarded, so that a
+    #: client still sending sees the answer instead of a reset connection
+    discard_body_bytes: int = Field(16_000_000, ge=0)
+    #: SIGTERM: in-flight requests get this long to finish before the workers are killed
+    shutdown_timeout_seconds: int = Field(20, ge=1, le=600)
+    #: a worker that crashes is restarted; more crashes than this within a minute stop serving
+    max_worker_restarts_per_minute: int = Field(5, ge=0, le=100)
+    # failed authentication, per client address (token bucket): beyond it, 429 before any
+    # key is compared, until the bucket refills
+    auth_failures_per_minute: float = Field(30.0, gt=0)
+    auth_failure_burst: int = Field(20, ge=1)
     # where things go (env overrides)
     prediction_log: str = "logs/predictions.sqlite"
     #: SQLite ``synchronous`` of the prediction log: FULL (durable on power loss) or NORMAL
@@ -86,6 +114,15 @@ class ServeConfig(BaseModel):
     audit_log: str = "logs/audit.jsonl"
     landing_dir: str = "landing"
     feature_dictionary: str = "artifacts/features/feature_dictionary.json"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        if self.max_connections_per_client > self.max_connections:
+            raise ValueError(
+                f"max_connections_per_client ({self.max_connections_per_client}) must not "
+                f"exceed max_connections ({self.max_connections})"
+            )
+        return self
 
     def prediction_log_path(self) -> Path:
         return Path(os.environ.get(PREDICTION_LOG_ENV) or self.prediction_log)
@@ -140,3 +177,46 @@ def model_name(path: str | Path | None = None) -> str:
     p = Path(path) if path is not None else params_path()
     name = (_read(p).get("register") or {}).get("model_name")
     return str(name) if name else DEFAULT_MODEL_NAME
+
+
+#: production secrets: length and variety below which a key is refused as guessable
+MIN_PRODUCTION_KEY_CHARS = 32
+MIN_PRODUCTION_KEY_DISTINCT = 10
+
+
+def check_secrets(environ: dict[str, str] | None = None) -> None:
+    """Production mode (``VITALRISK_MODE=production``) refuses to start without its keys.
+
+    ``VITALRISK_PSEUDONYM_KEY`` (otherwise the public demo key would pseudonymise real
+    patients, or every request would fail) and ``VITALRISK_AUDIT_KEY`` (otherwise anyone who
+    can write the log can rewrite it with fresh SHA-256 hashes) must be set, differ, and each
+    be at least 32 characters with 10 different ones. Raises ``ValueError``, one line naming
+    the variable; outside production mode, nothing is required.
+    """
+    from governance.audit import KEY_ENV as AUDIT_KEY_ENV
+    from governance.pseudonym import DEMO_KEY, KEY_ENV, production_mode
+
+    env = os.environ if environ is None else environ
+    if not production_mode():
+        return
+    values = {name: env.get(name, "") for name in (KEY_ENV, AUDIT_KEY_ENV)}
+    for name, value in values.items():
+        if not value:
+            raise ValueError(
+                f"VITALRISK_MODE=production: {name} is not set (see README, Governance); "
+                "the service does not start without it"
+            )
+        if (
+            value == DEMO_KEY
+            or len(value) < MIN_PRODUCTION_KEY_CHARS
+            or len(set(value)) < MIN_PRODUCTION_KEY_DISTINCT
+        ):
+            raise ValueError(
+                f"VITALRISK_MODE=production: {name} is weak: use at least "
+                f"{MIN_PRODUCTION_KEY_CHARS} characters of a random secret "
+                "(e.g. `openssl rand -hex 32`)"
+            )
+    if values[KEY_ENV] == values[AUDIT_KEY_ENV]:
+        raise ValueError(
+            f"VITALRISK_MODE=production: {KEY_ENV} and {AUDIT_KEY_ENV} must be different secrets"
+        )

@@ -12,7 +12,14 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from core.vocabulary import Vocabulary
-from serving.schemas import Covariates, ObservationIn, PatientIn, PatientScore
+from serving.schemas import (
+    MAX_PATIENT_ID,
+    Covariates,
+    ObservationIn,
+    PatientIn,
+    PatientScore,
+    valid_patient_id,
+)
 from serving.scoring import InputError
 
 RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
@@ -25,6 +32,9 @@ def _errors(exc: ValidationError, prefix: str) -> list[tuple[str, str]]:
         (prefix + ".".join(str(x) for x in e["loc"]), e["msg"])
         for e in exc.errors(include_input=False)[:20]
     ]
+
+
+_ID_RULE = f"expected a reference 'Patient/<id>' (id of 1-{MAX_PATIENT_ID} characters)"
 
 
 def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[PatientIn, list[str]]:
@@ -46,6 +56,11 @@ def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[Patie
         Bundle.model_validate(payload)
     except ValidationError as exc:
         raise InputError(_errors(exc, "Bundle.")) from None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        # fhir.resources raises these for an entry of an unknown resource type
+        raise InputError(
+            [("Bundle.entry", "not valid FHIR R4 resources (unknown resourceType?)")]
+        ) from None
     entries = payload.get("entry") or []
     resources = [
         (i, e.get("resource") if isinstance(e, dict) else None) for i, e in enumerate(entries)
@@ -61,7 +76,11 @@ def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[Patie
             )
         else:
             problems.append((f"entry[{pr.line}].{pr.field}", pr.reason))
-    subjects = {p["patient_id"] for p in recs.patients}
+    subjects = {str(p["patient_id"]).strip() for p in recs.patients}
+    if any(not valid_patient_id(p["patient_id"]) for p in recs.patients):
+        problems.append(
+            ("Patient.id", f"expected an id of 1-{MAX_PATIENT_ID} printable characters")
+        )
     patient = recs.patients[-1] if recs.patients else {}
     observations: list[ObservationIn] = []
     for j, line in enumerate(recs.line):
@@ -73,7 +92,10 @@ def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[Patie
         if pre == Reason.MISSING_PATIENT:
             problems.append((f"entry[{line}].subject", "expected a reference 'Patient/<id>'"))
             continue
-        subjects.add(recs.subject[j])
+        if not valid_patient_id(recs.subject[j]):
+            problems.append((f"entry[{line}].subject", _ID_RULE))
+            continue
+        subjects.add(recs.subject[j].strip())
         if pre != Reason.ACCEPTED:
             problems.append((f"{where}.value[x]", recs.detail.get(j, pre.name.lower())))
             continue

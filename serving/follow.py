@@ -129,7 +129,7 @@ class ModelFollower:
     def _audit(self, action: str, version: str | None, details: dict[str, Any]) -> None:
         from models import tracking
 
-        self.rt.audit.log.append(
+        self.rt.audit.store.append(
             actor=ACTOR,
             action=action,
             resource=f"models:/{self.name}@{tracking.CHAMPION}",

@@ -1,23 +1,44 @@
-"""ASGI middleware in front of every route: request ids, API keys, scopes, rate and size limits,
-strict JSON, and the audit trail.
+"""ASGI middleware in front of every route: routes and methods, API keys, scopes, throttling,
+rate and size limits, body timeouts, strict JSON, and the audit trail as part of the answer.
 
 Pure ASGI (no BaseHTTPMiddleware) so the hot path adds microseconds, and so that the same
 checks cover both the FastAPI routes and BentoML's batchable ``/v1/score/features``.
+
+What it promises (README, "Guarantees"):
+
+* only declared routes reach the application: any other path is a JSON 404, any other method
+  a 405 with ``Allow``; the raw path is never logged (it may hold an identifier);
+* an authenticated ``/v1`` answer leaves only after its audit entry is durable
+  (``serving/auditq.py``); when the audit log cannot be written the answer is 503;
+* unauthenticated and throttled requests are audited too, without waiting for the disk;
+* every bad request is a 4xx with a reason: 400 malformed JSON or duplicate keys, 408 a body
+  that does not arrive in time, 413 too large (after reading and discarding up to
+  ``serve.discard_body_bytes`` so the client sees the answer), 422 schema problems.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
+from serving.auditq import AuditItem, AuditUnavailable
 from serving.auth import bearer_token
+from serving.schemas import (
+    FeaturesRequest,
+    complete_openapi,
+    feature_rows_look_valid,
+    unknown_flags,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +47,13 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-#: (method, path) -> scope needed; paths outside /v1 are public (probes, metrics, OpenAPI)
-ROUTE_SCOPES: dict[tuple[str, str], str] = {
-    ("POST", "/v1/score"): "score",
-    ("POST", "/v1/score/features"): "score",
-    ("POST", "/v1/fhir/score"): "score",
-    ("POST", "/v1/observations"): "ingest",
-    ("GET", "/v1/model"): "read",
+#: path -> {method: scope needed}; every /v1 route (the others are public, GET only)
+ROUTE_SCOPES: dict[str, dict[str, str]] = {
+    "/v1/score": {"POST": "score"},
+    "/v1/score/features": {"POST": "score"},
+    "/v1/fhir/score": {"POST": "score"},
+    "/v1/observations": {"POST": "ingest"},
+    "/v1/model": {"GET": "read"},
 }
 #: audit ``action`` per route (docs/contracts.md: ``predict`` is serving's data access)
 ROUTE_ACTIONS: dict[str, str] = {
@@ -42,20 +63,100 @@ ROUTE_ACTIONS: dict[str, str] = {
     "/v1/observations": "collect",
     "/v1/model": "read_model",
 }
+#: public routes (probes, metrics, OpenAPI, BentoML's index page and its assets)
+PUBLIC_PATHS = frozenset(
+    {"/", "/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/schema.json"}
+)
+STATIC_PREFIX = "/static_content/"
 FEATURES_PATH = "/v1/score/features"
+SCORE_PATH = "/v1/score"
+DOCS_PATH = "/docs.json"
+#: set by the connection layer (serving/connections.py): the real path, while ``path`` holds
+#: the bounded metrics label until the guard puts the real one back
+REAL_PATH_KEY = "vitalrisk.path"
+ANONYMOUS = "(anonymous)"
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def metrics_label(path: str) -> str:
+    """The path as a metrics label: declared routes by name, everything else in one bucket
+    (an unknown path must not become a new label set, nor put an identifier in /metrics)."""
+    if path in ROUTE_SCOPES or path in PUBLIC_PATHS:
+        return path
+    if path.startswith(STATIC_PREFIX):
+        return STATIC_PREFIX + "*"
+    return "/(undeclared)"
+
+
+class MetricsLabels:
+    """Outermost ASGI layer (``serving/worker.py``): BentoML's metrics middleware labels each
+    request with ``scope["path"]``, so an undeclared path is shown to it as its bounded
+    :func:`metrics_label`; the guard, inside that middleware, puts the real path back before
+    routing (``REAL_PATH_KEY``)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope.get("path", "")
+            label = metrics_label(path)
+            if label != path:
+                scope[REAL_PATH_KEY] = path
+                scope["path"] = label
+        await self.app(scope, receive, send)
 
 
 _NON_FINITE = re.compile(rb"-?\b(NaN|Infinity)\b")
+_COLON_ESCAPE = re.compile(rb"\\u003[aA]")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        keys = [k for k, _ in pairs]
+        dup = next(k for i, k in enumerate(keys) if k in keys[:i])
+        raise _DuplicateKey(f"duplicate key {dup[:64]!r}: every key may appear once per object")
+    return out
+
+
+def _exact_duplicate_check(body: bytes) -> None:
+    """Raise ``_DuplicateKey`` naming the first repeated key (standard-library parser)."""
+    try:
+        json.loads(body, object_pairs_hook=_pairs)
+    except _DuplicateKey:
+        raise
+    except (ValueError, RecursionError):  # orjson accepted it: nothing more to find here
+        return
 
 
 def parse_json(body: bytes) -> Any:
-    """Strict RFC 8259 JSON (orjson): NaN/Infinity are refused, unlike ``json.loads``."""
+    """Strict RFC 8259 JSON: NaN/Infinity refused (unlike ``json.loads``), and duplicate keys
+    refused (parsers silently keep one of the values, so a forged first value could pass a
+    review while the second one is used).
+
+    Fast duplicate check: a JSON text has one structural ``:`` per key, and orjson's output
+    of the parsed document has one per key that survived; colons inside strings are written
+    as they are both ways. So the counts differ exactly when a key was dropped, unless a
+    string spells a colon as ``\\u003a``: then the standard library's parser decides.
+    """
     try:
-        return orjson.loads(body)
+        doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         if _NON_FINITE.search(body):
             raise ValueError("NaN/Infinity are not allowed: numbers must be finite") from None
         raise ValueError(str(exc)) from None
+    if isinstance(doc, dict | list):
+        if _COLON_ESCAPE.search(body):
+            _exact_duplicate_check(body)
+        elif body.count(b":") != orjson.dumps(doc).count(b":"):
+            _exact_duplicate_check(body)  # names the key
+            raise _DuplicateKey("duplicate key: every key may appear once per object")
+    return doc
 
 
 @lru_cache(maxsize=100_000)
@@ -65,24 +166,30 @@ def _pseudonym(pid: str) -> str:
     return pseudonym_of(pid)
 
 
+def json_response(
+    status: int, payload: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()
+) -> tuple[Message, bytes]:
+    body = json.dumps(payload).encode("utf-8")
+    start = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *headers,
+        ],
+    }
+    return start, body
+
+
 async def send_json(
     send: Send,
     status: int,
     payload: dict[str, Any],
-    headers: list[tuple[bytes, bytes]] | None = None,
+    headers: Sequence[tuple[bytes, bytes]] = (),
 ) -> None:
-    body = json.dumps(payload).encode("utf-8")
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
+    start, body = json_response(status, payload, headers)
+    await send(start)
     await send({"type": "http.response.body", "body": body})
 
 
@@ -105,7 +212,8 @@ def problems_payload(
 ) -> dict[str, Any]:
     """Our 4xx body for pydantic errors: each problem's place and message (the first 50), a
     one-line summary and the request id. ``one_per_place`` keeps one problem per location
-    (pydantic reports each member of a union) and counts those."""
+    (pydantic reports each member of a union) and counts those. Input values are never
+    echoed (they may be identifiers)."""
     detail: list[dict[str, str]] = []
     for e in errors[:50]:
         loc = error_loc(e.get("loc", ()))
@@ -122,194 +230,295 @@ def bentoml_error(body: bytes, rid: str) -> tuple[int, dict[str, Any]]:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        doc = {"error": body.decode("utf-8", "replace")[:500]}
+        doc = {"error": "bad request"}
     raw = doc.get("detail") if isinstance(doc, dict) else None
     if not isinstance(raw, list):
-        return 400, {"error": str(doc.get("error", "bad request")), "request_id": rid}
+        return 400, {"error": str(doc.get("error", "bad request"))[:500], "request_id": rid}
     return 422, problems_payload(raw, rid, one_per_place=True)
+
+
+class Reject(Exception):
+    """An answer the guard gives itself (status, message, extra headers)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        payload: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+        self.payload = payload
+
+
+@dataclass
+class Exchange:
+    """One request as the guard sees it: who, what, and what the audit log will say."""
+
+    rid: str
+    method: str
+    path: str
+    client: str
+    actor: str = ANONYMOUS
+    status: int = 500
+    patients: list[str] = field(default_factory=list)
+    model_version: str | None = None
+
+    @property
+    def rid_header(self) -> tuple[bytes, bytes]:
+        return (b"x-request-id", self.rid.encode())
+
+    def resource(self) -> str:
+        return f"{self.method} {self.path if self.path in ROUTE_SCOPES else '(undeclared path)'}"
+
+    def audit_item(self) -> AuditItem:
+        return AuditItem(
+            actor=self.actor,
+            action=ROUTE_ACTIONS.get(self.path, "request"),
+            resource=self.resource(),
+            status=self.status,
+            request_id=self.rid,
+            patients=tuple(self.patients),
+            model_version=self.model_version,
+            client=self.client,
+        )
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
 
 
 class GuardMiddleware:
     def __init__(self, app: Any) -> None:
         self.app = app
+        self._docs: tuple[bytes, bytes] | None = None  # (BentoML's document, completed)
+        self._throttle: Any = None  # serving.auth.AuthThrottle, from the runtime's params
+
+    def throttle(self, rt: Any) -> Any:
+        if self._throttle is None:
+            from serving.auth import AuthThrottle
+
+            self._throttle = AuthThrottle(
+                rt.config.auth_failures_per_minute, rt.config.auth_failure_burst
+            )
+        return self._throttle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        from serving.runtime import current_runtime
+        real = scope.pop(REAL_PATH_KEY, None)
+        if real is not None:
+            scope["path"] = real
+        ex = Exchange(
+            uuid.uuid4().hex, scope.get("method", "GET"), scope.get("path", ""), _client(scope)
+        )
+        started = False
 
-        rid = uuid.uuid4().hex
-        rid_header = (b"x-request-id", rid.encode())
-        path = scope.get("path", "")
-        method = scope.get("method", "GET")
-        needed = ROUTE_SCOPES.get((method, path))
-        is_api = path.startswith("/v1/") or path == "/v1"
-
-        status_box = {"status": 500}
-        held: list[Message] = []  # BentoML's own error answer on the batched route, rewritten
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status_box["status"] = int(message["status"])
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], rid_header]
-                if path == FEATURES_PATH and status_box["status"] == 400:
-                    held.append(message)
-                    return
-            elif held:
-                held.append(message)
-                if message.get("more_body", False):
-                    return
-                body_parts = [m.get("body", b"") for m in held[1:]]
-                status, payload = bentoml_error(b"".join(body_parts), rid)
-                status_box["status"] = status  # the audit log records what the client got
-                await send_json(send, status, payload, [rid_header])
-                return
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
             await send(message)
 
-        if not is_api:
-            await self.app(scope, receive, send_with_id)
+        try:
+            if ex.path in ROUTE_SCOPES or ex.path.startswith("/v1/") or ex.path == "/v1":
+                await self._api(ex, scope, receive, tracked)
+            else:
+                await self._public(ex, scope, receive, tracked)
+        except Exception as exc:  # a bug: answer now (BentoML's timeout would wait 60 s)
+            logger.error("request %s failed", ex.rid, exc_info=exc)
+            if not started:
+                await send_json(
+                    send, 500, {"error": "internal error", "request_id": ex.rid}, [ex.rid_header]
+                )
+
+    # -- public routes ------------------------------------------------------------------
+    async def _public(self, ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
+        if ex.path not in PUBLIC_PATHS and not ex.path.startswith(STATIC_PREFIX):
+            await send_json(send, 404, _not_found(ex), [ex.rid_header])
             return
+        if ex.method not in ("GET", "HEAD"):
+            await send_json(
+                send,
+                405,
+                _not_allowed(ex, ["GET", "HEAD"]),
+                [ex.rid_header, (b"allow", b"GET, HEAD")],
+            )
+            return
+
+        async def with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), ex.rid_header]
+            await send(message)
+
+        if ex.path == DOCS_PATH:
+            await self.app(scope, receive, self._docs_sender(with_id))
+        else:
+            await self.app(scope, receive, with_id)
+
+    def _docs_sender(self, send: Send) -> Send:
+        """BentoML's OpenAPI document, completed with every status the routes can answer."""
+        held: list[Message] = []
+
+        async def sender(message: Message) -> None:
+            held.append(message)
+            if message["type"] != "http.response.body" or message.get("more_body", False):
+                return
+            start = held[0]
+            raw = b"".join(m.get("body", b"") for m in held[1:])
+            if int(start["status"]) != 200 or not raw:  # HEAD, or an error: as it is
+                for m in held:
+                    await send(m)
+                return
+            if self._docs is None or self._docs[0] != raw:
+                self._docs = (raw, orjson.dumps(complete_openapi(orjson.loads(raw))))
+            body = self._docs[1]
+            headers = [
+                (k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"
+            ]
+            await send(
+                {**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+            )
+            await send({"type": "http.response.body", "body": body})
+
+        return sender
+
+    # -- /v1 ----------------------------------------------------------------------------
+    async def _api(self, ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
+        from serving.runtime import current_runtime
+
         rt = current_runtime()
         if rt is None:
             await send_json(
-                send, 503, {"error": "service is starting", "request_id": rid}, [rid_header]
+                send,
+                503,
+                {"error": "service is starting", "request_id": ex.rid},
+                [ex.rid_header, (b"retry-after", b"5")],
             )
             return
-        headers = {
-            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
-        }
+        headers = _headers(scope)
+        try:
+            key = self._authenticate(rt, ex, headers)
+        except Reject as r:  # 401 and throttled 429: audited, but not worth waiting for
+            ex.status = r.status
+            rt.audit.record(ex.audit_item())
+            await send_json(send, r.status, _payload(r, ex), [ex.rid_header, *r.headers])
+            return
+        ex.actor = key.name
+        responder = _Responder(rt, ex, send)
+        try:
+            body, parsed = await self._admit(rt, ex, key, headers, receive, responder)
+        except Reject as r:
+            await responder.reject(r)
+            return
+        if body is None:  # the client went away while sending
+            return
+        await self._forward(rt, ex, scope, receive, responder, body, parsed)
+
+    def _authenticate(self, rt: Any, ex: Exchange, headers: dict[str, str]) -> Any:
+        throttle = self.throttle(rt)
+        wait = throttle.blocked(ex.client)
+        if wait > 0:
+            raise Reject(
+                429,
+                f"too many failed authentications from this address; retry in {wait:.0f} s",
+                [(b"retry-after", str(max(1, round(wait + 0.5))).encode())],
+            )
         token = bearer_token(headers.get("authorization"))
         key = rt.keys.authenticate(token) if token else None
         if key is None:
-            logger.warning(
-                "401 %s %s: %s", method, path, "no key" if token is None else "unknown key"
-            )
-            await send_json(
-                send,
+            if throttle.failed(ex.client):
+                logger.warning(
+                    "failed authentications from %s over the limit: throttled", ex.client
+                )
+            raise Reject(
                 401,
-                {
-                    "error": "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                    "request_id": rid,
-                },
-                [rid_header, (b"www-authenticate", b'Bearer realm="vitalrisk"')],
+                "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                [(b"www-authenticate", b'Bearer realm="vitalrisk"')],
             )
-            return
-        if needed is not None and not key.allows(needed):
-            logger.warning("403 %s %s: key %s lacks scope %s", method, path, key.name, needed)
-            await send_json(
-                send,
-                403,
-                {
-                    "error": f"API key {key.name!r} lacks the {needed!r} scope for {method} {path}",
-                    "request_id": rid,
-                },
-                [rid_header],
+        return key
+
+    async def _admit(
+        self,
+        rt: Any,
+        ex: Exchange,
+        key: Any,
+        headers: dict[str, str],
+        receive: Receive,
+        responder: _Responder,
+    ) -> tuple[bytes | None, Any]:
+        """Route, method, scope, audit health and rate; then the body. ``Reject`` otherwise."""
+        methods = ROUTE_SCOPES.get(ex.path)
+        if methods is None:
+            raise Reject(404, _not_found(ex)["error"])
+        needed = methods.get(ex.method)
+        if needed is None:
+            allow = ", ".join(methods)
+            raise Reject(
+                405, _not_allowed(ex, list(methods))["error"], [(b"allow", allow.encode())]
             )
-            return
+        if not key.allows(needed):
+            logger.info("403 %s %s: key %s lacks scope %s", ex.method, ex.path, key.name, needed)
+            raise Reject(
+                403, f"API key {key.name!r} lacks the {needed!r} scope for {ex.method} {ex.path}"
+            )
+        if not rt.audit.healthy:
+            responder.unaudited = True
+            raise Reject(
+                503,
+                "audit log unavailable: nothing was processed; retry later",
+                [(b"retry-after", b"5")],
+            )
         wait = rt.limiter.acquire(key.name, rate=key.rate)
         if wait > 0:
-            await send_json(
-                send,
+            raise Reject(
                 429,
-                {
-                    "error": f"rate limit for key {key.name!r} exceeded; retry in {wait:.2f} s",
-                    "request_id": rid,
-                },
-                [rid_header, (b"retry-after", str(max(1, round(wait + 0.5))).encode())],
+                f"rate limit for key {key.name!r} exceeded; retry in {wait:.2f} s",
+                [(b"retry-after", str(max(1, round(wait + 0.5))).encode())],
             )
-            return
+        if ex.method not in BODY_METHODS:
+            return b"", None
+        body = await read_body(receive, headers, rt.config, responder)
+        if body is None:
+            return None, None
+        return body, parse_body(body)
 
-        body = b""
-        if method in ("POST", "PUT", "PATCH"):
-            limit = rt.config.max_body_bytes
-            declared = headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                await send_json(
-                    send,
-                    413,
-                    {
-                        "error": f"request body of {declared} bytes exceeds the limit of {limit}",
-                        "request_id": rid,
-                    },
-                    [rid_header],
-                )
-                return
-            chunks: list[bytes] = []
-            size = 0
-            more = True
-            while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    await send_json(
-                        send,
-                        413,
-                        {
-                            "error": f"request body exceeds the limit of {limit} bytes",
-                            "request_id": rid,
-                        },
-                        [rid_header],
-                    )
-                    return
-                chunks.append(chunk)
-                more = bool(message.get("more_body", False))
-            body = b"".join(chunks)
-            if not body.strip():
-                await send_json(
-                    send,
-                    400,
-                    {"error": "request body is empty: expected a JSON object", "request_id": rid},
-                    [rid_header],
-                )
-                return
-            try:
-                parsed = parse_json(body)
-            except ValueError as exc:
-                await send_json(
-                    send,
-                    400,
-                    {"error": f"request body is not valid JSON: {exc}", "request_id": rid},
-                    [rid_header],
-                )
-                return
-            if not isinstance(parsed, dict):
-                await send_json(
-                    send,
-                    422,
-                    {"error": "request body must be a JSON object", "request_id": rid},
-                    [rid_header],
-                )
-                return
+    async def _forward(
+        self,
+        rt: Any,
+        ex: Exchange,
+        scope: Scope,
+        receive: Receive,
+        responder: _Responder,
+        body: bytes,
+        parsed: Any,
+    ) -> None:
         ctx: dict[str, Any] = {
-            "request_id": rid,
-            "actor": key.name,
+            "request_id": ex.rid,
+            "actor": ex.actor,
             "patients": [],
             "model_version": None,
         }
-        if method in ("POST", "PUT", "PATCH"):
+        try:
+            if ex.path == FEATURES_PATH:
+                body = check_features(rt, ex, parsed)
+                ctx["patients"], ctx["model_version"] = ex.patients, ex.model_version
+            elif ex.path == SCORE_PATH:
+                check_flags(rt, parsed)
+        except Reject as r:
+            await responder.reject(r)
+            return
+        if parsed is not None:
             ctx["json"] = parsed  # the FastAPI routes validate this instead of parsing again
-        if path == FEATURES_PATH and method == "POST":
-            problem = rt.check_feature_rows(parsed)
-            if problem is not None:
-                status, msg = problem
-                await send_json(send, status, {"error": msg, "request_id": rid}, [rid_header])
-                return
-            rows = parsed["rows"]
-            ctx["patients"] = sorted(
-                {_pseudonym(str(r["patient_id"])) for r in rows if r.get("patient_id")}
-            )
-            ctx["model_version"] = rt.champion.version
-            for r in rows:  # the prediction log records the HTTP request id per row
-                r["request_id"] = rid
-            body = orjson.dumps(parsed)
-        scope.setdefault("state", {})["vitalrisk"] = ctx
-        if method in ("POST", "PUT", "PATCH"):
-            # the body was parsed as JSON above: say so, whatever the client declared (this also
+            # the body was parsed as JSON: say so, whatever the client declared (this also
             # keeps BentoML's pickle/arrow/form decoders away from untrusted input)
             scope["headers"] = [
                 *(
@@ -320,7 +529,8 @@ class GuardMiddleware:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
             ]
-
+        scope.setdefault("state", {})["vitalrisk"] = ctx
+        responder.ctx = ctx
         sent = False
 
         async def replay() -> Message:
@@ -330,17 +540,261 @@ class GuardMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        try:
-            await self.app(scope, replay, send_with_id)
-        finally:
+        await self.app(scope, replay, responder.send)
+
+
+def _payload(r: Reject, ex: Exchange) -> dict[str, Any]:
+    return r.payload if r.payload is not None else {"error": r.message, "request_id": ex.rid}
+
+
+def _not_found(ex: Exchange) -> dict[str, Any]:
+    return {"error": "no such route (GET /docs.json lists them)", "request_id": ex.rid}
+
+
+def _not_allowed(ex: Exchange, methods: list[str]) -> dict[str, Any]:
+    return {
+        "error": f"method {ex.method} not allowed here; use {', '.join(methods)}",
+        "request_id": ex.rid,
+    }
+
+
+class _Responder:
+    """Sends an authenticated request's answer only once its audit entry is durable.
+
+    The status is known at ``http.response.start``: the entry (with the patients and model
+    version the route recorded) is committed then, and the start is held until it is. If the
+    commit fails, the client gets 503 instead and the route's own answer is dropped. BentoML's
+    400 for the batched route is rewritten into our 422 shape on the way.
+    """
+
+    def __init__(self, rt: Any, ex: Exchange, send: Send) -> None:
+        self.rt = rt
+        self.ex = ex
+        self._send = send
+        self.ctx: dict[str, Any] | None = None
+        self.unaudited = False  # the audit log is down: answer without trying
+        self._started = False
+        self._dropping = False
+        self._held: list[Message] = []
+
+    async def _commit(self, status: int) -> bool:
+        self.ex.status = status
+        if self.ctx is not None:
+            self.ex.patients = [str(p) for p in self.ctx.get("patients") or []]
             # batched feature rows: the runtime knows which version scored this request
-            version = rt.answered_by(rid) or ctx.get("model_version")
-            rt.audit.submit(
-                actor=key.name,
-                action=ROUTE_ACTIONS.get(path, "request"),
-                resource=f"{method} {path}",
-                patients=[str(p) for p in ctx.get("patients") or []],
-                model_version=None if version is None else str(version),
-                request_id=rid,
-                status=status_box["status"],
-            )
+            v = self.rt.answered_by(self.ex.rid) or self.ctx.get("model_version")
+            self.ex.model_version = None if v is None else str(v)
+        try:
+            await self.rt.audit.commit(self.ex.audit_item(), self.rt.config.audit_timeout_seconds)
+        except AuditUnavailable as exc:
+            logger.error("request %s not answered: %s", self.ex.rid, exc)
+            return False
+        return True
+
+    async def _answer(self, start: Message, chunks: list[Message]) -> None:
+        if not self.unaudited and not await self._commit(int(start["status"])):
+            await self._unavailable()
+            return
+        await self._send(start)
+        for m in chunks:
+            await self._send(m)
+
+    async def _unavailable(self) -> None:
+        self._dropping = True
+        await send_json(
+            self._send,
+            503,
+            {
+                "error": "audit log unavailable: the answer was withheld; retry later",
+                "request_id": self.ex.rid,
+            },
+            [self.ex.rid_header, (b"retry-after", b"5")],
+        )
+
+    async def reject(self, r: Reject, more_body: bool = False) -> None:
+        """The guard's own answer (audited like any other)."""
+        start, body = json_response(
+            r.status, _payload(r, self.ex), [self.ex.rid_header, *r.headers]
+        )
+        self._started = True
+        await self._answer(
+            start, [{"type": "http.response.body", "body": body, "more_body": more_body}]
+        )
+
+    async def finish(self) -> None:
+        """End a response started with ``reject(..., more_body=True)``."""
+        if not self._dropping:
+            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def send(self, message: Message) -> None:
+        if self._dropping:
+            return
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []), self.ex.rid_header]
+            if self.ex.path == FEATURES_PATH and int(message["status"]) == 400:
+                self._held.append(message)
+                return
+            self._started = True
+            await self._answer(message, [])
+            return
+        if self._held:
+            self._held.append(message)
+            if message.get("more_body", False):
+                return
+            raw = b"".join(m.get("body", b"") for m in self._held[1:])
+            status, payload = bentoml_error(raw, self.ex.rid)
+            start, body = json_response(status, payload, [self.ex.rid_header])
+            self._held = []
+            await self._answer(start, [{"type": "http.response.body", "body": body}])
+            return
+        await self._send(message)
+
+
+async def read_body(
+    receive: Receive, headers: dict[str, str], config: Any, responder: _Responder
+) -> bytes | None:
+    """The whole body within ``body_timeout_seconds`` (else 408) and ``max_body_bytes``.
+
+    None when there is nothing more to do: the client went away, or the body was too large
+    and the 413 has been sent. The 413 goes out at once; then what the client is still
+    sending is read and discarded (up to ``discard_body_bytes``, within the same deadline)
+    before the connection closes, so that a client which reads only after sending sees the
+    413 instead of a reset connection.
+    """
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    limit = int(config.max_body_bytes)
+    deadline = loop.time() + float(config.body_timeout_seconds)
+    declared = headers.get("content-length")
+    size = int(declared) if declared and declared.isdigit() else None
+    chunks: list[bytes] = []
+    got, more = 0, True
+    too_large = ""
+    try:
+        async with asyncio.timeout_at(deadline):
+            if size is not None and size > limit:
+                too_large = f"request body of {size} bytes exceeds the limit of {limit}"
+            while more and not too_large:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                chunk = message.get("body", b"")
+                got += len(chunk)
+                more = bool(message.get("more_body", False))
+                if got > limit:
+                    too_large = f"request body exceeds the limit of {limit} bytes"
+                chunks.append(chunk)
+    except TimeoutError:
+        raise Reject(
+            408,
+            f"the request body did not arrive within {config.body_timeout_seconds:g} s",
+            [(b"connection", b"close")],
+        ) from None
+    if too_large:
+        left = None if size is None else size - got
+        expect = headers.get("expect", "").lower() == "100-continue"
+        await _refuse_and_drain(
+            receive, responder, too_large, deadline, config, left, more, expect and got == 0
+        )
+        return None
+    body = b"".join(chunks)
+    if not body.strip():
+        raise Reject(400, "request body is empty: expected a JSON object")
+    return body
+
+
+async def _refuse_and_drain(
+    receive: Receive,
+    responder: _Responder,
+    message: str,
+    deadline: float,
+    config: Any,
+    left: int | None,
+    more: bool,
+    waiting_for_continue: bool,
+) -> None:
+    """Send the 413, read and discard the rest within the budget, then end the answer."""
+    import asyncio
+
+    budget = int(config.discard_body_bytes)
+    # a client waiting for "100 Continue" has sent nothing yet: answer and close
+    drain = more and not waiting_for_continue and (left is None or left <= budget)
+    await responder.reject(Reject(413, message, [(b"connection", b"close")]), more_body=drain)
+    if not drain:
+        return
+    read = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout_at(deadline):
+            while more and read <= budget:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    break
+                read += len(msg.get("body", b""))
+                more = bool(msg.get("more_body", False))
+    await responder.finish()
+
+
+def parse_body(body: bytes) -> Any:
+    try:
+        parsed = parse_json(body)
+    except ValueError as exc:
+        raise Reject(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise Reject(422, "request body must be a JSON object")
+    return parsed
+
+
+def check_features(rt: Any, ex: Exchange, parsed: dict[str, Any]) -> bytes:
+    """Everything BentoML's validation of ``/v1/score/features`` would refuse, refused here
+    first (BentoML logs the inputs of a body it rejects); returns the body to forward."""
+    rows = parsed.get("rows")
+    if isinstance(rows, list) and len(rows) > rt.config.max_feature_rows:
+        raise Reject(
+            413, f"rows: {len(rows)} rows; at most {rt.config.max_feature_rows} per request"
+        )
+    if not feature_rows_look_valid(parsed):
+        try:
+            FeaturesRequest.model_validate(parsed)
+        except ValidationError as exc:
+            payload = problems_payload(exc.errors(include_input=False), ex.rid, one_per_place=True)
+            raise Reject(422, payload["error"], payload=payload) from None
+    problem = rt.check_feature_rows(parsed)
+    if problem is not None:
+        raise Reject(*problem)
+    rows = parsed["rows"]
+    ex.patients = sorted(
+        {_pseudonym(str(r["patient_id"]).strip()) for r in rows if r.get("patient_id")}
+    )
+    ex.model_version = str(rt.champion.version)
+    for r in rows:  # the prediction log records the HTTP request id per row
+        r["request_id"] = ex.rid
+    return orjson.dumps(parsed)
+
+
+@lru_cache(maxsize=8)
+def _known_flags(feature_names: tuple[str, ...], scale2: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(n for n in feature_names if n.startswith("cm_")) | frozenset(scale2)
+
+
+def check_flags(rt: Any, parsed: dict[str, Any]) -> None:
+    """Refuse covariate flags the served model does not read, by name (422)."""
+    patients = parsed.get("patients")
+    if not isinstance(patients, list):
+        return
+    news2 = getattr(rt.models.feature_config, "news2", None)
+    known = _known_flags(
+        tuple(rt.champion.feature_names), tuple(getattr(news2, "scale2_flags", None) or ())
+    )
+    problems = []
+    for i, p in enumerate(patients[:1000]):
+        cov = p.get("covariates") if isinstance(p, dict) else None
+        for name in unknown_flags(cov, known):
+            problems.append(f"patients[{i}].covariates.{name[:40]}")
+    if problems:
+        accepted = ", ".join(sorted(known)) or "none"
+        raise Reject(
+            422,
+            f"unknown covariate flag(s) {problems[:5]}: model version {rt.champion.version} "
+            f"reads age, sex, setting and these flags: {accepted}",
+        )

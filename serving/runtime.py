@@ -24,11 +24,17 @@ import pandas as pd
 
 from core.vocabulary import Vocabulary, load_vocabulary, vocabulary_from_dict
 from features.build import FeatureArrays, input_codes
-from governance.audit import AuditLog
-from serving.auditq import AuditBatcher
+from governance.audit import AuditLog, AuditLogError
+from serving.auditq import AuditWriter
 from serving.auth import KeyStore, RateLimiter, SharedRateLimiter
 from serving.batching import Job, ScoreQueue
-from serving.config import ServeConfig, load_serve_config, model_name, params_path
+from serving.config import (
+    ServeConfig,
+    check_secrets,
+    load_serve_config,
+    model_name,
+    params_path,
+)
 from serving.predlog import PredictionLog, PredictionRecord, features_json
 from serving.schemas import (
     FeatureRow,
@@ -112,7 +118,7 @@ class Runtime:
     keys: KeyStore
     vocab: Vocabulary
     models: ModelSet
-    audit: AuditBatcher
+    audit: AuditWriter
     predlog: PredictionLog
     limiter: RateLimiter = field(init=False)
     #: set by ``serving.follow`` when the service follows the registry's aliases
@@ -653,6 +659,10 @@ def load_startup(params: str | Path | None = None) -> tuple[ServeConfig, KeyStor
             "no API keys configured: set VITALRISK_API_KEYS (name:scope1+scope2:secret, "
             "comma-separated) or VITALRISK_API_KEYS_FILE (see README, Serving)"
         )
+    try:
+        check_secrets()
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     return config, keys, model_name(params)
 
 
@@ -814,12 +824,18 @@ def build_runtime(
     models = (
         load_models(config, vocab, name) if pinned is None else load_pinned(config, vocab, pinned)
     )
+    try:  # no audit trail, no service: recover a crash-torn tail, check it can be appended
+        audit = AuditWriter(
+            AuditLog(config.audit_log_path(), head_interval=0.5, keep_open=True)
+        ).start()
+    except (AuditLogError, OSError) as exc:
+        raise StartupError(f"audit log unusable: {exc}") from None
     rt = Runtime(
         config=config,
         keys=keys,
         vocab=vocab,
         models=models,
-        audit=AuditBatcher(AuditLog(config.audit_log_path()), config.audit_flush_seconds).start(),
+        audit=audit,
         predlog=PredictionLog(config.prediction_log_path(), config.prediction_log_synchronous),
     )
     logger.info(

@@ -1,28 +1,71 @@
 """Request and response models of the HTTP API (pydantic v2; they make the OpenAPI document).
 
-Strict where a wrong value would silently change a risk score: no extra fields, finite
-numbers only (``NaN``/``Infinity`` are rejected), timezone-aware timestamps.
+Strict where a wrong value would silently change a risk score or whose patient data lands
+where: no extra fields, finite numbers only (``NaN``/``Infinity`` are rejected), numbers as
+JSON numbers (not ``true`` or ``"70"``), timestamps as ISO-8601 text with a timezone (not a
+number of seconds), patient ids stripped and non-blank (two blank-looking ids must not
+collapse into one pseudonym). The error statuses every route can answer live here too
+(:data:`ERROR_STATUSES`), for the routes' ``responses`` and the served OpenAPI document.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Mapping
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+)
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, str_max_length=256)
 _FLAG = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+MAX_PATIENT_ID = 128
+
+
+def _no_control(v: str) -> str:
+    if _CONTROL.search(v):
+        raise ValueError("must not contain control characters or line breaks")
+    return v
+
+
+def _iso_text(v: Any) -> Any:
+    """JSON gives text; a datetime comes from our own code (FHIR parsing). Not a number."""
+    if not isinstance(v, str | datetime):
+        raise ValueError("expected an ISO-8601 date-time string with a timezone")
+    return v
+
+
+#: a source patient identifier: surrounding whitespace removed, then 1-128 characters without
+#: control characters (``"  MRN-1 "`` is ``"MRN-1"``; ``" "`` is refused, not pseudonymised)
+PatientId = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PATIENT_ID),
+    AfterValidator(_no_control),
+]
+#: a JSON number (``true`` and ``"70"`` are refused, integers are fine)
+Number = Annotated[float, Strict()]
+#: ISO-8601 text with a timezone (a JSON number of seconds is refused)
+IsoTime = Annotated[AwareDatetime, BeforeValidator(_iso_text)]
 
 
 class ObservationIn(BaseModel):
     """One measurement: ``code`` is a vocabulary key (``heart_rate``) or a LOINC code (``8867-4``)."""
 
     model_config = _STRICT
-    time: AwareDatetime = Field(description="ISO-8601 with timezone, e.g. 2026-01-01T08:00:00Z")
+    time: IsoTime = Field(description="ISO-8601 with timezone, e.g. 2026-01-01T08:00:00Z")
     code: str = Field(min_length=1, max_length=64, examples=["heart_rate", "9279-1"])
-    value: float | Annotated[str, StringConstraints(min_length=1, max_length=32)] = Field(
-        description="number in `unit`, or a category (ACVPU letter, yes/no for oxygen)"
+    value: Number | Annotated[str, Strict(), StringConstraints(min_length=1, max_length=32)] = (
+        Field(description="number in `unit`, or a category (ACVPU letter, yes/no for oxygen)")
     )
     unit: str | None = Field(None, max_length=32, description="UCUM unit; default canonical")
     source: str | None = Field(None, max_length=32, description="ward, home, wearable, ...")
@@ -31,14 +74,14 @@ class ObservationIn(BaseModel):
 class ObservationItem(ObservationIn):
     """An observation sent for collection (``POST /v1/observations``)."""
 
-    patient_id: str = Field(min_length=1, max_length=128)
+    patient_id: PatientId
 
 
 class Covariates(BaseModel):
     """Static covariates; comorbidities and other flags as ``cm_<name>`` (or e.g. ``spo2_scale2``) = 0/1."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    age: float | None = Field(default=None, ge=0, le=130)
+    age: Number | None = Field(default=None, ge=0, le=130)
     sex: Literal["F", "M"] | None = None
     setting: Literal["ward", "home"] | None = None
 
@@ -48,7 +91,7 @@ class Covariates(BaseModel):
         for k, v in extra.items():
             if not _FLAG.match(k):
                 raise ValueError(
-                    f"covariates.{k[:40]}: expected age, sex, setting or a flag like cm_<name>"
+                    f"covariates.{k[:40]!r}: expected age, sex, setting or a flag like cm_<name>"
                 )
             if v not in (0, 1, True, False):
                 raise ValueError(f"covariates.{k}: expected 0 or 1")
@@ -56,12 +99,24 @@ class Covariates(BaseModel):
         return out
 
 
+def unknown_flags(covariates: Any, known: Collection[str]) -> list[str]:
+    """Covariate flags of one raw request patient that the served model does not read.
+
+    ``covariates`` is the JSON object as sent; ``age``, ``sex`` and ``setting`` are always
+    known. A misspelt flag (``cm_copdd``) would otherwise be dropped without a word.
+    """
+    if not isinstance(covariates, Mapping):
+        return []
+    fixed = {"age", "sex", "setting"}
+    return [str(k) for k in covariates if k not in fixed and k not in known]
+
+
 class PatientIn(BaseModel):
     model_config = _STRICT
-    patient_id: str = Field(min_length=1, max_length=128)
+    patient_id: PatientId
     covariates: Covariates = Field(default_factory=lambda: Covariates())
     observations: list[ObservationIn] = Field(max_length=100_000)
-    as_of: AwareDatetime | None = Field(
+    as_of: IsoTime | None = Field(
         None, description="prediction time; default the latest observation time"
     )
 
@@ -103,11 +158,58 @@ class FeatureRow(BaseModel):
     """One precomputed feature row (names as in the model's feature list; null = missing)."""
 
     model_config = _STRICT
-    patient_id: str | None = Field(None, min_length=1, max_length=128)
-    features: dict[str, float | str | None]
+    patient_id: PatientId | None = None
+    features: dict[str, Number | Annotated[str, Strict()] | None]
     request_id: str | None = Field(
         None, max_length=64, description="set by the server (the HTTP request id)"
     )
+
+
+class FeaturesRequest(BaseModel):
+    """The body of ``POST /v1/score/features`` (BentoML builds its own model of it; the guard
+    validates with this one first, so that BentoML never logs a rejected body's inputs)."""
+
+    model_config = _STRICT
+    rows: list[FeatureRow] = Field(min_length=1)
+
+
+_ROW_KEYS = frozenset({"patient_id", "features", "request_id"})
+_CELL_TYPES = frozenset({int, float, str, type(None)})
+
+
+def feature_rows_look_valid(body: Mapping[str, Any]) -> bool:
+    """True only when every row certainly passes :class:`FeaturesRequest` (cheap: type sets
+    in C); False means "validate properly", not necessarily invalid."""
+    rows = body.get("rows")
+    if type(rows) is not list or not rows or body.keys() != {"rows"}:
+        return False
+    for row in rows:
+        if type(row) is not dict or not row.keys() <= _ROW_KEYS:
+            return False
+        feats = row.get("features")
+        if type(feats) is not dict:
+            return False
+        types = set(map(type, feats.values()))
+        if not types <= _CELL_TYPES:
+            return False
+        if str in types and any(type(v) is str and len(v) > 256 for v in feats.values()):
+            return False
+        pid = row.get("patient_id")
+        if pid is not None and not valid_patient_id(pid):
+            return False
+        rid = row.get("request_id")
+        if rid is not None and not (type(rid) is str and len(rid) <= 64):
+            return False
+    return True
+
+
+def valid_patient_id(pid: Any) -> bool:
+    """The ``PatientId`` rule as a check (FHIR subjects, feature rows): text, non-blank after
+    stripping, at most ``MAX_PATIENT_ID`` characters, no control characters."""
+    if type(pid) is not str:
+        return False
+    stripped = pid.strip()
+    return 0 < len(stripped) <= MAX_PATIENT_ID and not _CONTROL.search(stripped)
 
 
 class FeatureScore(BaseModel):
@@ -168,3 +270,60 @@ class FhirBundle(BaseModel):
     resourceType: Literal["Bundle"]
     type: str = Field(min_length=1, max_length=32)
     entry: list[dict[str, Any]] = Field(min_length=1, max_length=100_000)
+
+
+#: every status an authenticated ``/v1`` route can answer besides 200, and why (the routes'
+#: OpenAPI ``responses`` and :func:`complete_openapi` both read this table)
+ERROR_STATUSES: dict[int, str] = {
+    400: "malformed JSON, duplicate keys, NaN/Infinity or an empty body",
+    401: "missing or unknown API key",
+    403: "the key lacks the scope for this route",
+    408: "the body did not arrive within serve.body_timeout_seconds",
+    413: "body, patients, observations or rows above the configured limits",
+    422: "valid JSON that breaks the schema or the vocabulary: every problem with its place",
+    429: "per-key rate limit, or too many failed authentications from this address (Retry-After)",
+    503: "audit log unavailable, service starting or overloaded: nothing was processed (Retry-After)",
+}
+#: statuses of the public probes besides 200
+PROBE_STATUSES: dict[str, dict[int, str]] = {
+    "/readyz": {503: "not ready: model not loaded, or the audit log cannot be written"},
+}
+
+
+def error_responses(ref: str = "#/components/schemas/ErrorResponse") -> dict[str, Any]:
+    """OpenAPI ``responses`` entries for :data:`ERROR_STATUSES` (JSON bodies)."""
+    return {
+        str(code): {
+            "description": text,
+            "content": {"application/json": {"schema": {"$ref": ref}}},
+        }
+        for code, text in ERROR_STATUSES.items()
+    }
+
+
+def complete_openapi(doc: dict[str, Any]) -> dict[str, Any]:
+    """The served OpenAPI document with every status each route can answer.
+
+    BentoML documents its own routes with 400/404/500 (the API never answers 404 or 500 on a
+    declared route) and its probes with 200 only; a request body is always required. Pure:
+    returns a new document.
+    """
+    import copy
+
+    out = copy.deepcopy(doc)
+    schemas = out.setdefault("components", {}).setdefault("schemas", {})
+    schemas.setdefault("ErrorResponse", ErrorResponse.model_json_schema())
+    for path, item in (out.get("paths") or {}).items():
+        for method, op in item.items():
+            if not isinstance(op, dict) or "responses" not in op:
+                continue
+            responses = op["responses"]
+            if path.startswith("/v1/"):
+                for unused in ("404", "500"):
+                    responses.pop(unused, None)
+                responses.update(error_responses())
+                if method in ("post", "put", "patch") and "requestBody" in op:
+                    op["requestBody"]["required"] = True
+            for status, text in PROBE_STATUSES.get(path, {}).items():
+                responses[str(status)] = {"description": text}
+    return out

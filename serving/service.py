@@ -10,7 +10,9 @@ Routes (all under ``/v1`` need ``Authorization: Bearer <key>``; see ``serving/au
 * ``GET  /healthz``, ``/readyz`` (BentoML's probes; ready once the champion is loaded),
   ``GET /docs.json`` (OpenAPI)
 
-Start with ``vitalrisk serve`` or ``bentoml serve serving.service:VitalRisk``.
+Start with ``vitalrisk serve`` (``serving/supervisor.py``: clean lifetime, and the
+connection limits of ``serving/worker.py``); ``bentoml serve serving.service:VitalRisk`` also
+works, without those limits.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import Field
+from pydantic import Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.fhir import bundle_to_patient, risk_assessment
@@ -43,6 +45,7 @@ from serving.runtime import (
     set_runtime,
 )
 from serving.schemas import (
+    ERROR_STATUSES,
     ErrorResponse,
     FeatureRow,
     FeatureScore,
@@ -58,15 +61,7 @@ from serving.scoring import InputError
 logger = logging.getLogger(__name__)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
-        400: "malformed JSON, NaN/Infinity or an empty body",
-        401: "missing or unknown API key",
-        403: "the key lacks the scope for this route",
-        413: "body, patients or rows above the configured limits",
-        422: "valid JSON that breaks the schema: every problem with its location",
-        429: "per-key rate limit exceeded (see Retry-After)",
-    }.items()
+    code: {"model": ErrorResponse, "description": text} for code, text in ERROR_STATUSES.items()
 }
 
 
@@ -99,6 +94,11 @@ app = FastAPI(
     title="vitalrisk",
     version="1",
     description="Deterioration-risk scoring and data collection (see README).",
+    # BentoML serves the whole API's document at /docs.json; FastAPI's own (/openapi.json,
+    # /docs from a CDN) would describe only part of it
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
 )
 # the routes are module functions, not methods of the service class: BentoML would inject
 # ``self`` through a synchronous dependency, which FastAPI runs on its thread pool (a thread
@@ -149,9 +149,18 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     )
 
 
+@app.exception_handler(ValidationError)
+async def _invalid(request: Request, exc: ValidationError) -> JSONResponse:
+    # a model built inside a route from request data (e.g. a FHIR resource): still the
+    # client's input, so a 422 with the places, never a 500
+    payload = problems_payload(exc.errors(include_input=False), _rid(request), one_per_place=True)
+    return JSONResponse(payload, status_code=422)
+
+
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unexpected error in request %s", _rid(request))
+    # where it failed, not the message (it may quote a request's values): serving/logsafe.py
+    logger.error("unexpected error in request %s", _rid(request), exc_info=exc)
     return JSONResponse(
         {"error": "internal error; the server log has the details", "request_id": _rid(request)},
         status_code=500,
@@ -173,7 +182,7 @@ async def score(request: Request, body: ScoreRequest) -> Response:
 async def fhir_score(request: Request, body: FhirBundle) -> JSONResponse:
     """FHIR R4 Bundle (Observations, optional Patient) in; FHIR R4 RiskAssessment out."""
     rt = _rt()
-    patient, warnings = bundle_to_patient(body.model_dump(exclude_none=True), rt.vocab)
+    patient, warnings = bundle_to_patient(body.model_dump(exclude_none=True), rt.models.vocab)
     resp, patients = await rt.score([patient], _rid(request))
     _audit(request, patients, resp.model.version)  # the version that answered
     score = resp.results[0]
@@ -284,10 +293,15 @@ class VitalRisk:
     """Deterioration-risk scoring: the MLflow registry's champion behind versioned routes."""
 
     def __init__(self) -> None:
+        from serving import logsafe, supervisor
+
+        # one record, one line, no client data: before anything can log a request
+        logsafe.install()
         # BentoML sets up its own loggers only: let ours say which model serves, and stats
         logging.getLogger("serving").setLevel(logging.INFO)
-        # fail fast: without a champion, keys or valid params the server must not start (BentoML
-        # would otherwise restart the worker forever), so stop the supervising process too
+        # fail fast: without a champion, keys, valid params or a writable audit log the server
+        # must not start; `vitalrisk serve` hears why over its pipe, `bentoml serve` (which
+        # would restart the worker forever) is stopped
         try:
             # worker 1 (or the only one) also audits alias changes made outside vitalrisk
             worker = bentoml.server_context.worker_index
@@ -297,9 +311,12 @@ class VitalRisk:
             quiet_gc()
         except StartupError as exc:
             logger.critical("vitalrisk cannot start: %s", exc)
-            if os.environ.get("VITALRISK_STOP_ON_STARTUP_ERROR", "1") != "0":
+            if supervisor.supervised():
+                supervisor.notify(f"error: {exc}")
+            elif os.environ.get("VITALRISK_STOP_ON_STARTUP_ERROR", "1") != "0":
                 os.kill(os.getppid(), signal.SIGTERM)
             raise
+        supervisor.notify("ready")
 
     @bentoml.on_shutdown
     def _flush_audit(self) -> None:
@@ -313,7 +330,9 @@ class VitalRisk:
             rt.predlog.close()
 
     def __is_ready__(self) -> bool:
-        return current_runtime() is not None
+        # not ready while the audit trail cannot be written: data routes answer 503 then
+        rt = current_runtime()
+        return rt is not None and bool(rt.audit.healthy)
 
     @bentoml.api(
         batchable=_env_int("VITALRISK_ADAPTIVE_BATCHING", 1) == 1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -258,3 +259,170 @@ def test_any_single_tamper_is_detected(
     path.write_text("".join(lines), encoding="utf-8")
     res = log.verify()
     assert not res.ok, (op, i, n)
+
+
+# -- canonical lines, group commit, torn-tail recovery ---------------------------------------
+def _replace_line(path: Path, i: int, text: str) -> None:
+    lines = _lines(path)
+    lines[i] = text
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+def test_duplicate_key_forgery_is_rejected(tmp_path: Path) -> None:
+    """A parser keeps the last of two equal keys: a forged first value would pass a hash check
+    done on the parsed entry, so verify refuses any line that is not canonical JSON."""
+    path = tmp_path / "audit.jsonl"
+    log = _filled(path, n=3)
+    line = _lines(path)[1]
+    assert line.startswith('{"action":')
+    _replace_line(path, 1, '{"actor":"intruder",' + line[1:])
+    assert json.loads(_lines(path)[1])["actor"] == "tester"  # what a naive reader sees
+    res = log.verify()
+    assert not res.ok and res.first_bad_seq == 2 and "duplicate key 'actor'" in res.reason
+
+
+@pytest.mark.parametrize(
+    ("rewrite", "needle"),
+    [
+        (lambda e: json.dumps(e, sort_keys=True) + "\n", "not canonical"),  # whitespace
+        (
+            lambda e: json.dumps(dict(reversed(list(e.items()))), separators=(",", ":")) + "\n",
+            "not canonical",
+        ),
+        (
+            lambda e: json.dumps(e, sort_keys=True, separators=(",", ":")) + "\n",
+            "not canonical",
+        ),  # \u escapes
+        (lambda e: json.dumps({**e, "details": {"x": float("nan")}}) + "\n", "NaN is not JSON"),
+    ],
+    ids=["whitespace", "reordered", "ascii-escaped", "nan"],
+)
+def test_non_canonical_lines_are_rejected(tmp_path: Path, rewrite: Any, needle: str) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    for i in range(3):
+        log.append("tester", "read", f"r/{i}", patients=[P1], details={"note": "café"})
+    entry = json.loads(_lines(path)[1])
+    _replace_line(path, 1, rewrite(entry))
+    res = log.verify()
+    assert not res.ok and res.first_bad_seq == 2 and needle in res.reason, res.reason
+
+
+def test_last_line_without_newline_is_incomplete(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = _filled(path, n=2)
+    path.write_bytes(path.read_bytes()[:-1])
+    res = log.verify()
+    assert not res.ok and res.first_bad_seq == 2 and "incomplete line" in res.reason
+
+
+def test_append_refuses_non_finite_details(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    with pytest.raises(ValueError, match="NaN"):
+        log.append("svc", "read", "x", details={"p": float("inf")})
+    assert not log.path.exists() or log.path.read_bytes() == b""
+
+
+def test_append_many_is_one_ordered_durable_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from governance.audit import AuditRecord
+
+    log = _filled(tmp_path / "audit.jsonl", n=2)
+    calls: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd) or real(fd))
+    recs = [AuditRecord("svc", "predict", f"POST /v1/score#{i}", [P1]) for i in range(50)]
+    out = log.append_many(recs)
+    assert len(calls) == 1  # the whole group shares one fsync
+    assert [e["seq"] for e in out] == list(range(3, 53))
+    assert [e["resource"] for e in log.entries()][2:] == [r.resource for r in recs]
+    assert log.verify().ok and log.head() == (52, out[-1]["hash"])
+    # all or nothing: one raw id in the batch and nothing is written
+    with pytest.raises(ValueError, match="pseudonyms"):
+        log.append_many([recs[0], AuditRecord("svc", "predict", "x", ["MRN-1"])])
+    assert log.head()[0] == 52
+
+
+def test_prepare_moves_a_torn_tail_aside_and_records_it(tmp_path: Path) -> None:
+    import hashlib
+
+    path = tmp_path / "audit.jsonl"
+    log = _filled(path, n=3)
+    fragment = b'{"action":"predict","actor":"admin","details":{"requ'
+    with path.open("ab") as fh:
+        fh.write(fragment)
+    assert not log.verify().ok
+    log.prepare()
+    res = log.verify()
+    assert res.ok, res.reason
+    last = list(log.entries())[-1]
+    assert last["seq"] == 4 and last["action"] == "audit_recovered"
+    assert last["details"]["torn_bytes"] == len(fragment)
+    assert last["details"]["torn_sha256"] == hashlib.sha256(fragment).hexdigest()
+    assert (tmp_path / last["details"]["saved_as"]).read_bytes() == fragment
+    log.prepare()  # nothing torn: nothing to do
+    assert log.head()[0] == 4
+
+
+def test_prepare_leaves_a_complete_invalid_tail_alone(tmp_path: Path) -> None:
+    from governance.audit import AuditLogError
+
+    path = tmp_path / "audit.jsonl"
+    log = _filled(path, n=2)
+    with path.open("ab") as fh:
+        fh.write(b"not an entry\n")
+    before = path.read_bytes()
+    log.prepare()
+    assert path.read_bytes() == before
+    with pytest.raises(AuditLogError, match="not a valid audit entry"):
+        log.check_writable()
+
+
+def test_check_writable_names_an_unwritable_log(tmp_path: Path) -> None:
+    from governance.audit import AuditLogError
+
+    path = tmp_path / "audit.jsonl"
+    path.mkdir()  # root ignores permissions; a directory in the way fails for everyone
+    with pytest.raises(AuditLogError, match="cannot open"):
+        AuditLog(path).check_writable()
+
+
+def test_head_interval_holds_the_sidecar_back_until_close(tmp_path: Path) -> None:
+    """A long-lived writer (the service) rewrites the head at most every head_interval: in
+    between verify sees it behind (a warning, not tampering); close brings it up to date."""
+    log = AuditLog(tmp_path / "audit.jsonl", head_interval=3600)
+    for i in range(5):
+        log.append("svc", "read", f"r/{i}")
+    res = log.verify()
+    assert res.ok and any("behind" in w for w in res.warnings)
+    log.close()
+    res = log.verify()
+    assert res.ok and not res.warnings and log.head()[0] == 5
+
+
+def test_kept_open_writer_interleaves_with_others_and_follows_the_path(tmp_path: Path) -> None:
+    """The service keeps its descriptor and remembers its own tail: another writer's entries
+    in between, a log moved away or replaced, and threads all keep one linear chain."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "audit.jsonl"
+    svc = AuditLog(path, keep_open=True)
+    cli = AuditLog(path)
+    svc.append("svc", "predict", "a", patients=[P1])
+    cli.append("lead", "promote", "models:/m@champion")  # another process's entry
+    svc.append("svc", "predict", "b")
+    with ThreadPoolExecutor(4) as ex:
+        list(ex.map(lambda i: svc.append("t", "read", f"r/{i}"), range(40)))
+    res = svc.verify()
+    assert res.ok and res.entries == 43, res.reason
+    path.rename(tmp_path / "old.jsonl")  # rotated away: the next append starts a new file
+    assert svc.append("svc", "predict", "c")["seq"] == 1
+    path.unlink()
+    path.mkdir()  # replaced by something that cannot be appended to
+    with pytest.raises(OSError):
+        svc.append("svc", "predict", "d")
+    svc.close()
+    assert AuditLog(tmp_path / "old.jsonl").verify().ok

@@ -175,3 +175,54 @@ def server(registry: tuple[Path, dict[str, str], dict[str, Any]]) -> Any:
         yield Server(f"http://127.0.0.1:{port}", root, env, models, proc)
     finally:
         stop_server(proc)
+
+
+LIMITED_PARAMS = """
+register:
+  model_name: vitalrisk-deterioration
+serve:
+  max_body_bytes: 300000
+  rate_limit_per_second: 1000
+  rate_limit_burst: 2000
+  max_connections: 64
+  max_connections_per_client: 16
+  max_requests_per_connection: 5
+  header_timeout_seconds: 2
+  body_timeout_seconds: 3
+  max_header_bytes: 4096
+  auth_failures_per_minute: 6
+  auth_failure_burst: 5
+  shutdown_timeout_seconds: 5
+"""
+
+
+def server_on(
+    registry: tuple[Path, dict[str, str], dict[str, Any]],
+    root: Path,
+    params: str = PARAMS,
+    workers: int = 1,
+    **env_extra: str,
+) -> Server:
+    """Another real server on the session's registry, with its own params, logs and port."""
+    _, reg_env, models = registry
+    root.mkdir(parents=True, exist_ok=True)
+    env = server_env(root)
+    env["MLFLOW_TRACKING_URI"] = reg_env["MLFLOW_TRACKING_URI"]
+    env.update(env_extra)
+    (root / "params.yaml").write_text(params)
+    port = free_port()
+    proc = start_server(root, env, port, workers=workers)
+    return Server(f"http://127.0.0.1:{port}", root, env, models, proc)
+
+
+@pytest.fixture(scope="session")
+def limited_server(
+    registry: tuple[Path, dict[str, str], dict[str, Any]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Any:
+    """A server with tight connection limits (short deadlines, small caps) for resource tests."""
+    srv = server_on(registry, tmp_path_factory.mktemp("limited"), LIMITED_PARAMS)
+    try:
+        yield srv
+    finally:
+        stop_server(srv.proc)

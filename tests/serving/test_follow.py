@@ -33,7 +33,6 @@ register:
   model_name: {MODEL}
 serve:
   model_watch_seconds: 1
-  audit_flush_seconds: 0
   rate_limit_per_second: 10000
   rate_limit_burst: 20000
 """

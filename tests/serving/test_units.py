@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,35 +28,47 @@ from serving.predlog import PredictionLog, PredictionRecord
 
 def test_keys_from_env_and_file(tmp_path: Path) -> None:
     f = tmp_path / "keys.txt"
-    f.write_text(f"# comment\nhub:ingest:sha256:{hash_secret('hub-secret-1')}\n\n")
+    f.write_text(f"# comment\nhub:ingest:sha256:{hash_secret('hub-secret-0001x')}\n\n")
     store = KeyStore.from_env(
-        {"VITALRISK_API_KEYS": "app:score+read:app-secret-1", "VITALRISK_API_KEYS_FILE": str(f)}
+        {
+            "VITALRISK_API_KEYS": "app:score+read:app-secret-0001x",
+            "VITALRISK_API_KEYS_FILE": str(f),
+        }
     )
-    app = store.authenticate("app-secret-1")
-    hub = store.authenticate("hub-secret-1")
+    app = store.authenticate("app-secret-0001x")
+    hub = store.authenticate("hub-secret-0001x")
     assert (
         app is not None and app.name == "app" and app.allows("score") and not app.allows("ingest")
     )
     assert (
         hub is not None and hub.name == "hub" and hub.allows("ingest") and not hub.allows("score")
     )
-    assert store.authenticate("app-secret-2") is None
+    assert store.authenticate("app-secret-0002x") is None
     # only digests are kept
     assert all(
         k.digest == hashlib.sha256(s.encode()).digest()
-        for k, s in [(app, "app-secret-1"), (hub, "hub-secret-1")]
+        for k, s in [(app, "app-secret-0001x"), (hub, "hub-secret-0001x")]
     )
-    assert "app-secret-1" not in repr(store)
+    assert "app-secret-0001x" not in repr(store)
+
+
+STRONG = "k7Qp-2mZx-9LwR-4tVb"
 
 
 @pytest.mark.parametrize(
     ("spec", "needle"),
     [
         ("nocolons", "NAME:SCOPES:SECRET"),
-        ("a:write:secret-123", "scope"),
-        ("a:score:short", "at least 8"),
+        (f"a:write:{STRONG}", "scope"),
+        (f"a::{STRONG}", "NAME:SCOPES:SECRET"),
+        ("a:score:short-secret", "weak"),  # 12 characters
+        ("a:score:aaaaaaaaaaaaaaaaaaaa", "weak"),  # long, but 1 different character
+        ("a:score:0123456789abcde", "weak"),  # 15 characters
         ("a:score:sha256:xyz", "64 hex"),
-        ("a:score+rate=0:secret-123", "rate="),
+        (f"a:score+rate=0:{STRONG}", "rate="),
+        (f"a:score+rate=inf:{STRONG}", "rate="),
+        (f"ward app:score:{STRONG}", "key name"),  # a space (names go into logs)
+        (f"a\nb:score:{STRONG}", "key name"),
     ],
 )
 def test_bad_key_specs(spec: str, needle: str) -> None:
@@ -63,9 +76,71 @@ def test_bad_key_specs(spec: str, needle: str) -> None:
         parse_key_spec(spec)
 
 
+def test_key_config_errors_name_the_entry_not_the_secret() -> None:
+    with pytest.raises(AuthConfigError) as exc:
+        KeyStore.from_env({"VITALRISK_API_KEYS": f"a:*:{STRONG},b:score:tiny-secret"})
+    assert str(exc.value).startswith("VITALRISK_API_KEYS entry 2: key 'b'")
+    assert "tiny-secret" not in str(exc.value) and "\n" not in str(exc.value)
+
+
 def test_duplicate_key_names() -> None:
-    with pytest.raises(AuthConfigError, match="unique"):
-        KeyStore.from_env({"VITALRISK_API_KEYS": "a:*:secret-123,a:*:secret-456"})
+    with pytest.raises(AuthConfigError, match="unique; 'a' is also VITALRISK_API_KEYS entry 1"):
+        KeyStore.from_env({"VITALRISK_API_KEYS": f"a:*:{STRONG},a:*:{STRONG}-2"})
+
+
+def test_one_secret_for_two_keys_is_refused(tmp_path: Path) -> None:
+    """Which scopes a request had would depend on which entry matched first."""
+    f = tmp_path / "keys.txt"
+    f.write_text(f"reader:read:sha256:{hash_secret(STRONG)}\n")
+    with pytest.raises(AuthConfigError, match="'reader' has the same secret as key 'admin'"):
+        KeyStore.from_env(
+            {"VITALRISK_API_KEYS": f"admin:*:{STRONG}", "VITALRISK_API_KEYS_FILE": str(f)}
+        )
+
+
+def test_placeholder_secrets_refused_in_production(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = "ward:score:change-me-ward-0001"
+    assert parse_key_spec(spec).name == "ward"  # fine for the demo
+    monkeypatch.setenv("VITALRISK_MODE", "production")
+    with pytest.raises(AuthConfigError, match="placeholder"):
+        parse_key_spec(spec)
+
+
+def test_production_mode_needs_its_keys() -> None:
+    from serving.config import check_secrets
+
+    prod = {"VITALRISK_MODE": "production"}
+    good_p, good_a = (
+        "p" + "0123456789abcdefghijklmnopqrstuvw",
+        "a" + "zyxwvutsrqponmlkjihgfedcba987654",
+    )
+    check_secrets({})  # outside production mode nothing is required
+    import os as _os
+
+    old = _os.environ.get("VITALRISK_MODE")
+    _os.environ["VITALRISK_MODE"] = "production"
+    try:
+        cases = [
+            ({}, "VITALRISK_PSEUDONYM_KEY is not set"),
+            ({"VITALRISK_PSEUDONYM_KEY": good_p}, "VITALRISK_AUDIT_KEY is not set"),
+            (
+                {"VITALRISK_PSEUDONYM_KEY": "short-key", "VITALRISK_AUDIT_KEY": good_a},
+                "VITALRISK_PSEUDONYM_KEY is weak",
+            ),
+            (
+                {"VITALRISK_PSEUDONYM_KEY": good_p, "VITALRISK_AUDIT_KEY": good_p},
+                "must be different",
+            ),
+        ]
+        for env, needle in cases:
+            with pytest.raises(ValueError, match=needle):
+                check_secrets({**prod, **env})
+        check_secrets({**prod, "VITALRISK_PSEUDONYM_KEY": good_p, "VITALRISK_AUDIT_KEY": good_a})
+    finally:
+        if old is None:
+            _os.environ.pop("VITALRISK_MODE", None)
+        else:
+            _os.environ["VITALRISK_MODE"] = old
 
 
 def test_bearer_token() -> None:
@@ -239,7 +314,7 @@ def test_serve_fails_fast_without_champion_or_keys(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/empty.db",
-        "VITALRISK_API_KEYS": "a:*:aaaaaaaaaa",
+        "VITALRISK_API_KEYS": f"a:*:{STRONG}",
     }
     env.pop("VITALRISK_API_KEYS_FILE", None)
     r = subprocess.run(
@@ -269,7 +344,7 @@ def test_service_stops_when_started_without_champion(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/empty.db",
-        "VITALRISK_API_KEYS": "a:*:aaaaaaaaaa",
+        "VITALRISK_API_KEYS": f"a:*:{STRONG}",
         "BENTOML_HOME": str(tmp_path / "bentoml"),
         "BENTOML_DO_NOT_TRACK": "True",
     }
@@ -288,24 +363,83 @@ def test_service_stops_when_started_without_champion(tmp_path: Path) -> None:
     assert "no champion to serve" in r.stdout + r.stderr
 
 
-def test_audit_batcher_coalesces_and_flushes(tmp_path: Path) -> None:
+def _item(actor: str, rid: str, status: int = 200, patients: tuple[str, ...] = ()) -> Any:
+    from serving.auditq import AuditItem
+
+    return AuditItem(actor, "predict", "POST /v1/score", status, rid, patients, "3", "10.0.0.1")
+
+
+def test_audit_writer_group_commits_before_answering(tmp_path: Path) -> None:
+    """Concurrent commits share fsyncs; each returns only once its entry is on disk, and a
+    group is coalesced per key, route, model version and status."""
+    import asyncio
+
     from governance.audit import AuditLog
-    from serving.auditq import AuditBatcher
+    from serving.auditq import AuditWriter
 
     p1, p2 = "p_" + "1" * 20, "p_" + "2" * 20
     log = AuditLog(tmp_path / "audit.jsonl")
-    batcher = AuditBatcher(log, interval=60).start()  # only close() flushes in this test
-    batcher.submit("app", "predict", "POST /v1/score", [p1], "3", "r1", 200)
-    batcher.submit("app", "predict", "POST /v1/score", [p2, p1], "3", "r2", 422)
-    batcher.submit("hub", "collect", "POST /v1/observations", [p2], None, "r3", 200)
-    assert list(log.entries()) == []
-    batcher.close()
+    writer = AuditWriter(log).start()
+
+    async def burst() -> None:
+        async def one(i: int) -> None:
+            await writer.commit(_item("app", f"r{i}", 200 if i % 5 else 422, (p1, p2)[: i % 3]), 5)
+            # durable means: already in the file when the await returns
+            on_disk = log.path.read_text()
+            assert f'"r{i}"' in on_disk
+
+        await asyncio.gather(*(one(i) for i in range(200)))
+
+    asyncio.run(burst())
+    writer.close()
     entries = list(log.entries())
-    assert len(entries) == 2 and log.verify().ok
-    app = next(e for e in entries if e["actor"] == "app")
-    assert app["patients"] == [p1, p2] and app["model_version"] == "3"
-    assert app["details"]["request_ids"] == ["r1", "r2"]
-    assert app["details"]["status"] == {"200": 1, "422": 1}
-    sync = AuditBatcher(log, interval=0)  # interval 0: one entry per request, at once
-    sync.submit("app", "read_model", "GET /v1/model", [], "3", "r4", 200)
-    assert len(list(log.entries())) == 3
+    assert log.verify().ok
+    assert writer.groups < 200  # shared fsyncs, not one per request
+    ids = [r for e in entries for r in e["details"]["request_ids"]]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(200))
+    for e in entries:
+        assert e["details"]["status"] in (200, 422) and e["details"]["clients"] == ["10.0.0.1"]
+        want = 422 if all(int(r[1:]) % 5 == 0 for r in e["details"]["request_ids"]) else 200
+        assert e["details"]["status"] == want
+    assert {p for e in entries for p in e["patients"]} == {p1, p2}
+
+
+def test_audit_writer_fails_closed_and_recovers(tmp_path: Path) -> None:
+    """An unwritable log: the commit raises (the service answers 503), ``healthy`` turns
+    False, and the writer's probe turns it back once the log is writable again."""
+    import asyncio
+    import shutil
+    import time as _time
+
+    from governance.audit import AuditLog
+    from serving.auditq import AuditUnavailable, AuditWriter
+
+    path = tmp_path / "audit.jsonl"
+    writer = AuditWriter(AuditLog(path), probe_seconds=0.05).start()
+    asyncio.run(writer.commit(_item("app", "r1"), 5))
+    path.rename(tmp_path / "moved.jsonl")
+    path.mkdir()  # the log's name is now a directory: every append fails
+    with pytest.raises(AuditUnavailable):
+        asyncio.run(writer.commit(_item("app", "r2"), 5))
+    assert not writer.healthy and "audit.jsonl" in writer.last_error
+    writer.record(_item("(anonymous)", "r3", 401))  # queued, fails quietly while down
+    shutil.rmtree(path)
+    (tmp_path / "moved.jsonl").rename(path)
+    deadline = _time.monotonic() + 5
+    while not writer.healthy and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+    assert writer.healthy
+    asyncio.run(writer.commit(_item("app", "r4"), 5))
+    writer.close()
+    ids = [r for e in AuditLog(path).entries() for r in e["details"]["request_ids"]]
+    assert ids == ["r1", "r4"]  # r2 was never answered, so it is not in the trail
+
+
+def test_audit_writer_refuses_to_start_on_an_unusable_log(tmp_path: Path) -> None:
+    from governance.audit import AuditLog, AuditLogError
+    from serving.auditq import AuditWriter
+
+    path = tmp_path / "audit.jsonl"
+    path.write_text("garbage without a valid entry\n")
+    with pytest.raises(AuditLogError, match="not a valid audit entry"):
+        AuditWriter(AuditLog(path)).start()
