@@ -9,6 +9,10 @@ rows per patient, ``BENCH_MODELS_FEATURES`` float features; default 2000 x 50 x 
 - ``score_1_row_ms`` / ``score_1000_rows_ms``: ``RiskModel.predict_proba`` (median of repeats);
   ``contrib_1_row_ms``: ``RiskModel.contributions`` (SHAP via pred_contrib) for one row.
 - ``log_model_seconds`` / ``load_model_seconds``: MLflow pyfunc log + load on a SQLite store.
+- ``compiled``: a demo-sized champion (235 trees, 317 features, 15 leaves) scored by LightGBM
+  and by its tl2cgen-compiled library (``models.compiled``; compile time, parity and the
+  speed-up for 1 and 1,000 rows on one thread), and ``RiskModel.predict_proba`` on a one-row
+  DataFrame against the array path (``predict_proba_matrix``) the service uses.
 """
 
 from __future__ import annotations
@@ -59,6 +63,50 @@ def _median_ms(fn: Any, repeats: int) -> float:
     return round(statistics.median(out), 3)
 
 
+def compiled_scoring(repeats: int = 200) -> dict[str, Any]:
+    """LightGBM vs compiled trees on a demo-sized champion (see the module docstring)."""
+    import lightgbm as lgb
+
+    from models.pyfunc import Calibrator, RiskModel
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(20000, 317))
+    X[rng.random(X.shape) < 0.2] = np.nan
+    y = (np.nan_to_num(X[:, :6]).sum(axis=1) + rng.normal(size=20000) > 3).astype(int)
+    params = {"objective": "binary", "num_leaves": 15, "verbosity": -1, "seed": 2}
+    booster = lgb.train(params, lgb.Dataset(X, label=y), num_boost_round=235)
+    names = [f"f{i:03d}" for i in range(317)]
+    model = RiskModel(booster=booster, feature_names=names, calibrator=Calibrator("none"))
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        ok = model.compile_trees(tmp)
+        compile_s = time.perf_counter() - t
+        out: dict[str, Any] = {"trees": booster.num_trees(), "features": 317, "compiled": ok}
+        out["compile_seconds"] = round(compile_s, 1)
+        if not ok:
+            return out
+        trees = model.compiled
+        for n in (1, 1000):
+            rows = X[:n]
+            reps = repeats if n == 1 else max(10, repeats // 10)
+            lgb_ms = _median_ms(
+                lambda r=rows: booster.predict(r, raw_score=True, num_threads=1), reps
+            )
+            tl_ms = _median_ms(lambda r=rows: trees.raw_score(r), reps)
+            out[f"lightgbm_{n}_rows_ms"] = lgb_ms
+            out[f"compiled_{n}_rows_ms"] = tl_ms
+            out[f"speedup_{n}_rows"] = round(lgb_ms / tl_ms, 2)
+        out["bit_identical_1000_rows"] = bool(
+            np.array_equal(trees.raw_score(X[:1000]), booster.predict(X[:1000], raw_score=True))
+        )
+        one = pd.DataFrame(X[:1], columns=names)
+        out["predict_proba_frame_1_row_ms"] = _median_ms(lambda: model.predict_proba(one), repeats)
+        out["predict_proba_matrix_1_row_ms"] = _median_ms(
+            lambda: model.predict_proba_matrix(X[:1], threads=1), repeats
+        )
+    return out
+
+
 def main() -> dict[str, Any]:
     from models.config import EvaluateConfig, TrainConfig
     from models.evaluate import evaluate_predictions
@@ -101,6 +149,7 @@ def main() -> dict[str, Any]:
         t = time.perf_counter()
         tracking.load_model(uri)
         res["load_model_seconds"] = round(time.perf_counter() - t, 2)
+    res["compiled"] = compiled_scoring()
     for k, v in res.items():
         print(f"{k:>22}: {v}")
     return res

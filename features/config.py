@@ -1,34 +1,34 @@
 """Typed params for the ``features`` stage (section ``features`` of ``params.yaml``).
 
-Which features exist is configuration: windows, statistics, families, baseline and static
-covariates are set here; the observation codes come from the vocabulary, so a new lab in
-``config/vocabulary.yaml`` gets features without a code change.
+Which features exist is configuration: the observation codes come from the vocabulary (so a
+new lab in ``config/vocabulary.yaml`` gets features without a code change), and each feature
+family (``features/families/``) owns its own params section: ``windows``, ``baseline``,
+``news2``, ``missingness``, ``static``, ... are validated by the model that family declares.
+A new family brings its section with it; this file does not change. ``families`` switches
+families on and off by name (all on by default). Unknown or misspelt keys, in the core fields
+or in any family's section, are errors that name the key.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
+from pydantic_core import ValidationError as CoreValidationError
 
 Stat = Literal["mean", "min", "max", "std", "slope", "count", "sum"]
 Kind = Literal["continuous", "binary", "ordinal", "count"]
 Group = Literal["vital", "activity", "sleep", "lab"]
-
-
-_DEFAULT_WINDOWS: dict[Group, list[float]] = {
-    "vital": [4.0, 12.0, 24.0, 72.0],
-    "activity": [24.0, 72.0],
-    "sleep": [72.0],
-    "lab": [24.0, 72.0],
-}
-_DEFAULT_STATS: dict[Kind, list[Stat]] = {
-    "continuous": ["mean", "min", "max", "std", "slope", "count"],
-    "count": ["sum", "count"],
-    "binary": ["mean", "max"],
-    "ordinal": ["max"],
-}
 
 
 class _Strict(BaseModel):
@@ -75,61 +75,24 @@ class LabelConfig(_Strict):
     partial_horizon: Literal["exclude"] = "exclude"
 
 
-class WindowConfig(_Strict):
-    #: trailing windows (hours, ending at the prediction time, (t - w, t]) per vocabulary group
-    hours: dict[Group, list[float]] = Field(
-        default_factory=lambda: {k: list(v) for k, v in _DEFAULT_WINDOWS.items()}
-    )
-    #: statistics per vocabulary kind (slope is per hour; std is the sample std)
-    stats: dict[Kind, list[Stat]] = Field(
-        default_factory=lambda: {k: list(v) for k, v in _DEFAULT_STATS.items()}
-    )
+def _families() -> list[Any]:
+    """The registered families (imported here, not at module import: they import us)."""
+    from features.families import registered_families
+
+    return registered_families()
 
 
-class BaselineConfig(_Strict):
-    """Personal baseline: trailing window lagged so that the recent past is not in it."""
-
-    #: baseline window is (t - start_days, t - end_days]
-    start_days: float = Field(default=7.0, gt=0)
-    end_days: float = Field(default=1.0, ge=0)
-    #: fewer observations than this in the baseline window -> baseline features missing
-    min_count: int = Field(default=3, ge=1)
-    #: the recent window compared with the baseline (mean over (t - compare_hours, t])
-    compare_hours: float = Field(default=24.0, gt=0)
-
-    @model_validator(mode="after")
-    def _order(self) -> BaselineConfig:
-        if self.end_days >= self.start_days:
-            raise ValueError("baseline.end_days must be smaller than baseline.start_days")
-        return self
+def _error(kind: str, loc: tuple[Any, ...], value: Any, msg: str = "") -> InitErrorDetails:
+    if kind == "value_error":
+        return {"type": "value_error", "loc": loc, "input": value, "ctx": {"error": msg}}
+    return {"type": kind, "loc": loc, "input": value}  # type: ignore[typeddict-item]
 
 
-class News2Config(_Strict):
-    #: a latest value older than this is treated as not measured
-    max_age_hours: float = Field(default=24.0, gt=0)
-    #: patient covariates (truthy = hypercapnic respiratory failure) that select SpO2 scale 2
-    scale2_flags: list[str] = Field(default_factory=lambda: ["spo2_scale2"])
+class FeaturesConfig(BaseModel):
+    """The ``features`` section: core fields here, one extra section per feature family."""
 
+    model_config = ConfigDict(extra="allow")
 
-class Families(_Strict):
-    last: bool = True
-    windows: bool = True
-    baseline: bool = True
-    news2: bool = True
-    shock_index: bool = True
-    activity: bool = True
-    sleep: bool = True
-    missingness: bool = True
-    static: bool = True
-
-
-class MissingnessConfig(_Strict):
-    #: ``<code>_missing`` = no observation in (t - window_hours, t];
-    #: ``<code>_per_hour`` = observations per hour in that window (measurement frequency)
-    window_hours: float = Field(default=24.0, gt=0)
-
-
-class FeaturesConfig(_Strict):
     backend: Literal["local", "dask"] = "local"
     dask: DaskConfig = Field(default_factory=lambda: DaskConfig())
     prediction_times: dict[str, PredictionTimes] = Field(
@@ -143,33 +106,69 @@ class FeaturesConfig(_Strict):
     codes: Literal["all"] | list[str] = "all"
     #: nothing older than this (hours before t) is used: serving must send at least this much
     lookback_hours: float = Field(default=168.0, gt=0)
-    windows: WindowConfig = Field(default_factory=lambda: WindowConfig())
-    baseline: BaselineConfig = Field(default_factory=lambda: BaselineConfig())
-    news2: News2Config = Field(default_factory=lambda: News2Config())
-    missingness: MissingnessConfig = Field(default_factory=lambda: MissingnessConfig())
-    families: Families = Field(default_factory=lambda: Families())
-    #: static covariates from the patient table; ``sex_f`` is derived from ``sex``;
-    #: shell-style patterns (``cm_*``) expand against the patient columns
-    static: list[str] = Field(default_factory=lambda: ["age", "sex_f", "cm_*"])
+    #: family name -> on/off (families not named are on)
+    families: dict[str, bool] = Field(default_factory=dict)
     #: dtype of the feature columns in the output
     dtype: Literal["float32", "float64"] = "float32"
     #: threads for the per-code work of the local backend (0 = one per CPU); results are
     #: identical for any value
     threads: int = Field(default=0, ge=0)
 
-    @model_validator(mode="after")
-    def _lookback_covers(self) -> FeaturesConfig:
-        longest = max([0.0, *(w for ws in self.windows.hours.values() for w in ws)])
-        need = max(
-            longest,
-            self.baseline.start_days * 24,
-            self.baseline.compare_hours,
-            self.news2.max_age_hours,
-            self.missingness.window_hours,
-        )
-        if self.lookback_hours < need:
-            raise ValueError(
-                f"lookback_hours ({self.lookback_hours:g}) must cover the longest window, "
-                f"baseline and NEWS2 age ({need:g} h)"
-            )
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _family_sections(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Validate each family's own section with its model; reject unknown keys."""
+        if not isinstance(data, dict):
+            return handler(data)
+        data = dict(data)
+        errors: list[InitErrorDetails] = []
+        sections: dict[str, tuple[Any, Any]] = {}
+        for fam in _families():
+            if fam.section and fam.section not in sections:
+                sections[fam.section] = (fam.params_type, fam.params_default)
+        for key in [k for k in data if k not in cls.model_fields]:
+            if key not in sections:
+                errors.append(_error("extra_forbidden", (key,), data.pop(key)))
+        for key, (params_type, default) in sections.items():
+            try:
+                data[key] = TypeAdapter(params_type).validate_python(data.get(key, default))
+            except ValidationError as exc:
+                errors += [
+                    {**e, "loc": (key, *e["loc"])}  # type: ignore[typeddict-item]
+                    for e in exc.errors()
+                ]
+                data.pop(key)
+        names = {fam.name for fam in _families()}
+        for name in data.get("families") or {}:
+            if name not in names:
+                errors.append(_error("extra_forbidden", ("families", name), name))
+        try:
+            out = handler(data)
+        except ValidationError as exc:
+            errors += exc.errors()  # type: ignore[arg-type]
+            out = None
+        if out is not None and not errors:
+            need = max([0.0, *(fam.lookback_needed(out) for fam in _families())])
+            if out.lookback_hours < need:
+                errors.append(
+                    _error(
+                        "value_error",
+                        ("lookback_hours",),
+                        out.lookback_hours,
+                        f"lookback_hours ({out.lookback_hours:g}) must cover the longest "
+                        f"window, baseline and NEWS2 age ({need:g} h)",
+                    )
+                )
+        if errors:
+            raise CoreValidationError.from_exception_data(cls.__name__, errors)
+        return out
+
+    def section(self, name: str) -> Any:
+        """A family's params section (validated by that family's model)."""
+        extra = self.__pydantic_extra__ or {}
+        if name not in extra:
+            raise KeyError(f"features has no section {name!r} (no registered family owns it)")
+        return extra[name]
+
+    def enabled(self, family: str) -> bool:
+        return self.families.get(family, True)

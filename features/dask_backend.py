@@ -19,7 +19,7 @@ import pandas as pd
 from core.vocabulary import Vocabulary
 from features.build import BuildReport, build_feature_matrix_with_report, read_observations
 from features.config import FeaturesConfig
-from features.labels import EXCLUSION_REASONS
+from features.labels import EXCLUSION_REASONS, prevalence_by_setting
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,7 @@ def combine(results: list[tuple[pd.DataFrame, BuildReport]]) -> tuple[pd.DataFra
         pd.concat(frames, ignore_index=True) if frames else results[0][0].iloc[0:0]
     ).sort_values(["patient_id", "time"], kind="stable", ignore_index=True)
     excluded = {r: sum(rep.excluded.get(r, 0) for _, rep in results) for r in EXCLUSION_REASONS}
-    by_setting: dict[str, dict[str, float]] = {}
-    for name, g in frame.groupby("setting", sort=True):
-        n, pos = len(g), int(g["label"].sum())
-        by_setting[str(name)] = {"rows": n, "positives": pos, "prevalence": pos / n if n else 0.0}
+    by_setting = prevalence_by_setting(frame["setting"].to_numpy(), frame["label"].to_numpy())
     return frame, BuildReport(rows=len(frame), excluded=excluded, by_setting=by_setting)
 
 

@@ -169,9 +169,10 @@ def label_times(
     has_ev = ~np.isnan(fe)
     fe_i = np.where(has_ev, fe, 0).astype(np.int64)
 
+    names, inverse = np.unique(setting, return_inverse=True)  # a few settings, many rows
     horizon_h = np.array(
-        [config.labels.horizon_hours.get(s, np.nan) for s in setting], dtype=np.float64
-    )
+        [config.labels.horizon_hours.get(str(s), np.nan) for s in names], dtype=np.float64
+    )[inverse]
     no_setting = np.isnan(horizon_h) | ~np.isin(setting, list(config.prediction_times))
     h_ns = np.where(no_setting, 0, np.nan_to_num(horizon_h) * HOUR_NS).astype(np.int64)
 
@@ -196,3 +197,14 @@ def label_times(
     out["label"] = positive[keep].astype(np.int64)
     out["horizon_hours"] = horizon_h[keep]
     return out, counts
+
+
+def prevalence_by_setting(setting: np.ndarray, label: np.ndarray) -> dict[str, dict[str, float]]:
+    """Rows, positives and prevalence per care setting (the stage report's ``by_setting``)."""
+    names, inv = np.unique(np.asarray(setting).astype(str), return_inverse=True)
+    rows = np.bincount(inv, minlength=len(names))
+    pos = np.bincount(inv, weights=np.asarray(label, dtype=np.float64), minlength=len(names))
+    return {
+        str(n): {"rows": int(r), "positives": int(p), "prevalence": float(p / r) if r else 0.0}
+        for n, r, p in zip(names.tolist(), rows.tolist(), pos.tolist(), strict=True)
+    }

@@ -30,10 +30,19 @@ def _round_half_up(x: np.ndarray, decimals: int = 0) -> np.ndarray:
     return np.floor(np.asarray(x, dtype=np.float64) * f + 0.5 + 1e-9)
 
 
+_BANDS: dict[tuple[tuple[float, ...], tuple[float, ...]], tuple[np.ndarray, np.ndarray]] = {}
+
+
 def _band(x: np.ndarray, uppers: list[float], scores: list[float]) -> np.ndarray:
     """Score of the first band whose inclusive upper bound is >= x (last score above all)."""
-    idx = np.searchsorted(np.asarray(uppers, dtype=np.float64), x, side="left")
-    out = np.asarray(scores, dtype=np.float64)[np.minimum(idx, len(scores) - 1)]
+    key = (tuple(uppers), tuple(scores))
+    arrays = _BANDS.get(key)
+    if arrays is None:  # the chart as arrays, once (serving scores a few rows per call)
+        arrays = _BANDS.setdefault(
+            key, (np.asarray(uppers, dtype=np.float64), np.asarray(scores, dtype=np.float64))
+        )
+    ups, scs = arrays
+    out = scs[np.minimum(np.searchsorted(ups, x, side="left"), len(scs) - 1)]
     return np.where(np.isnan(x), np.nan, out)
 
 

@@ -24,15 +24,16 @@ from models.config import EvaluateConfig
 from models.metrics import (
     Exposure,
     PatientBootstrap,
+    RankedScores,
     alert_metrics,
     bootstrap_ci,
     brier,
     cadence_hours,
     discrimination_calibration,
-    fast_auprc,
-    fast_auroc,
     lead_times_hours,
     threshold_for_budget,
+    weighted_alerts,
+    weighted_brier,
     with_ci,
 )
 
@@ -117,14 +118,14 @@ def _subgroup_metrics(
     ):
         m = discrimination_calibration(y, p, rank) if enough else {"brier": brier(y, p)}
         if enough and config.subgroup_bootstrap_reps:
-            r = p if rank is None else rank
+            ranked = RankedScores(y, p if rank is None else rank)
 
-            def stat(idx: np.ndarray, r: np.ndarray = r) -> dict[str, float | None]:
-                return {"auroc": fast_auroc(y[idx], r[idx]), "auprc": fast_auprc(y[idx], r[idx])}
+            def stat(w: np.ndarray, r: RankedScores = ranked) -> dict[str, float | None]:
+                return {"auroc": r.auroc(w), "auprc": r.auprc(w)}
 
             samples = PatientBootstrap(
                 g["patient_id"].to_numpy(), config.subgroup_bootstrap_reps, config.seed
-            ).indices()
+            ).weights()
             m = with_ci(m, bootstrap_ci(stat, samples))
         if name == "model":
             alert = g["prob"].to_numpy() >= model_thr
@@ -193,29 +194,30 @@ def evaluate_predictions(
     for t in config.news2_thresholds:
         rules[f"news2_ge_{t:g}"] = ("news2", n2 >= t, float(t))
 
-    # -- bootstrap over patients -----------------------------------------------------------
+    # -- bootstrap over patients: each replicate as row weights over rows sorted once ------
     samples = PatientBootstrap(test["patient_id"].to_numpy(), config.bootstrap_reps, config.seed)
+    ranked_model, ranked_news2 = RankedScores(y, p), RankedScores(y, n2)
+    yf = y.astype(np.float64)
 
-    def stat(idx: np.ndarray) -> dict[str, float | None]:
-        yy = y[idx]
+    def stat(w: np.ndarray) -> dict[str, float | None]:
         out: dict[str, float | None] = {
-            "model.auroc": fast_auroc(yy, p[idx]),
-            "model.auprc": fast_auprc(yy, p[idx]),
-            "model.brier": float(np.mean((p[idx] - yy) ** 2)),
-            "news2.auroc": fast_auroc(yy, n2[idx]),
-            "news2.auprc": fast_auprc(yy, n2[idx]),
-            "news2.brier": float(np.mean((n2p[idx] - yy) ** 2)),
+            "model.auroc": ranked_model.auroc(w),
+            "model.auprc": ranked_model.auprc(w),
+            "model.brier": weighted_brier(yf, p, w),
+            "news2.auroc": ranked_news2.auroc(w),
+            "news2.auprc": ranked_news2.auprc(w),
+            "news2.brier": weighted_brier(yf, n2p, w),
         }
         for k in ("auroc", "auprc", "brier"):
             a, b = out[f"model.{k}"], out[f"news2.{k}"]
             out[f"delta.{k}"] = None if a is None or b is None else a - b
         for name, (_, alert, _) in rules.items():
-            am = alert_metrics(yy, alert[idx], Exposure(1.0, "x"))
+            am = weighted_alerts(yf, alert, w)
             out[f"{name}.sensitivity"] = am["sensitivity"]
             out[f"{name}.ppv"] = am["ppv"]
         return out
 
-    ci = bootstrap_ci(stat, samples.indices()) if config.bootstrap_reps else {}
+    ci = bootstrap_ci(stat, samples.weights()) if config.bootstrap_reps else {}
 
     def ci_for(prefix: str) -> dict[str, tuple[float | None, float | None]]:
         return {k.split(".", 1)[1]: v for k, v in ci.items() if k.startswith(prefix + ".")}

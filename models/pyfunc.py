@@ -27,6 +27,50 @@ log = logging.getLogger(__name__)
 BOOSTER_ARTIFACT = "booster"
 #: batches smaller than this are scored on one thread
 SMALL_BATCH = 5000
+#: rows per block when a large frame is turned into a matrix and scored
+BLOCK_ROWS = 65536
+
+
+def matrix_dtype(frame: pd.DataFrame, names: Sequence[str]) -> type[np.floating]:
+    """float32 when every feature column is float32 (the features stage's output: exact,
+    half the memory), else float64 (values that float32 would round stay exact)."""
+    return np.float32 if all(frame[n].dtype == np.float32 for n in names) else np.float64
+
+
+def feature_matrix(
+    frame: pd.DataFrame,
+    names: Sequence[str],
+    categories: Mapping[str, Sequence[str]] | None = None,
+    rows: np.ndarray | slice | None = None,
+    dtype: type[np.floating] | None = None,
+) -> np.ndarray:
+    """The model's input as one C-contiguous float matrix (rows x ``names``), built column by
+    column in blocks of rows, so the only copy is the matrix itself (no float64 frame).
+
+    Encodes categorical strings like :meth:`RiskModel.prepare` (unknown -> NaN) and reads
+    other non-float columns with ``pd.to_numeric`` (not a number -> NaN).
+    """
+    dtype = dtype or matrix_dtype(frame, names)
+    cats = categories or {}
+    columns = []
+    for name in names:
+        col = frame[name]
+        if name in cats and not pd.api.types.is_numeric_dtype(col):
+            lookup = {c: float(i) for i, c in enumerate(cats[name])}
+            columns.append(col.astype("object").map(lookup).to_numpy(dtype=np.float64))
+        elif col.dtype.kind in "fiub":
+            columns.append(col.to_numpy())
+        else:
+            columns.append(pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64))
+    index = np.arange(len(frame))[rows] if rows is not None else None
+    n = len(frame) if index is None else len(index)
+    out = np.empty((n, len(names)), dtype=dtype)
+    for r0 in range(0, n, 4096):  # a block of rows stays in cache while its columns land
+        r1 = min(n, r0 + 4096)
+        sel = slice(r0, r1) if index is None else index[r0:r1]
+        for j, values in enumerate(columns):
+            out[r0:r1, j] = values[sel]
+    return out
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -88,15 +132,19 @@ class RiskModel(PythonModel):
     feature_names: list[str] = field(default_factory=list)
     categories: dict[str, list[str]] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: the booster compiled to a library (``models.compiled``), once :meth:`compile_trees` ran
+    compiled: Any = field(default=None, repr=False, compare=False)
 
     # -- pickling: the booster travels as model text in the ``booster`` artifact ----------
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["booster"] = None
+        state["compiled"] = None  # a loaded library is this machine's, this process's
         return state
 
     def __setstate__(self, state: Mapping[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("compiled", None)  # models pickled before compiled trees
 
     def load_context(self, context: Any) -> None:
         import lightgbm as lgb
@@ -137,13 +185,59 @@ class RiskModel(PythonModel):
     def _predict(self, X: pd.DataFrame, **kwargs: Any) -> np.ndarray:
         if self.booster is None:
             raise RuntimeError("RiskModel has no booster loaded")
-        arr = self.matrix(X)
+        frame = X if isinstance(X, pd.DataFrame) else pd.DataFrame(X)
+        missing = [c for c in self.feature_names if c not in frame.columns]
+        if missing:
+            raise ValueError(f"input is missing feature column(s): {missing}")
         # one thread for small batches: OpenMP start-up dominates (ms vs µs per request)
-        threads = 1 if len(arr) < SMALL_BATCH else 0
-        return np.asarray(self.booster.predict(arr, num_threads=threads, **kwargs), dtype=float)
+        threads = 1 if len(frame) < SMALL_BATCH else 0
+        dtype = matrix_dtype(frame, self.feature_names)
+        parts = []
+        for r in range(0, max(len(frame), 1), BLOCK_ROWS):
+            X = feature_matrix(
+                frame, self.feature_names, self.categories, slice(r, r + BLOCK_ROWS), dtype
+            )
+            if kwargs == {"raw_score": True}:
+                parts.append(self.raw_matrix(X))
+            else:
+                parts.append(
+                    np.asarray(self.booster.predict(X, num_threads=threads, **kwargs), float)
+                )
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def raw_score(self, X: pd.DataFrame) -> np.ndarray:
         return self._predict(X, raw_score=True)
+
+    # -- arrays: the scoring paths of the service (no DataFrame per call) -------------------
+    def compile_trees(self, directory: Any = None) -> bool:
+        """Score with compiled trees from now on, if they build and match LightGBM exactly
+        (``models.compiled``); returns whether they are in use."""
+        from models.compiled import compile_booster
+
+        if self.booster is not None and self.compiled is None:
+            self.compiled = compile_booster(self.booster, directory)
+        return self.compiled is not None
+
+    def raw_matrix(self, X: np.ndarray, threads: int | None = None) -> np.ndarray:
+        """Raw margins of a (rows x ``feature_names``) float matrix (compiled trees when in
+        use and the batch is big enough; LightGBM with ``threads``, default: 1 for small
+        batches, all cores for large ones)."""
+        from models.compiled import MIN_ROWS
+
+        if self.booster is None:
+            raise RuntimeError("RiskModel has no booster loaded")
+        compiled = self.compiled
+        if compiled is not None and len(X) >= MIN_ROWS:
+            raw = compiled.raw_score(X)
+            if raw is not None:
+                return np.asarray(raw)
+        if threads is None:
+            threads = 1 if len(X) < SMALL_BATCH else 0
+        return np.asarray(self.booster.predict(X, raw_score=True, num_threads=threads), float)
+
+    def predict_proba_matrix(self, X: np.ndarray, threads: int | None = None) -> np.ndarray:
+        """Calibrated probabilities of a (rows x ``feature_names``) float matrix."""
+        return self.calibrator.transform(self.raw_matrix(X, threads))
 
     def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
         """Calibrated probability of deterioration within the label horizon, one per row."""

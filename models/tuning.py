@@ -14,7 +14,6 @@ import pandas as pd
 
 from models.config import TrainConfig
 from models.metrics import auprc
-from models.pyfunc import RiskModel
 from models.splits import TRAIN, VAL, assign_splits
 
 log = logging.getLogger(__name__)
@@ -41,31 +40,33 @@ def tune(
     import optuna
 
     from models import tracking
-    from models.train import _booster_params, fit_booster, select_features, validate_frame
+    from models.train import (
+        TrainingData,
+        _booster_params,
+        fit_booster,
+        select_features,
+        validate_frame,
+    )
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     validate_frame(frame)
     frame = frame.reset_index(drop=True)
     names, categories = select_features(frame, config)
-    X = RiskModel(feature_names=names, categories=categories).prepare(frame)
     y = frame["label"].astype(int).to_numpy()
-    split = assign_splits(frame, config.split, config.seed)
-    tr, va = (split == TRAIN).to_numpy(), (split == VAL).to_numpy()
+    split = assign_splits(frame, config.split, config.seed).to_numpy()
+    tr, va = np.flatnonzero(split == TRAIN), np.flatnonzero(split == VAL)
+    data = TrainingData.build(
+        frame, names, categories, split, _booster_params(config, y[tr], names, None)
+    )
+    train_set, valid_set = data.subset(tr), data.subset(va)
 
     def objective(trial: Any) -> float:
         overrides = suggest(trial)
         params = _booster_params(config, y[tr], names, overrides)
         b = fit_booster(
-            X[tr],
-            y[tr],
-            X[va],
-            y[va],
-            params,
-            config.n_estimators,
-            max(config.early_stopping_rounds, 10),
-            list(categories),
+            train_set, valid_set, params, config.n_estimators, max(config.early_stopping_rounds, 10)
         )
-        value = auprc(y[va], b.predict(X[va], raw_score=True)) or 0.0
+        value = auprc(y[va], data.raw_score(b, va)) or 0.0
         trial.set_user_attr("best_iteration", int(b.best_iteration or b.current_iteration()))
         if log_trials:
             with tracking.start_run(run_name=f"trial-{trial.number}", nested=True):

@@ -18,7 +18,9 @@ def read_features(path: str | Path, cohort: bool = False) -> pd.DataFrame:
     if not p.is_file():
         raise UserError(f"{p}: feature matrix not found (run `dvc repro features` first)")
     try:
-        frame = pd.read_parquet(p)
+        from features.io import read_features as read_frame
+
+        frame = read_frame(p)
     except Exception as exc:
         raise UserError(f"{p}: not a readable parquet file: {exc}") from None
     needed = ("time_to_event_days", "event") if cohort else ("label",)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -68,6 +71,20 @@ class LoadedModel:
             n: {c: float(i) for i, c in enumerate(cats)}
             for n, cats in (getattr(self.model, "categories", None) or {}).items()
         }
+        self._get = itemgetter(*self.feature_names) if len(self.feature_names) > 1 else None
+        self.compiling: threading.Thread | None = None
+        # the model's choice (train.compiled_trees, in its metadata), unless the environment
+        # says otherwise: VITALRISK_COMPILED_TREES=tl2cgen | none
+        wanted = os.environ.get("VITALRISK_COMPILED_TREES", "").lower() or (
+            getattr(self.model, "metadata", None) or {}
+        ).get("compiled_trees", "none")
+        if wanted == "tl2cgen" and hasattr(self.model, "compile_trees"):
+            # compiled trees (models/compiled.py) are built or loaded on a thread; until they
+            # are ready, and if they fail their parity check, LightGBM scores
+            self.compiling = threading.Thread(
+                target=self.model.compile_trees, name=f"compile-{self.version}", daemon=True
+            )
+            self.compiling.start()
 
     def matrix(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """Rows of ``{feature: value}`` -> float matrix in training order (missing -> NaN).
@@ -75,7 +92,13 @@ class LoadedModel:
         Encodes categorical strings exactly like ``RiskModel.prepare`` (unknown -> NaN).
         """
         names, cats = self.feature_names, self._cats
-        table = [[row.get(n) for n in names] for row in rows]
+        table: list[Any]
+        try:  # every feature present (the usual request): one C-level lookup per row
+            if self._get is None:
+                raise KeyError
+            table = [self._get(row) for row in rows]
+        except KeyError:
+            table = [[row.get(n) for n in names] for row in rows]
         try:
             return np.array(table, dtype=float).reshape(len(rows), len(names))  # None -> NaN
         except (TypeError, ValueError):
@@ -99,7 +122,10 @@ class LoadedModel:
         return X
 
     def predict_matrix(self, X: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities for a prepared matrix (single-threaded: small batches)."""
+        """Calibrated probabilities for a prepared matrix (single-threaded; compiled trees
+        once they are ready, see ``models.compiled``)."""
+        if hasattr(self.model, "predict_proba_matrix"):
+            return np.asarray(self.model.predict_proba_matrix(X, threads=1))
         raw = self.model.booster.predict(X, raw_score=True, num_threads=1)
         return np.asarray(self.model.calibrator.transform(np.asarray(raw, dtype=float)))
 

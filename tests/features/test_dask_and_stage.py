@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
+import features.streaming as streaming
 from features.build import build_feature_matrix
 from features.config import DaskConfig
 from features.dask_backend import build_on_cluster, partition_patients
+from features.stage import run_local
 from pipelines.cli import main
 
 from .conftest import make_cohort
@@ -96,3 +99,43 @@ def test_stage_cli_user_errors(obs_dir, tmp_path, capsys):
     (tmp_path / "short.yaml").write_text(short)
     rc = run(obs_dir, tmp_path / "short.yaml")
     assert rc == 2 and "lookback_hours" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["sorted", "shuffled", "unknown_patients"])
+def test_streamed_stage_equals_the_in_memory_build(
+    obs_dir, tmp_path, config, vocab, monkeypatch, layout
+):
+    """Small batches and chunks: patients span batches and chunks; a file not grouped by
+    patient falls back to reading it whole; rows of patients nobody predicts for are ignored."""
+    obs = pd.read_parquet(obs_dir / "observations.parquet")
+    pats = pd.read_parquet(obs_dir / "patients.parquet")
+    outs = pd.read_parquet(obs_dir / "outcomes.parquet")
+    want = build_feature_matrix(obs, pats, outs, config, vocab)
+    src = tmp_path / "in"
+    src.mkdir()
+    if layout == "shuffled":
+        obs = obs.sample(frac=1.0, random_state=0)
+    if layout == "unknown_patients":
+        stray = obs.iloc[:300].assign(patient_id="p_zz_not_in_the_patient_table")
+        obs = pd.concat([obs, stray]).sort_values(["patient_id", "time"], kind="stable")
+    obs.to_parquet(src / "observations.parquet", index=False, row_group_size=1500)
+    pats.to_parquet(src / "patients.parquet", index=False)
+    outs.to_parquet(src / "outcomes.parquet", index=False)
+    monkeypatch.setattr(streaming, "BATCH_ROWS", 1000)
+    monkeypatch.setattr(streaming, "CHUNK_OBSERVATIONS", 2500)
+    streamed = []
+    real = streaming.stream_features
+
+    def counting(*args, **kwargs):
+        streamed.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("features.stage.stream_features", counting)
+    summary = run_local(src, tmp_path / "out", config.model_copy(update={"threads": 2}), vocab)
+    got = pd.read_parquet(tmp_path / "out" / "features.parquet")
+    pd.testing.assert_frame_equal(got, want.reset_index(drop=True), check_exact=True)
+    assert summary["rows"] == len(want) and streamed
+    assert summary["excluded"] == want.attrs["excluded"]
+    assert np.isclose(
+        summary["by_setting"]["ward"]["prevalence"], want[want.setting == "ward"]["label"].mean()
+    )

@@ -147,3 +147,27 @@ def test_fast_metrics_equal_sklearn_including_ties(seed):
     assert fast_auroc(y, s2) == pytest.approx(roc_auc_score(y, s2), abs=1e-12)
     assert fast_auprc(y, s2) == pytest.approx(average_precision_score(y, s2), abs=1e-12)
     assert fast_auroc(np.zeros(n, int), s) is None and fast_auprc(np.zeros(n, int), s) is None
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_weighted_bootstrap_equals_resampled_rows(seed):
+    """A replicate as row weights gives the metrics of the resampled rows (ties included)."""
+    from models.metrics import RankedScores, fast_auprc, fast_auroc, weighted_alerts
+
+    rng = np.random.default_rng(seed)
+    patient = np.repeat(np.arange(80), rng.integers(1, 9, 80))
+    n = len(patient)
+    y = (rng.random(n) < 0.15).astype(int)
+    s = np.round(rng.random(n) + 0.4 * y, 1)  # ties, like NEWS2 totals
+    alert = s > 0.8
+    boot = PatientBootstrap(patient, reps=30, seed=seed)
+    ranked = RankedScores(y, s)
+    for idx, w in zip(boot.indices(), boot.weights(), strict=True):
+        np.testing.assert_array_equal(np.bincount(idx, minlength=n), w)
+        assert ranked.auroc(w) == pytest.approx(fast_auroc(y[idx], s[idx]), abs=1e-12)
+        assert ranked.auprc(w) == pytest.approx(fast_auprc(y[idx], s[idx]), abs=1e-12)
+        am = weighted_alerts(y.astype(float), alert, w)
+        full = alert_metrics(y[idx], alert[idx], Exposure(1.0, "x"))
+        assert am["sensitivity"] == pytest.approx(full["sensitivity"])
+        assert am["ppv"] == pytest.approx(full["ppv"])
+    assert ranked.auroc(np.where(y == 1, 0.0, 1.0)) is None  # no positives drawn

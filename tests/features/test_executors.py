@@ -1,4 +1,5 @@
-"""The small-input (serving) path and the arrays-level entry give the general path's bits."""
+"""The stacked executor (few queries: serving) and the arrays-level entry give the per-code
+executor's bits (``features/executors.py``)."""
 
 from __future__ import annotations
 
@@ -61,21 +62,21 @@ def assert_same(a: FeatureArrays, b: FeatureArrays) -> None:
 
 
 def both_paths(monkeypatch, obs, pats, times, config) -> tuple[FeatureArrays, FeatureArrays]:
-    """(small path, general path) results; fails if the small path was not taken."""
+    """(stacked executor, per-code executor) results; fails if the stacked one was not used."""
     calls = []
-    real = build._small_chunk_features
+    real = build.stacked_bank
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
     with monkeypatch.context() as mp:
-        mp.setattr(build, "_small_chunk_features", counting)
+        mp.setattr(build, "stacked_bank", counting)
         small = compute_feature_arrays(obs, pats, times, config, VOCAB)
-    assert calls, "the small path was not used"
+    assert calls, "the stacked executor was not used"
     with monkeypatch.context() as mp:
-        mp.setattr(build, "_SMALL_QUERIES", -1)  # force the general per-code path
-        mp.setattr(build, "_small_chunk_features", None)
+        mp.setattr(build, "_SMALL_QUERIES", -1)  # force the per-code executor
+        mp.setattr(build, "stacked_bank", None)
         general = compute_feature_arrays(obs, pats, times, config, VOCAB)
     return small, general
 
@@ -127,7 +128,7 @@ def serving_batch(seed: int, n_pat: int = 8) -> tuple[pd.DataFrame, pd.DataFrame
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("n_pat", [1, 4, 8])
-def test_small_path_equals_general_path_on_serving_batches(monkeypatch, name, n_pat):
+def test_stacked_executor_equals_per_code_executor_on_serving_batches(monkeypatch, name, n_pat):
     config = CONFIGS[name]
     for seed in range(3):
         obs, pats, times = serving_batch(seed, n_pat)
@@ -137,7 +138,7 @@ def test_small_path_equals_general_path_on_serving_batches(monkeypatch, name, n_
             assert small.values.shape[1] == n_pat
 
 
-def test_small_path_equals_general_path_with_a_coarse_time_unit(monkeypatch):
+def test_stacked_executor_equals_per_code_executor_with_a_coarse_time_unit(monkeypatch):
     """Twenty years of history: keys in microseconds (observations round up, times down)."""
     obs, pats, times = serving_batch(11, 4)
     old = obs.iloc[:40].assign(time=obs["time"].iloc[:40] - pd.Timedelta(days=20 * 365))
@@ -149,7 +150,7 @@ def test_small_path_equals_general_path_with_a_coarse_time_unit(monkeypatch):
     assert_same(small, general)
 
 
-def test_small_path_equals_general_path_on_the_cohort(monkeypatch, cohort):
+def test_stacked_executor_equals_per_code_executor_on_the_cohort(monkeypatch, cohort):
     """Several times per patient, categorical ids and codes, all simulator codes."""
     obs, pats, _ = cohort
     obs = obs.assign(
@@ -165,6 +166,20 @@ def test_small_path_equals_general_path_on_the_cohort(monkeypatch, cohort):
     for config in (CONFIGS["default"], CONFIGS["few_codes"]):
         small, general = both_paths(monkeypatch, obs, pats, times, config)
         assert_same(small, general)
+
+
+def test_stacked_executor_equals_per_code_executor_with_many_segments(monkeypatch, cohort):
+    """Twelve patients, 60 queries: many segments in the stacked series."""
+    obs, pats, _ = cohort
+    rng = np.random.default_rng(1)
+    times = pd.DataFrame(
+        {
+            "patient_id": rng.choice(pats["patient_id"].to_numpy(), 60),
+            "time": T0 + pd.to_timedelta(rng.uniform(0, 10 * 24, 60), unit="h"),
+        }
+    )
+    small, general = both_paths(monkeypatch, obs, pats, times, CONFIGS["float64"])
+    assert_same(small, general)
 
 
 obs_rows = st.lists(
@@ -183,7 +198,7 @@ obs_rows = st.lists(
     rows=obs_rows,
     queries=st.lists(st.tuples(st.integers(0, 2), st.integers(-48, 8)), min_size=1, max_size=6),
 )
-def test_small_path_equals_general_path_hypothesis(rows, queries):
+def test_stacked_executor_equals_per_code_executor_hypothesis(rows, queries):
     obs = pd.DataFrame(
         {
             "patient_id": [f"h{p}" for p, _, _, _ in rows],
