@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from core.errors import UserError
 from core.vocabulary import load_vocabulary
 from ingest.config import IngestConfig
 from ingest.ingestion import ingest
@@ -112,6 +113,30 @@ def test_fhir_service_parser_agrees(vocab):
     values = sorted(float(o.value) for o in patient.observations)
     assert values == [70.0, 71.0, 77.0, 80.0, 81.0, 85.0, 95.0]
     assert sum("ignored" in w for w in warnings) == 7
+
+
+def test_fhir_service_follows_the_projects_preliminary_policy(vocab, tmp_path, monkeypatch):
+    """``ingest.preliminary: reject`` in the project's params: the service refuses
+    preliminary and unknown Observations as ingest does (warnings, not values)."""
+    from serving.config import PARAMS_ENV, ingest_preliminary
+    from serving.fhir import bundle_to_patient
+
+    params = tmp_path / "params.yaml"
+    params.write_text("ingest:\n  preliminary: reject\n")
+    monkeypatch.setenv(PARAMS_ENV, str(params))
+    rs = [r for r in fhir_every_status() if r["code"]["coding"][0]["code"] == "8867-4"]
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": r} for r in rs],
+    }
+    patient, warnings = bundle_to_patient(bundle, vocab)
+    assert sorted(float(o.value) for o in patient.observations) == [70.0, 71.0, 77.0, 80.0, 95.0]
+    assert sum("preliminary: reject" in w for w in warnings) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ingest:\n  preliminary: sometimes\n")  # a bad policy names its key
+    with pytest.raises(UserError, match=r"ingest\.preliminary"):
+        ingest_preliminary(bad)
 
 
 HL7 = (
