@@ -174,6 +174,34 @@ def test_hl7_oru(write, cfg, vocab):
     assert balanced(res.report)
 
 
+def test_hl7_corrections_and_withdrawals_replace_the_earlier_result(write, cfg, vocab):
+    """OBX-11 C supersedes the earlier result of the same observation; W and D withdraw it;
+    a result of another time or sub-id stays."""
+    msh = "MSH|^~\\&|MON|W7|VR|H|20260105080000||ORU^R01|M{n}|P|2.5\r"
+    pid = "PID|1||MRN-000021^^^HOSP^MR\r"
+    obr = "OBR|1|||vitals|||20260105080000+0000\r"
+
+    def obx(code: str, value: str, status: str, sub: str = "", t: str = "") -> str:
+        return f"OBX|1|NM|{code}^x^LN|{sub}|{value}|/min|||||{status}|||{t}\r"
+
+    text = (
+        msh.format(n=1) + pid + obr
+        + obx("8867-4", "88", "F") + obx("9279-1", "30", "F") + obx("9279-1", "14", "F", sub="2")
+        + obx("8867-4", "70", "F", t="20260105090000+0000") + "\n"
+        + msh.format(n=2) + pid + obr
+        + obx("8867-4", "92", "C") + obx("9279-1", "30", "W")
+    )  # fmt: skip
+    res = ingest([write("corr.hl7", text)], cfg, vocab, KEY)
+    o = res.observations.astype({"code": str})
+    got = sorted(zip(o["code"], o["time"].dt.strftime("%H:%M"), o["value"], strict=True))
+    assert got == [("heart_rate", "08:00", 92.0), ("heart_rate", "09:00", 70.0),
+                   ("resp_rate", "08:00", 14.0)]  # fmt: skip
+    reasons = res.quarantine["reason"].tolist()
+    assert sum(r.startswith("superseded: corrected by OBX-11 C on line") for r in reasons) == 1
+    assert sum(r.startswith("superseded: withdrawn as wrong by OBX-11 W") for r in reasons) == 1
+    assert balanced(res.report)
+
+
 PSV_COLUMNS = (
     "HR|O2Sat|Temp|SBP|MAP|DBP|Resp|EtCO2|BaseExcess|HCO3|FiO2|pH|PaCO2|SaO2|AST|BUN|"
     "Alkalinephos|Calcium|Chloride|Creatinine|Bilirubin_direct|Glucose|Lactate|Magnesium|"
