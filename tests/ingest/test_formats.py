@@ -99,17 +99,17 @@ def test_fhir_statuses_versions_absent_and_times(write, cfg, vocab):
     assert len(res2.observations) == len(res.observations) - 2  # preliminary, unknown refused
 
 
+def heart_rate_bundle() -> dict:
+    """The heart-rate Observations of :func:`fhir_every_status` as one collection Bundle."""
+    rs = [r for r in fhir_every_status() if r["code"]["coding"][0]["code"] == "8867-4"]
+    return {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in rs]}
+
+
 def test_fhir_service_parser_agrees(vocab):
     """/v1/fhir/score reads the same Bundle with the same rules (ignored = not data)."""
     from serving.fhir import bundle_to_patient
 
-    rs = [r for r in fhir_every_status() if r["code"]["coding"][0]["code"] == "8867-4"]
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "collection",
-        "entry": [{"resource": r} for r in rs],
-    }
-    patient, warnings = bundle_to_patient(bundle, vocab)
+    patient, warnings = bundle_to_patient(heart_rate_bundle(), vocab)
     values = sorted(float(o.value) for o in patient.observations)
     assert values == [70.0, 71.0, 77.0, 80.0, 81.0, 85.0, 95.0]
     assert sum("ignored" in w for w in warnings) == 7
@@ -124,13 +124,7 @@ def test_fhir_service_follows_the_projects_preliminary_policy(vocab, tmp_path, m
     params = tmp_path / "params.yaml"
     params.write_text("ingest:\n  preliminary: reject\n")
     monkeypatch.setenv(PARAMS_ENV, str(params))
-    rs = [r for r in fhir_every_status() if r["code"]["coding"][0]["code"] == "8867-4"]
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "collection",
-        "entry": [{"resource": r} for r in rs],
-    }
-    patient, warnings = bundle_to_patient(bundle, vocab)
+    patient, warnings = bundle_to_patient(heart_rate_bundle(), vocab)
     assert sorted(float(o.value) for o in patient.observations) == [70.0, 71.0, 77.0, 80.0, 95.0]
     assert sum("preliminary: reject" in w for w in warnings) == 2
     bad = tmp_path / "bad.yaml"
