@@ -341,7 +341,7 @@ def log_dataset(
             targets=targets if targets in frame.columns else None,
             digest=digest,
         )
-    mlflow.log_input(ds, context=context)
+        mlflow.log_input(ds, context=context)  # computes the schema (and its hint) again
     return str(ds.digest)
 
 
@@ -389,7 +389,9 @@ def log_risk_model(
     workdir.mkdir(parents=True, exist_ok=True)
     booster_path = workdir / "booster.txt"
     model.booster.save_model(str(booster_path))
-    example = model.prepare(input_example)
+    # every feature as double: a missing value at inference is NaN, which an integer
+    # column of the signature could not hold (and MLflow warns about)
+    example = model.prepare(input_example).astype("float64")
     signature = infer_signature(example, model.predict_proba(example))
     info = mlflow.pyfunc.log_model(
         name=name,
