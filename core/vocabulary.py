@@ -77,6 +77,12 @@ class CodeSpec(BaseModel):
         return self
 
 
+def tolerant_limits(lo: float, hi: float, tol: float) -> tuple[float, float]:
+    """A plausible range widened by the relative slack ``tol`` (``range_tolerance``): the
+    one comparison ingest, the service and the monitor make against a range."""
+    return lo - tol * abs(lo), hi + tol * abs(hi)
+
+
 class Vocabulary(BaseModel):
     model_config = ConfigDict(extra="forbid")
     codes: dict[str, CodeSpec]

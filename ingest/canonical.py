@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.vocabulary import CodeSpec, UnitConversion, Vocabulary
+from core.vocabulary import CodeSpec, UnitConversion, Vocabulary, tolerant_limits
 
 NAT_NS = np.iinfo(np.int64).min
 DAY_NS = 86_400_000_000_000
@@ -189,10 +189,6 @@ def rule_for(vocab: Vocabulary, code: str, unit: str) -> Rule:
     return r
 
 
-def _limits(lo: float, hi: float, tol: float) -> tuple[float, float]:
-    return lo - tol * abs(lo), hi + tol * abs(hi)
-
-
 # -- the path -------------------------------------------------------------------------------------
 
 
@@ -228,7 +224,7 @@ def _rule_table(rules: list[Rule], specs: list[CodeSpec], tol: float) -> _RuleTa
         if r.key < 0:
             continue
         spec = specs[r.key]
-        t.lo[i], t.hi[i] = _limits(*spec.range, tol)
+        t.lo[i], t.hi[i] = tolerant_limits(*spec.range, tol)
         if r.missing_unit:
             t.unit_bad[i] = Reason.MISSING_UNIT
         elif r.conv is None:
@@ -238,7 +234,7 @@ def _rule_table(rules: list[Rule], specs: list[CodeSpec], tol: float) -> _RuleTa
             if r.conv.threshold is not None:
                 t.threshold[i] = r.conv.threshold
             if r.conv.range is not None:
-                t.in_lo[i], t.in_hi[i] = _limits(*r.conv.range, tol)
+                t.in_lo[i], t.in_hi[i] = tolerant_limits(*r.conv.range, tol)
     return t
 
 

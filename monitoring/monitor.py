@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from core.vocabulary import Vocabulary
+from core.vocabulary import Vocabulary, tolerant_limits
 from monitoring import evidently_reports as er
 from monitoring import stattests
 from monitoring.config import DriftTest, MonitorConfig
@@ -100,8 +100,9 @@ def vocabulary_ranges(
             "count",
             "vs",
         }:
-            lo, hi = vocab.codes[code].range
-            out[col] = (float(lo), float(hi))
+            # stored features are float32 (0.21 reads back as 0.2099999934): the vocabulary's
+            # slack keeps a limit value inside its range, as at ingest
+            out[col] = tolerant_limits(*map(float, vocab.codes[code].range), vocab.range_tolerance)
     return out
 
 
@@ -744,7 +745,7 @@ def _quality_reasons(
         if n / n_cur - ref_share > q.max_out_of_range_share:
             r.flag(
                 1,
-                f"{c}: {n / n_cur:.1%} of values outside the plausible range [{lo:g}, {hi:g}] "
+                f"{c}: {n / n_cur:.1%} of values outside the plausible range [{lo:.4g}, {hi:.4g}] "
                 f"({ref_share:.1%} in the reference)",
             )
     for c, n in current.new_category.items():

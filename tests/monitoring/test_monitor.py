@@ -111,7 +111,16 @@ def test_vocabulary_ranges_only_for_level_statistics(vocab):
         c: c.split("_4h")[0].rsplit("_", 1)[0] if "4h" in c else "spo2" for c in cols[:4]
     }
     ranges = mon.vocabulary_ranges(codes, vocab, ["last", "mean", "min", "max"])
-    assert ranges == {"heart_rate_mean_4h": (20.0, 300.0), "spo2_last": (40.0, 100.0)}
+    tol = vocab.range_tolerance
+    assert tol > 0 and ranges == {
+        "heart_rate_mean_4h": (20.0 * (1 - tol), 300.0 * (1 + tol)),
+        "spo2_last": (40.0 * (1 - tol), 100.0 * (1 + tol)),
+    }
+    # a feature stored as float32 at a limit (FiO2 0.21 reads back as 0.2099999934) is
+    # inside its range, as the same value was at ingest; a real departure is not
+    ((lo, hi),) = mon.vocabulary_ranges({"fio2_last": "fio2"}, vocab, ["last"]).values()
+    assert lo <= float(np.float32(0.21)) and float(np.float32(1.0)) <= hi
+    assert lo > 0.2 and hi < 1.01
 
 
 def test_sampled_quality_estimates_match_exact_counts(reference, make_log, config, vocab):
