@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
+#: pytest-xdist workers for `make test` (the team-mode tests share one stack: one worker runs them)
+TEST_WORKERS ?= 2
 export PATH := $(BIN):$(PATH)
 export PYTHONHASHSEED := 0
 # no telemetry from MLflow, BentoML, Evidently or DVC
@@ -33,7 +35,7 @@ demo: $(STAMP)
 
 ## test: lint, format check, type check, then the test suite
 test: $(STAMP) lint typecheck
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -10,3 +10,13 @@ for _var, _value in {
     "GIT_PYTHON_REFRESH": "quiet",
 }.items():
     os.environ.setdefault(_var, _value)
+
+
+def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
+    """Under ``pytest -n`` (xdist, ``--dist loadgroup``): the team-mode tests share one local
+    stack on fixed ports, so they run on one worker, one after another."""
+    import pytest
+
+    for item in items:
+        if "tests/team/" in item.nodeid or item.nodeid.startswith("team/"):
+            item.add_marker(pytest.mark.xdist_group("team"))
