@@ -138,7 +138,9 @@ def check_not_empty(report: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from core import storage
     from core.params import load_section, validate_section
+    from core.storage import StorageConfig
     from core.vocabulary import load_vocabulary
     from governance.pseudonym import PseudonymKeyError, get_key
     from ingest.config import IngestConfig
@@ -150,6 +152,11 @@ def run(args: argparse.Namespace) -> int:
         load_section(IngestConfig, "ingest", params)
         if params.is_file()
         else validate_section(IngestConfig, "ingest", {}, str(params))
+    )
+    layout = (
+        load_section(StorageConfig, "storage", params)
+        if params.is_file()
+        else validate_section(StorageConfig, "storage", {}, str(params))
     )
     try:
         vocab = load_vocabulary(args.vocabulary)
@@ -168,31 +175,34 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     _print_table(result.counts, result.report, args.quiet)
     check_not_empty(result.report)
-    out = Path(args.out)
-    qdir = Path(args.quarantine) if args.quarantine else out
-    report_path = Path(args.report) if args.report else out / "ingest.json"
-    for d in (out, qdir, report_path.parent):
-        d.mkdir(parents=True, exist_ok=True)
-    result.observations.to_parquet(out / "observations.parquet", index=False)
-    result.patients.to_parquet(out / "patients.parquet", index=False)
-    result.outcomes.to_parquet(out / "outcomes.parquet", index=False)
+    out = args.out
+    qdir = args.quarantine or out
+    report_path = args.report or storage.join(out, "ingest.json")
+    for d in (out, qdir, storage.parent(report_path)):
+        storage.makedirs(d)
+    obs_path = storage.join(out, "observations.parquet")
+    if layout.observations_layout == "partitioned":
+        storage.write_bucketed(result.observations, obs_path, layout.patient_buckets)
+    else:
+        storage.remove(obs_path)  # a partitioned dataset of an earlier run
+        storage.write_parquet(result.observations, obs_path)
+    storage.write_parquet(result.patients, storage.join(out, "patients.parquet"))
+    storage.write_parquet(result.outcomes, storage.join(out, "outcomes.parquet"))
     # always written (empty without a cohort input) so the train stage can depend on it
     cohort = (
         result.cohort
         if result.cohort is not None
         else pd.DataFrame({"patient_id": pd.Series(dtype=str)})
     )
-    cohort.to_parquet(out / "cohort.parquet", index=False)
-    result.quarantine.to_parquet(qdir / "quarantine.parquet", index=False)
+    storage.write_parquet(cohort, storage.join(out, "cohort.parquet"))
+    storage.write_parquet(result.quarantine, storage.join(qdir, "quarantine.parquet"))
     result.report["seconds"] = round(time.perf_counter() - t0, 2)
-    report_path.write_text(
-        json.dumps(result.report, indent=2, sort_keys=False) + "\n", encoding="utf-8"
-    )
+    storage.write_text(report_path, json.dumps(result.report, indent=2, sort_keys=False) + "\n")
     o = result.report["outputs"]
     print(
         f"wrote {o['observations']:,} observations, {o['patients']} patients, {o['outcomes']} outcomes"
         + (f", {o['cohort']} cohort rows" if result.cohort is not None else "")
-        + f" to {out}; {o['quarantine']:,} quarantined to {qdir / 'quarantine.parquet'}; report {report_path}"
+        + f" to {out}; {o['quarantine']:,} quarantined to {storage.join(qdir, 'quarantine.parquet')}; report {report_path}"
         + f" ({result.report['seconds']}s)"
     )
     return 0
