@@ -21,11 +21,11 @@ from pipelines.cli import main
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-N_PATIENTS = 40
 
 
 def _params(path: Path, **storage_section: object) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["simulate"].update(n_patients=60, event_rate=0.3)  # ~7 patients with events
     params["storage"].update(storage_section)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -59,7 +59,7 @@ def local_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny simulated cohort and the two stages on local paths (the embedded default)."""
     root = tmp_path_factory.mktemp("lake")
     params = _params(root / "params.yaml")
-    assert main(["simulate", "--out", str(root / "data"), "--n-patients", str(N_PATIENTS)]) == 0
+    assert main(["simulate", "--out", str(root / "data"), "--params", str(params)]) == 0
     _stages(root / "data", root / "local", params)
     return root, params
 
@@ -176,6 +176,37 @@ def test_dask_workers_read_and_write_the_object_store(
     assert {k: report[k] for k in ("rows", "excluded", "by_setting", "n_features")} == {
         k: want[k] for k in ("rows", "excluded", "by_setting", "n_features")
     }
+
+    # train.backend dask on the same cluster: the workers read the feature parts from s3
+    import dask.dataframe as dd
+
+    monkeypatch.setattr(dd, "from_pandas", forbidden)
+    train = tmp_path / "train.yaml"
+    conf = yaml.safe_load(params.read_text())
+    conf["train"].update(n_estimators=30, cv_folds=0, compiled_trees="none", experiment="lake")
+    train.write_text(yaml.safe_dump(conf, sort_keys=False))
+    obs = storage.join(prefix, "observations")
+    rc = main(
+        [
+            "train",
+            "--features",
+            str(storage.join(out, "features.parquet")),
+            "--dictionary",
+            str(storage.join(out, "feature_dictionary.json")),
+            "--patients",
+            str(storage.join(obs, "patients.parquet")),
+            "--out",
+            str(tmp_path / "model"),
+            "--params",
+            str(train),
+            "--backend",
+            "dask",
+        ]
+    )
+    assert rc == 0
+    run = json.loads((tmp_path / "model" / "run.json").read_text())
+    assert run["best_iteration"] == 30 and run["backend"] == "dask"
+    assert len(run["feature_names"]) > 300 and run["val"]["val_auroc"] is not None
 
 
 def test_unreachable_store_is_a_message_naming_the_url(local_run, tmp_path, monkeypatch, capsys):
