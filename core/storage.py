@@ -186,6 +186,29 @@ def list_files(
     return sorted(f"{protocol}://{f}" for f in found if f.endswith(suffix))
 
 
+def download(url: PathLike, dest: Path, options: Mapping[str, Any] | None = None) -> Path:
+    """Copy a file or a folder tree at ``url`` to the local ``dest`` (which must not exist).
+
+    For readers that need local files (the raw-format readers of ingest walk folders, detect
+    formats by extension and header, and name each file in their report).
+    """
+    fs, inner = filesystem(url, options)
+    with _named(url, "download"):
+        if not fs.exists(inner):
+            raise FileNotFoundError(f"{url}: not found")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if fs.isdir(inner):
+            dest.mkdir()
+            for f in fs.find(inner):
+                rel = f[len(inner.rstrip("/")) + 1 :]
+                target = dest / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f, str(target))
+        else:
+            fs.get_file(inner, str(dest))
+    return dest
+
+
 def open_file(
     path: PathLike, mode: str = "rb", options: Mapping[str, Any] | None = None
 ) -> IO[Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from core.errors import UserError
@@ -135,7 +136,60 @@ def check_not_empty(report: dict) -> None:
     )
 
 
+def stage_inputs(inputs: list[str], tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """Inputs at URLs (``s3://bucket/raw``) copied to ``tmp`` for the raw-format readers;
+    (inputs to read, local copy -> URL) so that the report names the URLs."""
+    from core import storage
+
+    local: list[str] = []
+    copies: dict[str, str] = {}
+    for i, inp in enumerate(inputs):
+        if not storage.is_url(inp):
+            local.append(inp)
+            continue
+        try:
+            dest = storage.download(inp, tmp / f"input{i}" / storage.name(inp))
+        except FileNotFoundError:
+            raise UserError(f"{inp}: input not found") from None
+        local.append(str(dest))
+        copies[str(dest)] = str(inp).rstrip("/")
+    return local, copies
+
+
+def relabel(copies: dict[str, str]) -> Callable[[str], str]:
+    """Local copy paths (in file names and messages) back to the URLs they came from."""
+
+    def fix(text: str) -> str:
+        for loc, url in copies.items():
+            text = text.replace(loc, url)
+        return text
+
+    return fix
+
+
+def relabel_result(result, fix: Callable[[str], str]) -> None:  # type: ignore[no-untyped-def]
+    """Every place ingest names a file: the report, the per-file counts, the quarantine."""
+    report = result.report
+    report["files"] = {fix(k): v for k, v in report["files"].items()}
+    for item in report["skipped_files"]:
+        item["path"] = fix(item["path"])
+    result.counts["file"] = _fixed(result.counts["file"], fix)
+    if "file" in result.quarantine.columns:
+        result.quarantine["file"] = _fixed(result.quarantine["file"], fix)
+
+
+def _fixed(col, fix: Callable[[str], str]):  # type: ignore[no-untyped-def]
+    """``col`` with ``fix`` applied to its values, same dtype (categories renamed)."""
+    import pandas as pd
+
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        return col.cat.rename_categories(lambda c: fix(str(c)))
+    return col.map(lambda v: fix(v) if isinstance(v, str) else v).astype(col.dtype)
+
+
 def run(args: argparse.Namespace) -> int:
+    import tempfile
+
     import pandas as pd
 
     from core import storage
@@ -169,10 +223,14 @@ def run(args: argparse.Namespace) -> int:
     except PseudonymKeyError as exc:
         raise UserError(str(exc)) from None
     t0 = time.perf_counter()
-    try:
-        result = ingest(args.inputs, cfg, vocab, key)
-    except StructuralError as exc:
-        raise UserError(str(exc)) from None
+    with tempfile.TemporaryDirectory(prefix="vitalrisk-ingest-") as tmp:
+        inputs, copies = stage_inputs(args.inputs, Path(tmp))
+        try:
+            result = ingest(inputs, cfg, vocab, key)
+        except StructuralError as exc:
+            raise UserError(relabel(copies)(str(exc))) from None
+    if copies:
+        relabel_result(result, relabel(copies))
     _print_table(result.counts, result.report, args.quiet)
     check_not_empty(result.report)
     out = args.out

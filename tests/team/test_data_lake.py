@@ -31,7 +31,9 @@ def _params(path: Path, **storage_section: object) -> Path:
     return path
 
 
-def _stages(data: Path, base: str | Path, params: Path, extra: list[str] | None = None) -> None:
+def _stages(
+    data: Path | str, base: str | Path, params: Path, extra: list[str] | None = None
+) -> None:
     """The ingest and features stages with the paths dvc.yaml gives them, under ``base``."""
     j = storage.join
     rc = main(
@@ -105,6 +107,35 @@ def test_stages_at_s3_write_the_same_bytes_as_local(local_run, team_client_env, 
         with storage.open_file(storage.join(prefix, name)) as fh:
             assert fh.read() == (local / name).read_bytes(), f"{name} differs from the local run"
     _same_reports(local, prefix)
+
+
+def _upload(local: Path, url: str) -> None:
+    fs, inner = storage.filesystem(url)
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        fs.put_file(str(f), f"{inner}/{f.relative_to(local).as_posix()}")
+
+
+def test_raw_data_at_s3_is_ingested_and_named_by_its_url(local_run, team_client_env, capsys):
+    root, params = local_run
+    prefix = f"s3://{team_client_env.s3_bucket}/lake-{uuid.uuid4().hex[:8]}"
+    raw = f"{prefix}/raw/data"
+    _upload(root / "data", raw)
+    _stages(raw, prefix, params)
+    local = root / "local"
+    with storage.open_file(storage.join(prefix, "observations", "observations.parquet")) as fh:
+        assert fh.read() == (local / "observations" / "observations.parquet").read_bytes()
+    got = json.loads(storage.read_text(storage.join(prefix, "reports", "ingest.json")))
+    want = json.loads((local / "reports" / "ingest.json").read_text())
+    here = str(root / "data")
+    assert list(got["files"]) == [k.replace(here, raw) for k in want["files"]]
+    assert all(k.startswith(raw + "/") for k in got["files"])
+    assert list(got["files"].values()) == list(want["files"].values())
+    q = storage.read_parquet(storage.join(prefix, "quarantine", "quarantine.parquet"))
+    assert len(q) and q["file"].astype(str).str.startswith(raw + "/").all()
+    rc = main(
+        ["ingest", f"{prefix}/no-such-folder", "--out", str(root / "x"), "--params", str(params)]
+    )
+    assert rc == 2 and f"{prefix}/no-such-folder: input not found" in capsys.readouterr().err
 
 
 def test_partitioned_observations_at_s3_give_the_local_features(
