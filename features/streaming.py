@@ -161,6 +161,8 @@ def stream_features(
         labelled = labelled.drop_duplicates(["patient_id", "time"]).sort_values(
             ["patient_id", "time"], kind="stable"
         )
+    if labelled.empty:  # nothing to stream: the whole-table path writes the empty table
+        raise NotStreamable("no prediction times")
     q = query_inputs(patients, labelled, config, vocab)
     qp = np.asarray(q.query_patient)
     label = labelled["label"].to_numpy(dtype=np.int64)

@@ -395,7 +395,7 @@ def _patients(
         der = der.drop_duplicates("_pid").drop(columns=["source_id"]).set_index("_pid")
         der = der.drop(columns=[c for c in der.columns if c.startswith("consent_")])
         if "sex" in der:
-            der["sex"] = der["sex"].replace("", np.nan)
+            der["sex"] = der["sex"].mask(der["sex"] == "")
         base = pats.set_index("_pid")
         merged = base.combine_first(der) if len(base) else der.copy()
         merged["source_id"] = merged.get("source_id", "")

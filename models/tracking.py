@@ -54,7 +54,7 @@ CHALLENGER = "challenger"
 #: packages the logged model needs at inference (pinned to the installed versions)
 MODEL_REQUIREMENTS = ("mlflow", "lightgbm", "scikit-learn", "pandas", "numpy", "cloudpickle")
 #: our modules the pickled ``RiskModel`` needs, shipped inside the model (``code_paths``)
-MODEL_CODE = ("models/__init__.py", "models/pyfunc.py")
+MODEL_CODE = ("models/__init__.py", "models/pyfunc.py", "models/compiled.py")
 
 
 class StoreMismatchError(LookupError):
@@ -341,7 +341,7 @@ def log_dataset(
             targets=targets if targets in frame.columns else None,
             digest=digest,
         )
-    mlflow.log_input(ds, context=context)
+        mlflow.log_input(ds, context=context)  # computes the schema (and its hint) again
     return str(ds.digest)
 
 
@@ -358,7 +358,8 @@ def model_requirements() -> list[str]:
 def _code_paths(workdir: Path) -> list[str]:
     """A copy of the modules the pickled model refers to, as a package ``models``.
 
-    Only ``models/pyfunc.py`` (numpy, pandas, MLflow, LightGBM, scikit-learn): the model then
+    ``models/pyfunc.py`` (numpy, pandas, MLflow, LightGBM, scikit-learn) and the compiled-trees
+    helper it calls (``models/compiled.py``: numpy; tl2cgen only if present): the model then
     loads in a virtualenv with nothing but its requirements.
     """
     root = Path(__file__).resolve().parents[1]
@@ -388,7 +389,9 @@ def log_risk_model(
     workdir.mkdir(parents=True, exist_ok=True)
     booster_path = workdir / "booster.txt"
     model.booster.save_model(str(booster_path))
-    example = model.prepare(input_example)
+    # every feature as double: a missing value at inference is NaN, which an integer
+    # column of the signature could not hold (and MLflow warns about)
+    example = model.prepare(input_example).astype("float64")
     signature = infer_signature(example, model.predict_proba(example))
     info = mlflow.pyfunc.log_model(
         name=name,

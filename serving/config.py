@@ -6,6 +6,7 @@ params; secrets (API keys, pseudonym key) come only from the environment.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -167,6 +168,23 @@ def load_serve_config(path: str | Path | None = None) -> ServeConfig:
             msg = "unknown key (misspelt?)" if err["type"] == "extra_forbidden" else err["msg"]
             lines.append(f"{p}: {key}: {msg}")
         raise ValueError("; ".join(lines)) from None
+
+
+def ingest_preliminary(path: str | Path | None = None) -> Literal["accept", "reject"]:
+    """``ingest.preliminary`` of the project's params: FHIR ``preliminary``/``unknown``
+    Observations are accepted or refused by the service exactly as ingest does. Read once
+    per params file (the service reads it at start-up, so a bad value stops the start)."""
+    p = Path(path) if path is not None else params_path()
+    return _preliminary_of(str(p.resolve()))
+
+
+@functools.lru_cache(maxsize=4)
+def _preliminary_of(path: str) -> Literal["accept", "reject"]:
+    from core.params import validate_section
+    from ingest.config import IngestConfig
+
+    section = _read(Path(path)).get("ingest") or {}
+    return validate_section(IngestConfig, "ingest", section, source=path).preliminary
 
 
 def model_name(path: str | Path | None = None) -> str:

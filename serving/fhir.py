@@ -49,6 +49,7 @@ def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[Patie
 
     from ingest.canonical import NOT_DATA, Reason
     from ingest.fhir import parse_resources
+    from serving.config import ingest_preliminary
 
     if payload.get("resourceType") != "Bundle":
         raise InputError([("resourceType", "expected a FHIR R4 Bundle")])
@@ -65,7 +66,9 @@ def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[Patie
     resources = [
         (i, e.get("resource") if isinstance(e, dict) else None) for i, e in enumerate(entries)
     ]
-    recs = parse_resources(resources, vocab, default_source="fhir")
+    recs = parse_resources(
+        resources, vocab, default_source="fhir", preliminary=ingest_preliminary()
+    )
     problems: list[tuple[str, str]] = []
     warnings: list[str] = []
     for pr in recs.problems:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.errors import UserError
 from core.vocabulary import Vocabulary, load_vocabulary, vocabulary_from_dict
 from features.build import FeatureArrays, input_codes
 from governance.audit import AuditLog, AuditLogError
@@ -31,6 +32,7 @@ from serving.batching import Job, ScoreQueue
 from serving.config import (
     ServeConfig,
     check_secrets,
+    ingest_preliminary,
     load_serve_config,
     model_name,
     params_path,
@@ -648,7 +650,8 @@ def load_startup(params: str | Path | None = None) -> tuple[ServeConfig, KeyStor
     """
     try:
         config = load_serve_config(params)
-    except ValueError as exc:
+        ingest_preliminary(params)  # FHIR status policy shared with ingest: checked at start
+    except (ValueError, UserError) as exc:
         raise StartupError(str(exc)) from None
     try:
         keys = KeyStore.from_env()

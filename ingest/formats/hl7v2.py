@@ -7,7 +7,9 @@ segment; segments may end in CR (the standard), LF or CRLF. Parsed with ``hl7`` 
 
 Result status (HL7 table 0085): F, C, U final or corrected -> data; P, R, S preliminary ->
 ``ingest.preliminary``; X (cannot be obtained) -> data absent; D, W (deleted, wrong), I, N, O
--> never data.
+-> never data. A C, D or W result replaces the earlier results of the same observation in
+the file (same PID-3, OBX-3, OBX-4 and time): they are quarantined as superseded, naming the
+line that replaced them.
 """
 
 from __future__ import annotations
@@ -74,6 +76,31 @@ def _status(s: str, preliminary: str) -> tuple[int, str]:
     return Reason.STATUS_NOT_DATA, f"OBX-11 status {s!r}: never data (deleted, wrong or pending)"
 
 
+#: OBX-11 statuses that replace an earlier result of the same observation: C (corrected)
+#: supersedes it; D (deleted) and W (wrong: e.g. the wrong patient) withdraw it
+REPLACES = {"C": "corrected", "D": "deleted", "W": "withdrawn as wrong"}
+
+
+def _supersede(rows: dict[str, list[Any]], detail: dict[int, str]) -> None:
+    """A C, D or W result makes every earlier result of the same observation (patient PID-3,
+    code OBX-3, sub-id OBX-4 and time) not data, as FHIR's later versions do: the later
+    message is the truth, and each replaced row says which line replaced it."""
+    latest: dict[tuple[str, str, str, str], list[int]] = {}
+    for i, status in enumerate(rows["status"]):
+        key = (rows["sid"][i], rows["code"][i], rows["sub"][i], rows["time"][i])
+        earlier = latest.setdefault(key, [])
+        if status in REPLACES:
+            for j in earlier:
+                if rows["pre"][j] == 0:
+                    rows["pre"][j] = int(Reason.SUPERSEDED)
+                    detail[j] = (
+                        f"superseded: {REPLACES[status]} by OBX-11 {status} on line "
+                        f"{rows['line'][i]}"
+                    )
+            earlier.clear()
+        earlier.append(i)
+
+
 def _messages(text: str) -> list[tuple[int, list[str]]]:
     """(first line number, segments) per message; segment n of the file is line n."""
     segs = re.split(r"\r\n|\r|\n", text)
@@ -106,7 +133,7 @@ class Hl7v2:
         lines = re.split(r"\r\n|\r|\n", text)
         problems: list[Problem] = []
         rows: dict[str, list[Any]] = {
-            k: [] for k in ("sid", "time", "code", "value", "unit", "line", "pre")
+            k: [] for k in ("sid", "time", "code", "value", "unit", "line", "pre", "status", "sub")
         }
         detail: dict[int, str] = {}
         patients: list[dict[str, str]] = []
@@ -139,6 +166,7 @@ class Hl7v2:
                 )
                 continue
             self._message(msg, segs, first, cfg, rows, detail, patients)
+        _supersede(rows, detail)
         default = cfg.default_source.get(self.name, "ward")
         rr = text_read(
             str(path),
@@ -199,5 +227,7 @@ class Hl7v2:
             rows["unit"].append(_f(seg, 6, 0))
             rows["line"].append(first + k)
             rows["pre"].append(int(pre))
+            rows["status"].append(_f(seg, 11).upper())
+            rows["sub"].append(_f(seg, 4))
             if why:
                 detail[i] = why

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from core.errors import UserError
 from core.vocabulary import load_vocabulary
 from ingest.config import IngestConfig
 from ingest.ingestion import ingest
@@ -98,20 +99,38 @@ def test_fhir_statuses_versions_absent_and_times(write, cfg, vocab):
     assert len(res2.observations) == len(res.observations) - 2  # preliminary, unknown refused
 
 
+def heart_rate_bundle() -> dict:
+    """The heart-rate Observations of :func:`fhir_every_status` as one collection Bundle."""
+    rs = [r for r in fhir_every_status() if r["code"]["coding"][0]["code"] == "8867-4"]
+    return {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in rs]}
+
+
 def test_fhir_service_parser_agrees(vocab):
     """/v1/fhir/score reads the same Bundle with the same rules (ignored = not data)."""
     from serving.fhir import bundle_to_patient
 
-    rs = [r for r in fhir_every_status() if r["code"]["coding"][0]["code"] == "8867-4"]
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "collection",
-        "entry": [{"resource": r} for r in rs],
-    }
-    patient, warnings = bundle_to_patient(bundle, vocab)
+    patient, warnings = bundle_to_patient(heart_rate_bundle(), vocab)
     values = sorted(float(o.value) for o in patient.observations)
     assert values == [70.0, 71.0, 77.0, 80.0, 81.0, 85.0, 95.0]
     assert sum("ignored" in w for w in warnings) == 7
+
+
+def test_fhir_service_follows_the_projects_preliminary_policy(vocab, tmp_path, monkeypatch):
+    """``ingest.preliminary: reject`` in the project's params: the service refuses
+    preliminary and unknown Observations as ingest does (warnings, not values)."""
+    from serving.config import PARAMS_ENV, ingest_preliminary
+    from serving.fhir import bundle_to_patient
+
+    params = tmp_path / "params.yaml"
+    params.write_text("ingest:\n  preliminary: reject\n")
+    monkeypatch.setenv(PARAMS_ENV, str(params))
+    patient, warnings = bundle_to_patient(heart_rate_bundle(), vocab)
+    assert sorted(float(o.value) for o in patient.observations) == [70.0, 71.0, 77.0, 80.0, 95.0]
+    assert sum("preliminary: reject" in w for w in warnings) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ingest:\n  preliminary: sometimes\n")  # a bad policy names its key
+    with pytest.raises(UserError, match=r"ingest\.preliminary"):
+        ingest_preliminary(bad)
 
 
 HL7 = (
@@ -146,6 +165,34 @@ def test_hl7_oru(write, cfg, vocab):
     assert "message type 'ADT^A01' is not ORU^R01" in reasons
     assert res.report["unmapped"] == {"99999-9 (unmapped code)": 1}
     assert res.patients["sex"].tolist() == ["F"]
+    assert balanced(res.report)
+
+
+def test_hl7_corrections_and_withdrawals_replace_the_earlier_result(write, cfg, vocab):
+    """OBX-11 C supersedes the earlier result of the same observation; W and D withdraw it;
+    a result of another time or sub-id stays."""
+    msh = "MSH|^~\\&|MON|W7|VR|H|20260105080000||ORU^R01|M{n}|P|2.5\r"
+    pid = "PID|1||MRN-000021^^^HOSP^MR\r"
+    obr = "OBR|1|||vitals|||20260105080000+0000\r"
+
+    def obx(code: str, value: str, status: str, sub: str = "", t: str = "") -> str:
+        return f"OBX|1|NM|{code}^x^LN|{sub}|{value}|/min|||||{status}|||{t}\r"
+
+    text = (
+        msh.format(n=1) + pid + obr
+        + obx("8867-4", "88", "F") + obx("9279-1", "30", "F") + obx("9279-1", "14", "F", sub="2")
+        + obx("8867-4", "70", "F", t="20260105090000+0000") + "\n"
+        + msh.format(n=2) + pid + obr
+        + obx("8867-4", "92", "C") + obx("9279-1", "30", "W")
+    )  # fmt: skip
+    res = ingest([write("corr.hl7", text)], cfg, vocab, KEY)
+    o = res.observations.astype({"code": str})
+    got = sorted(zip(o["code"], o["time"].dt.strftime("%H:%M"), o["value"], strict=True))
+    assert got == [("heart_rate", "08:00", 92.0), ("heart_rate", "09:00", 70.0),
+                   ("resp_rate", "08:00", 14.0)]  # fmt: skip
+    reasons = res.quarantine["reason"].tolist()
+    assert sum(r.startswith("superseded: corrected by OBX-11 C on line") for r in reasons) == 1
+    assert sum(r.startswith("superseded: withdrawn as wrong by OBX-11 W") for r in reasons) == 1
     assert balanced(res.report)
 
 

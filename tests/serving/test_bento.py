@@ -82,6 +82,17 @@ def test_bento_pins_the_champion_and_serves_it_without_the_registry(tmp_path):
     bento_yaml = yaml.safe_load((Path(path) / "bento.yaml").read_text())
     assert {e["name"]: e["value"] for e in bento_yaml["envs"]}["VITALRISK_BENTO_MODEL"]
     assert not (Path(path) / "src" / "tests").exists()
+    # every project module the service imports is inside the Bento (subpackages included)
+    import serving.service  # noqa: F401
+
+    ours = {
+        Path(m.__file__).resolve().relative_to(ROOT)
+        for m in list(sys.modules.values())
+        if getattr(m, "__file__", None) and Path(m.__file__).resolve().is_relative_to(ROOT)
+        and Path(m.__file__).resolve().relative_to(ROOT).parts[0] in CODE
+    }  # fmt: skip
+    missing = sorted(str(f) for f in ours if not (Path(path) / "src" / f).is_file())
+    assert not missing, f"the Bento lacks modules the service imports: {missing}"
 
     # the Bento's model, not the registry: no MLflow store reachable, another alias set
     run_env = {k: v for k, v in env.items() if not k.startswith("MLFLOW_")}

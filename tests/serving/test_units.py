@@ -414,8 +414,18 @@ def test_audit_writer_fails_closed_and_recovers(tmp_path: Path) -> None:
     from governance.audit import AuditLog
     from serving.auditq import AuditUnavailable, AuditWriter
 
+    class Log(AuditLog):  # counts failed appends, so the test knows when r3 was tried
+        failed = 0
+
+        def append_many(self, records):  # type: ignore[no-untyped-def]
+            try:
+                return super().append_many(records)
+            except Exception:
+                Log.failed += 1
+                raise
+
     path = tmp_path / "audit.jsonl"
-    writer = AuditWriter(AuditLog(path), probe_seconds=0.05).start()
+    writer = AuditWriter(Log(path), probe_seconds=0.05).start()
     asyncio.run(writer.commit(_item("app", "r1"), 5))
     path.rename(tmp_path / "moved.jsonl")
     path.mkdir()  # the log's name is now a directory: every append fails
@@ -423,6 +433,10 @@ def test_audit_writer_fails_closed_and_recovers(tmp_path: Path) -> None:
         asyncio.run(writer.commit(_item("app", "r2"), 5))
     assert not writer.healthy and "audit.jsonl" in writer.last_error
     writer.record(_item("(anonymous)", "r3", 401))  # queued, fails quietly while down
+    deadline = _time.monotonic() + 5
+    while Log.failed < 2 and _time.monotonic() < deadline:  # r2's group, then r3's
+        _time.sleep(0.01)
+    assert Log.failed == 2
     shutil.rmtree(path)
     (tmp_path / "moved.jsonl").rename(path)
     deadline = _time.monotonic() + 5
