@@ -711,13 +711,22 @@ def build_feature_matrix(
 OBS_READ_COLUMNS = ["patient_id", "time", "code", "value"]
 
 
-def read_observations(path: str | Path, filters: Any = None) -> pd.DataFrame:
-    """Observations with ``patient_id``/``code`` as categoricals: compact and fast to index."""
-    import pyarrow.parquet as pq
+def read_observations(
+    path: str | Path, filters: Any = None, options: Mapping[str, Any] | None = None
+) -> pd.DataFrame:
+    """Observations with ``patient_id``/``code`` as categoricals: compact and fast to index.
 
-    if filters is not None:
-        table = pq.read_table(
-            path, columns=OBS_READ_COLUMNS, read_dictionary=["patient_id", "code"], filters=filters
+    ``path``: a file or a Hive-partitioned dataset directory, local or a URL (core.storage).
+    """
+    from core import storage
+
+    if filters is not None or storage.is_dir(path, options):
+        table = storage.read_table(
+            path,
+            columns=OBS_READ_COLUMNS,
+            read_dictionary=["patient_id", "code"],
+            filters=filters,
+            options=options,
         )
         return table.to_pandas(split_blocks=True, self_destruct=True)
     # One column at a time: Arrow buffers of one column only are alive during conversion,
@@ -725,7 +734,7 @@ def read_observations(path: str | Path, filters: Any = None) -> pd.DataFrame:
     cols: dict[str, pd.Series] = {}
     for c in OBS_READ_COLUMNS:
         dict_cols = [c] if c in ("patient_id", "code") else None
-        table = pq.read_table(path, columns=[c], read_dictionary=dict_cols)
+        table = storage.read_table(path, columns=[c], read_dictionary=dict_cols, options=options)
         cols[c] = table.to_pandas(split_blocks=True, self_destruct=True)[c]
         del table
     return pd.DataFrame(cols, copy=False)
@@ -735,7 +744,9 @@ def read_observations(path: str | Path, filters: Any = None) -> pd.DataFrame:
 _PARQUET = {"compression": "snappy"}
 
 
-def write_features(frame: pd.DataFrame, path: str | Path) -> None:
+def write_features(
+    frame: pd.DataFrame, path: str | Path, options: Mapping[str, Any] | None = None
+) -> None:
     """Parquet with float columns passed zero-copy (NaN stays NaN, no dictionary encoding)."""
     import pyarrow as pa
 
@@ -746,7 +757,7 @@ def write_features(frame: pd.DataFrame, path: str | Path) -> None:
             pa.array(col.to_numpy()) if col.dtype.kind == "f" else pa.Array.from_pandas(col)
         )
         names.append(str(name))
-    write_feature_table(pa.Table.from_arrays(arrays, names=names), path, None).close()
+    write_feature_table(pa.Table.from_arrays(arrays, names=names), path, None, options).close()
 
 
 def feature_table(arrays: FeatureArrays, label: np.ndarray) -> Any:
@@ -766,19 +777,26 @@ def feature_table(arrays: FeatureArrays, label: np.ndarray) -> Any:
     )
 
 
-def write_feature_table(table: Any, path: str | Path, writer: Any) -> Any:
+def write_feature_table(
+    table: Any, path: str | Path, writer: Any, options: Mapping[str, Any] | None = None
+) -> Any:
     """Append ``table`` to the Parquet file of ``writer`` (opened on the first call)."""
-    import pyarrow.parquet as pq
-
     if writer is None:
         import pyarrow as pa
+
+        from core import storage
 
         # dictionaries for the text columns only; min/max statistics only where a reader
         # prunes row groups (patient and time): the rest cost ~25% of the writing (measured)
         dict_cols = [f.name for f in table.schema if pa.types.is_string(f.type)]
         stats = [c for c in ("patient_id", "time") if c in table.schema.names]
-        writer = pq.ParquetWriter(
-            path, table.schema, use_dictionary=dict_cols, write_statistics=stats, **_PARQUET
+        writer = storage.parquet_writer(
+            path,
+            table.schema,
+            options,
+            use_dictionary=dict_cols,
+            write_statistics=stats,
+            **_PARQUET,
         )
     writer.write_table(table)
     return writer

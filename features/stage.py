@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from core import storage
 from core.vocabulary import Vocabulary
 from features.build import (
     BuildReport,
@@ -81,10 +82,14 @@ def _warm_kernels() -> None:
     threading.Thread(target=warm, name="warm-kernels", daemon=True).start()
 
 
-def input_paths(observations_dir: str | Path) -> dict[str, Path]:
-    d = Path(observations_dir)
-    paths = {n: d / f"{n}.parquet" for n in ("observations", "patients", "outcomes")}
-    missing = [str(p) for p in paths.values() if not p.exists()]
+def input_paths(observations_dir: str | Path) -> dict[str, str | Path]:
+    """The ingest stage's files in ``observations_dir`` (a local folder or a URL);
+    ``observations.parquet`` is one file or a Hive-partitioned dataset folder."""
+    paths = {
+        n: storage.join(observations_dir, f"{n}.parquet")
+        for n in ("observations", "patients", "outcomes")
+    }
+    missing = [str(p) for p in paths.values() if not storage.exists(p)]
     if missing:
         raise FileNotFoundError(f"missing input file(s): {', '.join(missing)}")
     return paths
@@ -93,7 +98,7 @@ def input_paths(observations_dir: str | Path) -> dict[str, Path]:
 def read_side_tables(observations_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Patients and outcomes (small tables, read whole)."""
     paths = input_paths(observations_dir)
-    return pd.read_parquet(paths["patients"]), pd.read_parquet(paths["outcomes"])
+    return storage.read_parquet(paths["patients"]), storage.read_parquet(paths["outcomes"])
 
 
 def write_outputs(
@@ -105,12 +110,13 @@ def write_outputs(
     vocab: Vocabulary,
 ) -> dict[str, Any]:
     """Features (unless already written: ``frame=None``), dictionary and report."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out_dir)
     if frame is not None:
-        write_features(frame, out / FEATURES_FILE)
+        features_path = storage.join(out_dir, FEATURES_FILE)
+        storage.remove(features_path)  # a partitioned output of an earlier Dask run
+        write_features(frame, features_path)
     doc = feature_dictionary(config, vocab, static_columns(config, patients.columns))
-    (out / DICTIONARY_FILE).write_text(json.dumps(doc, indent=2))
+    storage.write_text(storage.join(out_dir, DICTIONARY_FILE), json.dumps(doc, indent=2))
     summary = {
         "rows": report.rows,
         "excluded": report.excluded,
@@ -118,7 +124,7 @@ def write_outputs(
         "n_features": len(doc["features"]),
         "backend": config.backend,
     }
-    (out / REPORT_FILE).write_text(json.dumps(summary, indent=2))
+    storage.write_text(storage.join(out_dir, REPORT_FILE), json.dumps(summary, indent=2))
     return summary
 
 
@@ -139,11 +145,14 @@ def run_local(
         times = None
     if times is not None:
         labelled, excluded = label_times(times, patients, outcomes, config)
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(out_dir)
+        features_path = storage.join(out_dir, FEATURES_FILE)
         try:
+            if storage.is_dir(paths["observations"]):
+                raise NotStreamable("a partitioned dataset (rows grouped by bucket, not patient)")
+            storage.remove(features_path)  # a partitioned output of an earlier Dask run
             rows, by_setting = stream_features(
-                paths["observations"], patients, labelled, config, vocab, out / FEATURES_FILE
+                paths["observations"], patients, labelled, config, vocab, features_path
             )
         except NotStreamable as exc:
             log.info("%s: %s; reading the whole table", paths["observations"], exc)

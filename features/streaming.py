@@ -71,9 +71,10 @@ def read_batches(
     """Observation rows as arrays, ``rows`` at a time, ids and codes as indices."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path, read_dictionary=["patient_id", "code"])
+    from core import storage
+
+    pf = storage.parquet_file(path, read_dictionary=["patient_id", "code"])
     cdtype = np.int8 if len(code_index) < 127 else np.int16
     for rb in pf.iter_batches(batch_size=rows, columns=["patient_id", "time", "code", "value"]):
         pid, time, code, value = (rb.column(i) for i in range(4))
@@ -215,7 +216,7 @@ class _Writer:
     """Writes each chunk's table, in order, from a thread (Parquet encoding overlaps work)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path = path
         self.rows = 0
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None

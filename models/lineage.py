@@ -18,11 +18,22 @@ log = logging.getLogger(__name__)
 
 
 def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
+    """MD5 of a file (local or a URL); of a folder of part files, of their bytes in name order."""
+    from core import storage
+
     h = hashlib.md5(usedforsecurity=False)
-    with Path(path).open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
+    files = storage.list_files(path, ".parquet") if storage.is_dir(path) else [path]
+    for f in files:
+        with storage.open_file(f) as fh:
+            while block := fh.read(chunk):
+                h.update(block)
     return h.hexdigest()
+
+
+def _exists(path: str | Path) -> bool:
+    from core import storage
+
+    return storage.exists(path)
 
 
 def params_hash(obj: Any) -> str:
@@ -54,7 +65,7 @@ def build_lineage(
     from governance.lineage import TAG_FEATURES_MD5, collect_lineage, lineage_tags
 
     extra: dict[str, Any] = {}
-    if features_path is not None and Path(features_path).is_file():
+    if features_path is not None and _exists(features_path):
         extra["features_md5"] = file_md5(features_path)
     record = collect_lineage(
         params=params,

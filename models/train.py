@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -244,6 +245,26 @@ def fit_booster(
     )
 
 
+def _dask_classifier(
+    params: dict[str, Any], num_rounds: int, config: TrainConfig, client: Any
+) -> Any:
+    """The ``lightgbm.dask`` estimator of both Dask paths (LightGBM params, seed, rounds)."""
+    from lightgbm.dask import DaskLGBMClassifier
+
+    p = dict(params)
+    p.pop("metric", None)
+    p.pop("verbosity", None)
+    p.pop("seed", None)
+    p.pop("num_threads", None)
+    return DaskLGBMClassifier(
+        client=client,
+        n_estimators=num_rounds,
+        random_state=config.seed,
+        verbose=-1,
+        **p,
+    )
+
+
 def _fit_dask(
     X_tr: pd.DataFrame,
     y_tr: np.ndarray,
@@ -253,29 +274,72 @@ def _fit_dask(
     config: TrainConfig,
     client: Any,
 ) -> Any:
-    """Distributed fit with ``lightgbm.dask``; returns the fitted booster.
+    """Distributed fit of a frame the client holds (sent to the workers); the booster.
 
     lightgbm.dask has no early stopping: the configured ``n_estimators`` trees are grown.
     """
     import dask.dataframe as dd
-    from lightgbm.dask import DaskLGBMClassifier
 
     n_parts = max(1, len(client.scheduler_info().get("workers", {})) or config.dask_workers)
     Xd = dd.from_pandas(X_tr, npartitions=n_parts)
     yd = dd.from_pandas(pd.Series(y_tr, index=X_tr.index, name="label"), npartitions=n_parts)
-    p = dict(params)
-    p.pop("metric", None)
-    p.pop("verbosity", None)
-    p.pop("seed", None)
-    p.pop("num_threads", None)
-    clf = DaskLGBMClassifier(
-        client=client,
-        n_estimators=num_rounds,
-        random_state=config.seed,
-        verbose=-1,
-        **p,
-    )
+    clf = _dask_classifier(params, num_rounds, config, client)
     clf.fit(Xd, yd, categorical_feature=categorical or "auto")
+    return clf.booster_
+
+
+def _prepared(
+    part: pd.DataFrame, names: list[str], categories: dict[str, list[str]]
+) -> pd.DataFrame:
+    """A feature partition as the model's float matrix (the model's own ``prepare``)."""
+    return RiskModel(feature_names=names, categories=categories).prepare(part)
+
+
+def _fit_dask_from_store(
+    features_path: str,
+    train_ids: list[str],
+    n_rows: int,
+    names: list[str],
+    categories: dict[str, list[str]],
+    params: dict[str, Any],
+    num_rounds: int,
+    config: TrainConfig,
+    client: Any,
+) -> Any:
+    """Distributed fit where each worker reads its feature partitions itself.
+
+    ``features_path``: the features stage's output (one file, or the Dask stage's folder of
+    part files), local (shared) or a URL (core.storage; endpoint and region as storage
+    options, credentials from the workers' environment). The client sends the training
+    patients' ids and reads only Parquet metadata and the partitions' row counts.
+    """
+    import dask.dataframe as dd
+
+    from core import storage
+
+    path = features_path if storage.is_url(features_path) else str(Path(features_path).resolve())
+    opts = storage.storage_options(path)
+    ddf = dd.read_parquet(
+        path, columns=["patient_id", "label", *names], storage_options=opts or None
+    )
+    ddf = ddf[ddf["patient_id"].isin(train_ids)]
+    X = ddf.map_partitions(
+        _prepared, names, categories, meta=_prepared(ddf._meta, names, categories)
+    )
+    y = ddf["label"].astype("int64")
+    # rows per partition (the workers read patient_id and label only): a check, and LightGBM
+    # refuses empty partitions
+    lengths = client.compute(y.map_partitions(len)).result().tolist()
+    if sum(lengths) != n_rows:
+        raise ValueError(
+            f"{features_path}: the workers found {sum(lengths):,} training rows, the split has "
+            f"{n_rows:,} (the file changed since it was read?)"
+        )
+    keep = [i for i, n in enumerate(lengths) if n]
+    if len(keep) < len(lengths):
+        X, y = X.partitions[keep], y.partitions[keep]
+    clf = _dask_classifier(params, num_rounds, config, client)
+    clf.fit(X, y, categorical_feature=list(categories) or "auto")
     return clf.booster_
 
 
@@ -337,11 +401,14 @@ def train_model(
     overrides: dict[str, Any] | None = None,
     client: Any = None,
     metadata: dict[str, Any] | None = None,
+    features_path: str | None = None,
 ) -> TrainResult:
     """Split, fit (local or Dask), early-stop, calibrate and pick the alert threshold.
 
     ``overrides`` replaces LightGBM parameters (used by tuning). With ``backend='dask'`` and no
-    ``client`` given, a client is created from ``dask_client`` and closed afterwards.
+    ``client`` given, a client is created from ``dask_client`` and closed afterwards; with
+    ``features_path`` (the file ``frame`` was read from) the workers read the training rows
+    from it themselves instead of receiving them from this process.
     """
     validate_frame(frame)
     if not isinstance(frame.index, pd.RangeIndex) or frame.index.start != 0:
@@ -365,9 +432,23 @@ def train_model(
         if own:
             client, cluster = dask_client(config)
         try:
-            booster = _fit_dask(
-                X[tr], y[tr], params, config.n_estimators, categorical, config, client
-            )
+            if features_path is not None:
+                train_ids = sorted(set(frame["patient_id"][tr].astype(str)))
+                booster = _fit_dask_from_store(
+                    features_path,
+                    train_ids,
+                    int(tr.sum()),
+                    names,
+                    categories,
+                    params,
+                    config.n_estimators,
+                    config,
+                    client,
+                )
+            else:
+                booster = _fit_dask(
+                    X[tr], y[tr], params, config.n_estimators, categorical, config, client
+                )
         finally:
             if own:
                 client.close()

@@ -164,6 +164,8 @@ def train_and_log(
             overrides=overrides,
             client=client,
             metadata={"label": label_info} if label_info else None,
+            # Dask workers read the training rows from the features file (not a cohort table)
+            features_path=features_path if config.cohort_horizon_days is None else None,
         )
         digests = _log_datasets(frame, result.split, features_path)
         _log_training(frame, result, feature_dictionary, lineage_record)

@@ -13,14 +13,21 @@ from core.errors import UserError
 
 
 def read_features(path: str | Path, cohort: bool = False) -> pd.DataFrame:
-    """The feature matrix; ``cohort=True`` expects ``time_to_event_days``/``event``, not ``label``."""
-    p = Path(path)
-    if not p.is_file():
+    """The feature matrix; ``cohort=True`` expects ``time_to_event_days``/``event``, not ``label``.
+
+    ``path``: a file, the Dask stage's folder of part files, local or a URL (core.storage).
+    """
+    from core import storage
+
+    p = path if storage.is_url(path) else Path(path)
+    if not storage.exists(p):
         raise UserError(f"{p}: feature matrix not found (run `dvc repro features` first)")
     try:
         from features.io import read_features as read_frame
 
         frame = read_frame(p)
+    except UserError:
+        raise
     except Exception as exc:
         raise UserError(f"{p}: not a readable parquet file: {exc}") from None
     needed = ("time_to_event_days", "event") if cohort else ("label",)
@@ -34,13 +41,15 @@ def read_features(path: str | Path, cohort: bool = False) -> pd.DataFrame:
 
 
 def read_json(path: str | Path | None, what: str) -> dict[str, Any] | None:
+    from core import storage
+
     if path is None:
         return None
-    p = Path(path)
-    if not p.is_file():
+    p = path if storage.is_url(path) else Path(path)
+    if not storage.exists(p) or storage.is_dir(p):
         raise UserError(f"{p}: {what} not found")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(storage.read_text(p))
     except ValueError as exc:
         raise UserError(f"{p}: {what} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -49,6 +58,8 @@ def read_json(path: str | Path | None, what: str) -> dict[str, Any] | None:
 
 
 def read_optional_parquet(path: str | Path | None) -> pd.DataFrame | None:
-    if path is None or not Path(path).is_file():
+    from core import storage
+
+    if path is None or not storage.exists(path) or storage.is_dir(path):
         return None
-    return pd.read_parquet(path)
+    return storage.read_parquet(path)

@@ -17,14 +17,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--observations",
         required=True,
-        type=Path,
-        help="directory with observations.parquet, patients.parquet and outcomes.parquet",
+        help="directory with observations.parquet, patients.parquet and outcomes.parquet "
+        "(a local folder or a URL such as s3://bucket/observations)",
     )
     parser.add_argument(
         "--out",
         required=True,
-        type=Path,
-        help="output directory: features.parquet, feature_dictionary.json, features_report.json",
+        help="output directory: features.parquet, feature_dictionary.json, features_report.json "
+        "(a local folder or a URL)",
     )
     parser.add_argument("--params", default="params.yaml", type=Path, help="params file")
     parser.add_argument(
@@ -86,19 +86,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _explain_empty(observations: Path, config, summary: dict) -> None:  # type: ignore[no-untyped-def]
+def _explain_empty(observations: str, config, summary: dict) -> None:  # type: ignore[no-untyped-def]
     """0 feature rows: fine for a one-row-per-patient cohort project, else exit 2 with why."""
     import pandas as pd
 
-    cohort = observations / "cohort.parquet"
-    if cohort.is_file() and len(pd.read_parquet(cohort, columns=["patient_id"])):
+    from core import storage
+
+    cohort = storage.join(observations, "cohort.parquet")
+    if storage.exists(cohort) and len(storage.read_parquet(cohort, columns=["patient_id"])):
         print(
             "features: 0 observation-based rows; the one-row-per-patient cohort goes to train "
             "(set train.cohort_horizon_days)"
         )
         return
-    pats = pd.read_parquet(observations / "patients.parquet")
-    outs = pd.read_parquet(observations / "outcomes.parquet")
+    pats = storage.read_parquet(storage.join(observations, "patients.parquet"))
+    outs = storage.read_parquet(storage.join(observations, "outcomes.parquet"))
     if pats.empty:
         why = (
             "no patients (the ingest stage wrote an empty patients table: supply a patients "

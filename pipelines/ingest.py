@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from core.errors import UserError
@@ -135,10 +136,65 @@ def check_not_empty(report: dict) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def stage_inputs(inputs: list[str], tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """Inputs at URLs (``s3://bucket/raw``) copied to ``tmp`` for the raw-format readers;
+    (inputs to read, local copy -> URL) so that the report names the URLs."""
+    from core import storage
+
+    local: list[str] = []
+    copies: dict[str, str] = {}
+    for i, inp in enumerate(inputs):
+        if not storage.is_url(inp):
+            local.append(inp)
+            continue
+        try:
+            dest = storage.download(inp, tmp / f"input{i}" / storage.name(inp))
+        except FileNotFoundError:
+            raise UserError(f"{inp}: input not found") from None
+        local.append(str(dest))
+        copies[str(dest)] = str(inp).rstrip("/")
+    return local, copies
+
+
+def relabel(copies: dict[str, str]) -> Callable[[str], str]:
+    """Local copy paths (in file names and messages) back to the URLs they came from."""
+
+    def fix(text: str) -> str:
+        for loc, url in copies.items():
+            text = text.replace(loc, url)
+        return text
+
+    return fix
+
+
+def relabel_result(result, fix: Callable[[str], str]) -> None:  # type: ignore[no-untyped-def]
+    """Every place ingest names a file: the report, the per-file counts, the quarantine."""
+    report = result.report
+    report["files"] = {fix(k): v for k, v in report["files"].items()}
+    for item in report["skipped_files"]:
+        item["path"] = fix(item["path"])
+    result.counts["file"] = _fixed(result.counts["file"], fix)
+    if "file" in result.quarantine.columns:
+        result.quarantine["file"] = _fixed(result.quarantine["file"], fix)
+
+
+def _fixed(col, fix: Callable[[str], str]):  # type: ignore[no-untyped-def]
+    """``col`` with ``fix`` applied to its values, same dtype (categories renamed)."""
     import pandas as pd
 
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        return col.cat.rename_categories(lambda c: fix(str(c)))
+    return col.map(lambda v: fix(v) if isinstance(v, str) else v).astype(col.dtype)
+
+
+def run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import pandas as pd
+
+    from core import storage
     from core.params import load_section, validate_section
+    from core.storage import StorageConfig
     from core.vocabulary import load_vocabulary
     from governance.pseudonym import PseudonymKeyError, get_key
     from ingest.config import IngestConfig
@@ -151,6 +207,11 @@ def run(args: argparse.Namespace) -> int:
         if params.is_file()
         else validate_section(IngestConfig, "ingest", {}, str(params))
     )
+    layout = (
+        load_section(StorageConfig, "storage", params)
+        if params.is_file()
+        else validate_section(StorageConfig, "storage", {}, str(params))
+    )
     try:
         vocab = load_vocabulary(args.vocabulary)
     except (OSError, ValueError) as exc:
@@ -162,37 +223,44 @@ def run(args: argparse.Namespace) -> int:
     except PseudonymKeyError as exc:
         raise UserError(str(exc)) from None
     t0 = time.perf_counter()
-    try:
-        result = ingest(args.inputs, cfg, vocab, key)
-    except StructuralError as exc:
-        raise UserError(str(exc)) from None
+    with tempfile.TemporaryDirectory(prefix="vitalrisk-ingest-") as tmp:
+        inputs, copies = stage_inputs(args.inputs, Path(tmp))
+        try:
+            result = ingest(inputs, cfg, vocab, key)
+        except StructuralError as exc:
+            raise UserError(relabel(copies)(str(exc))) from None
+    if copies:
+        relabel_result(result, relabel(copies))
     _print_table(result.counts, result.report, args.quiet)
     check_not_empty(result.report)
-    out = Path(args.out)
-    qdir = Path(args.quarantine) if args.quarantine else out
-    report_path = Path(args.report) if args.report else out / "ingest.json"
-    for d in (out, qdir, report_path.parent):
-        d.mkdir(parents=True, exist_ok=True)
-    result.observations.to_parquet(out / "observations.parquet", index=False)
-    result.patients.to_parquet(out / "patients.parquet", index=False)
-    result.outcomes.to_parquet(out / "outcomes.parquet", index=False)
+    out = args.out
+    qdir = args.quarantine or out
+    report_path = args.report or storage.join(out, "ingest.json")
+    for d in (out, qdir, storage.parent(report_path)):
+        storage.makedirs(d)
+    obs_path = storage.join(out, "observations.parquet")
+    if layout.observations_layout == "partitioned":
+        storage.write_bucketed(result.observations, obs_path, layout.patient_buckets)
+    else:
+        storage.remove(obs_path)  # a partitioned dataset of an earlier run
+        storage.write_parquet(result.observations, obs_path)
+    storage.write_parquet(result.patients, storage.join(out, "patients.parquet"))
+    storage.write_parquet(result.outcomes, storage.join(out, "outcomes.parquet"))
     # always written (empty without a cohort input) so the train stage can depend on it
     cohort = (
         result.cohort
         if result.cohort is not None
         else pd.DataFrame({"patient_id": pd.Series(dtype=str)})
     )
-    cohort.to_parquet(out / "cohort.parquet", index=False)
-    result.quarantine.to_parquet(qdir / "quarantine.parquet", index=False)
+    storage.write_parquet(cohort, storage.join(out, "cohort.parquet"))
+    storage.write_parquet(result.quarantine, storage.join(qdir, "quarantine.parquet"))
     result.report["seconds"] = round(time.perf_counter() - t0, 2)
-    report_path.write_text(
-        json.dumps(result.report, indent=2, sort_keys=False) + "\n", encoding="utf-8"
-    )
+    storage.write_text(report_path, json.dumps(result.report, indent=2, sort_keys=False) + "\n")
     o = result.report["outputs"]
     print(
         f"wrote {o['observations']:,} observations, {o['patients']} patients, {o['outcomes']} outcomes"
         + (f", {o['cohort']} cohort rows" if result.cohort is not None else "")
-        + f" to {out}; {o['quarantine']:,} quarantined to {qdir / 'quarantine.parquet'}; report {report_path}"
+        + f" to {out}; {o['quarantine']:,} quarantined to {storage.join(qdir, 'quarantine.parquet')}; report {report_path}"
         + f" ({result.report['seconds']}s)"
     )
     return 0

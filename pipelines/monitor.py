@@ -133,12 +133,19 @@ def _model_name(params: str) -> str:
 
 
 def _read_features(path: str) -> Any:
+    """The reference matrix: a file, or the Dask stage's folder of parts / a URL (core.storage)."""
     import pandas as pd
 
-    p = Path(path)
-    if not p.is_file():
+    from core import storage
+
+    p = path if storage.is_url(path) else Path(path)
+    if not storage.exists(p):
         raise UserError(f"{p}: reference feature matrix not found (run `vitalrisk features`)")
     try:
+        if storage.is_url(p) or storage.is_dir(p):
+            from features.io import read_features
+
+            return read_features(p)
         return pd.read_parquet(p)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise UserError(f"{p}: not a readable Parquet feature matrix ({exc})") from None

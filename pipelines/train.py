@@ -132,12 +132,13 @@ def _cohort_frame(args: argparse.Namespace, config, dictionary):  # type: ignore
     """The one-row-per-patient path: ingest's cohort table -> labelled frame at the horizon."""
     import pandas as pd
 
+    from core import storage
     from models.cohort import cohort_matrix, label_at_horizon
 
     # --cohort: ingest's cohort table (dvc.yaml); without it --features holds a prepared cohort
     path = args.cohort or args.features
     try:
-        cohort = pd.read_parquet(path)
+        cohort = storage.read_parquet(path)
     except (OSError, ValueError) as exc:
         raise UserError(
             f"{path}: not a readable cohort table ({exc}); run the ingest stage"

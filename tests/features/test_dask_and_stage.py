@@ -12,7 +12,7 @@ import pytest
 import features.streaming as streaming
 from features.build import build_feature_matrix
 from features.config import DaskConfig
-from features.dask_backend import build_on_cluster, partition_patients
+from features.dask_backend import partition_patients
 from features.stage import run_local
 from pipelines.cli import main
 
@@ -34,24 +34,46 @@ def test_partitions_cover_patients_once():
     assert parts == [["p_a", "p_b"], ["p_c"]]
 
 
-def test_dask_local_cluster_equals_local(obs_dir, config, vocab):
+@pytest.fixture(scope="module")
+def local_cluster():
     distributed = pytest.importorskip("distributed")
-    obs = pd.read_parquet(obs_dir / "observations.parquet")
-    pats = pd.read_parquet(obs_dir / "patients.parquet")
-    outs = pd.read_parquet(obs_dir / "outcomes.parquet")
-    local = build_feature_matrix(obs, pats, outs, config, vocab)
-    cfg = config.model_copy(update={"backend": "dask", "dask": DaskConfig(n_partitions=3)})
     with (
         distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
-        remote, report = build_on_cluster(
-            obs_dir / "observations.parquet", pats, outs, cfg, vocab, client
-        )
+        yield client
+
+
+@pytest.mark.parametrize("layout", ["file", "partitioned"])
+def test_dask_local_cluster_equals_local(obs_dir, tmp_path, config, vocab, local_cluster, layout):
+    """Workers read their partitions and write part files; the client gathers metadata only."""
+    from core import storage
+    from features.dask_backend import run_dask
+    from features.io import read_features
+
+    obs = pd.read_parquet(obs_dir / "observations.parquet")
+    pats = pd.read_parquet(obs_dir / "patients.parquet")
+    outs = pd.read_parquet(obs_dir / "outcomes.parquet")
+    local = build_feature_matrix(obs, pats, outs, config, vocab)
+    src = obs_dir
+    if layout == "partitioned":
+        src = tmp_path / "in"
+        src.mkdir()
+        for name in ("patients", "outcomes"):
+            (src / f"{name}.parquet").write_bytes((obs_dir / f"{name}.parquet").read_bytes())
+        written = storage.write_bucketed(obs, src / "observations.parquet", 5)
+        assert len(written) > 1
+    cfg = config.model_copy(update={"backend": "dask", "dask": DaskConfig(n_partitions=3)})
+    summary = run_dask(src, tmp_path / "out", cfg, vocab, client=local_cluster)
+    parts = sorted((tmp_path / "out" / "features.parquet").glob("part-*.parquet"))
+    assert len(parts) == (3 if layout == "file" else len(written))
+    remote = read_features(tmp_path / "out" / "features.parquet")
     pd.testing.assert_frame_equal(remote, local, check_exact=True)
-    assert report.excluded == local.attrs["excluded"]
+    assert summary["excluded"] == local.attrs["excluded"] and summary["rows"] == len(local)
+    report = json.loads((tmp_path / "out" / "features_report.json").read_text())
+    assert report["by_setting"] == summary["by_setting"]
 
 
 def _params(tmp_path: Path, extra: str = "") -> Path:
