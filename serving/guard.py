@@ -304,11 +304,9 @@ class GuardMiddleware:
 
     def throttle(self, rt: Any) -> Any:
         if self._throttle is None:
-            from serving.auth import AuthThrottle
+            from serving.stores import auth_throttle
 
-            self._throttle = AuthThrottle(
-                rt.config.auth_failures_per_minute, rt.config.auth_failure_burst
-            )
+            self._throttle = auth_throttle(rt.config)
         return self._throttle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

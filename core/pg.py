@@ -1,0 +1,94 @@
+"""PostgreSQL locations of the shared stores (team mode: serving replicas, monitoring, audit).
+
+One location string names a database and a schema: a libpq URL with an optional ``schema``
+query parameter, e.g. ``postgresql://postgres@127.0.0.1:5432/vitalrisk?schema=ward_a``
+(default schema ``vitalrisk``). The schema is created on first use and becomes the
+connection's ``search_path``, so every store's SQL names its tables unqualified. Passwords
+never appear in the location: libpq reads ``PGPASSWORD`` or ``~/.pgpass``.
+
+``psycopg`` is imported lazily: it is part of the ``team`` extra, not of the embedded default.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+DEFAULT_SCHEMA = "vitalrisk"
+_SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def is_pg_url(location: object) -> bool:
+    """True for ``postgresql://`` / ``postgres://`` locations (everything else is a file)."""
+    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
+
+
+def split_location(location: str) -> tuple[str, str]:
+    """``(libpq URL without the schema parameter, schema)``; ``ValueError`` naming the problem."""
+    parts = urlsplit(location)
+    if parts.password:
+        raise ValueError(
+            "the database URL contains a password: secrets come from the environment only "
+            "(PGPASSWORD or ~/.pgpass)"
+        )
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schema = DEFAULT_SCHEMA
+    rest = []
+    for k, v in query:
+        if k == "schema":
+            schema = v
+        else:
+            rest.append((k, v))
+    if not _SCHEMA.match(schema):
+        raise ValueError(
+            f"schema {schema!r}: use 1-63 of a-z, 0-9 and _ (starting with a letter or _)"
+        )
+    return urlunsplit(parts._replace(query=urlencode(rest))), schema
+
+
+def redact(location: str) -> str:
+    """The location as it may be logged (host, port, database, schema; never a password)."""
+    parts = urlsplit(location)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+
+
+def connect(location: str, autocommit: bool = False, timeout: float = 10.0) -> Any:
+    """A psycopg connection whose ``search_path`` is the location's schema (created if absent).
+
+    Raises ``ConnectionError`` with one line (server, database, libpq's reason) when the
+    database cannot be reached: callers turn it into a start-up refusal or an exit code 2.
+    """
+    import psycopg
+    from psycopg import sql
+
+    url, schema = split_location(location)
+    try:
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout)))
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ConnectionError(f"{redact(location)}: cannot connect ({reason})") from None
+    try:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    except psycopg.errors.InsufficientPrivilege:
+        pass  # an operator created it; search_path below still selects it
+    except psycopg.errors.UniqueViolation:
+        pass  # two processes created it at the same moment
+    conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+    conn.autocommit = autocommit
+    return conn
+
+
+def ensure_table(conn: Any, ddl: str, lock_key: int) -> None:
+    """Run ``ddl`` (``CREATE ... IF NOT EXISTS`` statements) once across concurrent starters.
+
+    PostgreSQL's ``IF NOT EXISTS`` is not safe against a concurrent creator (a unique
+    violation on the catalog): a transaction-scoped advisory lock serialises the starters.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key,))
+        for stmt in (s.strip() for s in ddl.split(";")):
+            if stmt:
+                conn.execute(stmt)
