@@ -55,8 +55,11 @@ def redact(location: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}" + (f"?{parts.query}" if parts.query else "")
 
 
-def connect(location: str, autocommit: bool = False, timeout: float = 10.0) -> Any:
-    """A psycopg connection whose ``search_path`` is the location's schema (created if absent).
+def connect(
+    location: str, autocommit: bool = False, timeout: float = 10.0, create: bool = True
+) -> Any:
+    """A psycopg connection whose ``search_path`` is the location's schema (created if absent;
+    ``create=False`` for read-only checks: a missing schema then simply has no tables).
 
     Raises ``ConnectionError`` with one line (server, database, libpq's reason) when the
     database cannot be reached: callers turn it into a start-up refusal or an exit code 2.
@@ -71,7 +74,8 @@ def connect(location: str, autocommit: bool = False, timeout: float = 10.0) -> A
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise ConnectionError(f"{redact(location)}: cannot connect ({reason})") from None
     try:
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        if create:
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
     except psycopg.errors.InsufficientPrivilege:
         pass  # an operator created it; search_path below still selects it
     except psycopg.errors.UniqueViolation:
