@@ -128,6 +128,9 @@ class ServeConfig(BaseModel):
     redis_url: str = ""
     #: prefix of every Redis key (several deployments may share one Redis)
     redis_prefix: str = "vitalrisk:"
+    #: the monitor's ``summary.json``: its verdict is exposed on /metrics (read on scrape;
+    #: env ``VITALRISK_MONITOR_SUMMARY`` wins)
+    monitor_summary: str = "reports/monitoring/summary.json"
     feature_dictionary: str = "artifacts/features/feature_dictionary.json"
 
     @model_validator(mode="after")
