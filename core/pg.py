@@ -16,6 +16,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 DEFAULT_SCHEMA = "vitalrisk"
+#: team mode: the location of the serving replicas' prediction log and audit chain (team.env)
+DATABASE_URL_ENV = "VITALRISK_SERVE_DB_URL"
 _SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 

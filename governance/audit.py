@@ -883,3 +883,12 @@ def open_audit_store(
     if is_pg_url(location):
         return PgAuditStore(str(location))
     return AuditLog(location, **file_options)
+
+
+def default_audit_store() -> AuditLog | PgAuditStore:
+    """The chain the service writes: the database chain when ``VITALRISK_SERVE_DB_URL`` is set
+    (team mode), else the file (``VITALRISK_AUDIT_LOG`` or ``logs/audit.jsonl``). Promotions,
+    rollbacks and exports go to the same chain as the replicas' data access."""
+    from core.pg import DATABASE_URL_ENV
+
+    return open_audit_store(os.environ.get(DATABASE_URL_ENV, "").strip() or None)

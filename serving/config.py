@@ -13,15 +13,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core.pg import DATABASE_URL_ENV as DATABASE_URL_ENV  # team mode; re-exported
+
 PARAMS_ENV = "VITALRISK_PARAMS"
 MODEL_NAME_ENV = "VITALRISK_MODEL_NAME"
 PREDICTION_LOG_ENV = "VITALRISK_PREDICTION_LOG"
 AUDIT_LOG_ENV = "VITALRISK_AUDIT_LOG"
 LANDING_ENV = "VITALRISK_LANDING_DIR"
 FEATURE_DICTIONARY_ENV = "VITALRISK_FEATURE_DICTIONARY"
-#: team mode: replicas share the prediction log and the audit chain in PostgreSQL, and the
-#: rate limits in Redis (team.env sets both; README, "Team mode")
-DATABASE_URL_ENV = "VITALRISK_SERVE_DB_URL"
+#: team mode: replicas share the prediction log and the audit chain in PostgreSQL
+#: (``DATABASE_URL_ENV``, core/pg.py), and the rate limits in Redis (README, "Team mode")
 REDIS_URL_ENV = "VITALRISK_REDIS_URL"
 REDIS_PREFIX_ENV = "VITALRISK_REDIS_PREFIX"
 DEFAULT_MODEL_NAME = "vitalrisk-deterioration"

@@ -243,3 +243,26 @@ def test_audit_verify_names_an_edited_database_entry(shared: tuple[str, str]) ->
         store.close()
         with _db(location) as conn:
             conn.execute(f"DROP SCHEMA {location.rsplit('=', 1)[1]} CASCADE")
+
+
+def test_promotions_and_exports_go_to_the_database_chain(
+    shared: tuple[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With ``VITALRISK_SERVE_DB_URL`` set, the registry's audit (gate, promote, rollback)
+    appends to the replicas' chain, not to a local file."""
+    from governance.audit import PgAuditStore
+    from models.registry import audit
+
+    location = shared[0].replace("?schema=", "?schema=promote_")
+    monkeypatch.setenv("VITALRISK_SERVE_DB_URL", location)
+    monkeypatch.setenv("VITALRISK_AUDIT_LOG", str(tmp_path / "file.jsonl"))
+    try:
+        audit("tester", "promote", "models:/m/3", "3", {"reason": "test"})
+        store = PgAuditStore(location)
+        entries = list(store.entries())
+        assert [e["action"] for e in entries] == ["promote"] and store.verify().ok
+        store.close()
+        assert not (tmp_path / "file.jsonl").exists()
+    finally:
+        with _db(location) as conn:
+            conn.execute(f"DROP SCHEMA {location.rsplit('=', 1)[1]} CASCADE")
