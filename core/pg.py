@@ -73,7 +73,8 @@ def connect(
     try:
         conn = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout)))
     except psycopg.Error as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = lines[-1] if lines else type(exc).__name__
         raise ConnectionError(f"{redact(location)}: cannot connect ({reason})") from None
     try:
         if create:

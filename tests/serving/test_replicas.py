@@ -266,3 +266,48 @@ def test_promotions_and_exports_go_to_the_database_chain(
     finally:
         with _db(location) as conn:
             conn.execute(f"DROP SCHEMA {location.rsplit('=', 1)[1]} CASCADE")
+
+
+@pytest.mark.parametrize(
+    ("section", "needle"),
+    [
+        (
+            "database_url: postgresql://u:hunter2@db/x",
+            "serve.database_url: Value error, database_url contains a password",
+        ),
+        ("database_url: mysql://db/x", "must be a postgresql:// URL"),
+        ("redis_url: http://cache:6379", "must be a redis:// or rediss:// URL"),
+        ("redis_url: redis://:hunter2@cache:6379", "redis_url contains a password"),
+    ],
+)
+def test_team_store_settings_are_checked(tmp_path: Path, section: str, needle: str) -> None:
+    from serving.config import load_serve_config
+
+    params = tmp_path / "params.yaml"
+    params.write_text(f"serve:\n  {section}\n")
+    with pytest.raises(ValueError) as err:
+        load_serve_config(params)
+    assert needle.split(": Value error, ")[-1] in str(err.value)
+    assert "hunter2" not in str(err.value)
+
+
+def test_unreachable_database_refuses_to_start_with_one_line(
+    registry: tuple[Path, dict[str, str], dict[str, Any]], tmp_path: Path
+) -> None:
+    _, reg_env, _ = registry
+    env = server_env(tmp_path)
+    env["MLFLOW_TRACKING_URI"] = reg_env["MLFLOW_TRACKING_URI"]
+    env["VITALRISK_SERVE_DB_URL"] = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    (tmp_path / "params.yaml").write_text(PARAMS)
+    exe = str(Path(sys.executable).with_name("vitalrisk"))
+    r = subprocess.run(
+        [exe, "serve", "--port", str(free_port()), "--params", str(tmp_path / "params.yaml")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode != 0
+    assert "cannot connect" in r.stderr and "nowhere" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
