@@ -94,31 +94,3 @@ def upgrade_prediction_log(con: sqlite3.Connection) -> None:
     for name, sql_type in PREDICTIONS_ADDED:
         if name not in have:
             con.execute(f"ALTER TABLE predictions ADD COLUMN {name} {sql_type}")
-
-
-#: the same tables in PostgreSQL (team mode: replicas share one log). ``rowid`` is explicit
-#: there (SQLite has it implicitly), so the monitor's keyset pagination reads both alike.
-PREDICTIONS_PG_DDL = """
-CREATE TABLE IF NOT EXISTS predictions (
-    rowid BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    request_id TEXT, scored_at TEXT, patient_id TEXT, model_name TEXT, model_version TEXT,
-    role TEXT, probability DOUBLE PRECISION, news2_total DOUBLE PRECISION, features TEXT,
-    setting TEXT, horizon_hours DOUBLE PRECISION
-);
-CREATE INDEX IF NOT EXISTS predictions_scored_at ON predictions (scored_at);
-CREATE INDEX IF NOT EXISTS predictions_role_time ON predictions (role, scored_at, probability);
-CREATE TABLE IF NOT EXISTS outcomes (
-    request_id TEXT, patient_id TEXT, event_time TEXT, event TEXT, label INTEGER,
-    received_at TEXT
-);
-CREATE INDEX IF NOT EXISTS outcomes_request ON outcomes (request_id)
-"""
-#: advisory-lock key under which the prediction-log tables are created (core/pg.ensure_table)
-PREDICTIONS_PG_LOCK = 0x7669_7461_6C01
-
-
-def upgrade_prediction_log_pg(conn: object) -> None:
-    """Create the PostgreSQL prediction-log tables if absent (``conn``: a psycopg connection)."""
-    from core.pg import ensure_table
-
-    ensure_table(conn, PREDICTIONS_PG_DDL, PREDICTIONS_PG_LOCK)

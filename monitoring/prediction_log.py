@@ -24,12 +24,11 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
-from core.pg import is_pg_url
+from core.pg import is_pg_url, upgrade_prediction_log_pg
 from core.schema import (
     OUTCOME_LOG_COLUMNS,
     PREDICTION_LOG_COLUMNS,
     upgrade_prediction_log,
-    upgrade_prediction_log_pg,
 )
 
 logger = logging.getLogger(__name__)

@@ -164,8 +164,7 @@ class PgPredictionLog:
     """
 
     def __init__(self, location: str) -> None:
-        from core.pg import connect
-        from core.schema import upgrade_prediction_log_pg
+        from core.pg import connect, upgrade_prediction_log_pg
 
         self.location = location
         self._lock = threading.Lock()

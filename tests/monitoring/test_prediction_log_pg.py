@@ -160,3 +160,20 @@ def test_monitor_cli_on_the_database_log(
         )
         == 2
     )
+
+
+def test_postgresql_ddl_has_the_contract_columns_in_order() -> None:
+    """core/pg.py's DDL and core/schema.py's column list cannot drift apart."""
+    import re
+
+    from core.pg import PREDICTIONS_PG_DDL
+    from core.schema import OUTCOME_LOG_COLUMNS, PREDICTION_LOG_COLUMNS
+
+    tables = dict(
+        re.findall(r"CREATE TABLE IF NOT EXISTS (\w+) \(([^;]*?)\n\)", PREDICTIONS_PG_DDL)
+    )
+    cols = {
+        t: [c.split()[0] for c in body.replace("\n", " ").split(",")] for t, body in tables.items()
+    }
+    assert cols["predictions"] == ["rowid", *PREDICTION_LOG_COLUMNS]
+    assert cols["outcomes"] == list(OUTCOME_LOG_COLUMNS)
