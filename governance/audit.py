@@ -819,9 +819,12 @@ class PgAuditStore:
             yield from cur
 
     def entries(self) -> Iterator[dict[str, Any]]:
+        """Parsed entries in chain order (read in one transaction, then yielded: a caller
+        that stops early or raises holds no lock)."""
         with self._transaction() as conn:
-            for _, line in self._lines(conn):
-                yield json.loads(line)
+            lines = [line for _, line in self._lines(conn)]
+        for line in lines:
+            yield json.loads(line)
 
     def head(self) -> tuple[int, str]:
         with self._transaction() as conn:
