@@ -66,8 +66,14 @@ def connect(
     Raises ``ConnectionError`` with one line (server, database, libpq's reason) when the
     database cannot be reached: callers turn it into a start-up refusal or an exit code 2.
     """
-    import psycopg
-    from psycopg import sql
+    try:
+        import psycopg
+        from psycopg import sql
+    except ImportError:
+        raise ConnectionError(
+            f"{redact(location)}: psycopg is not installed (pip install 'psycopg[binary]', "
+            "part of the team extra)"
+        ) from None
 
     url, schema = split_location(location)
     try:

@@ -749,11 +749,11 @@ class PgAuditStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Any]:
-        import psycopg
-
         with self._mutex:
+            conn = self._connection()  # AuditLogError when it cannot connect
+            import psycopg
+
             try:
-                conn = self._connection()
                 with conn.transaction():
                     yield conn
             except psycopg.Error as exc:

@@ -359,7 +359,13 @@ class RedisBuckets:
     """
 
     def __init__(self, url: str, prefix: str, timeout: float = 0.5) -> None:
-        import redis
+        try:
+            import redis
+        except ImportError:
+            raise ValueError(
+                "serve.redis_url is set but the redis client is not installed "
+                "(pip install redis, part of the team extra)"
+            ) from None
 
         self.url = url
         self.prefix = prefix

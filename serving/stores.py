@@ -57,12 +57,15 @@ def rate_limiter(config: ServeConfig) -> RateLimiter:
     by the workers of this one process)."""
     url = config.redis_location()
     if url:
-        limiter = RedisRateLimiter(
-            config.rate_limit_per_second, config.rate_limit_burst, url, config.redis_key_prefix()
-        )
         try:
+            limiter = RedisRateLimiter(
+                config.rate_limit_per_second,
+                config.rate_limit_burst,
+                url,
+                config.redis_key_prefix(),
+            )
             limiter.buckets.ping()
-        except ConnectionError as exc:
+        except (ConnectionError, ValueError) as exc:
             raise StoreError(f"rate-limit store unusable: {exc}") from None
         return limiter
     workers = int(os.environ.get("VITALRISK_SERVE_WORKERS", config.workers))
