@@ -311,3 +311,39 @@ def test_unreachable_database_refuses_to_start_with_one_line(
     assert r.returncode != 0
     assert "cannot connect" in r.stderr and "nowhere" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+def test_a_dropped_database_connection_fails_one_call_and_is_replaced(
+    shared: tuple[str, str],
+) -> None:
+    """A server restart or a killed backend: that append fails (the service answers 503
+    and its audit writer probes), the next one reconnects; nothing is written twice."""
+    from governance.audit import AuditLogError, AuditRecord, PgAuditStore
+    from serving.predlog import PgPredictionLog, PredictionRecord
+
+    location = shared[0].replace("?schema=", "?schema=drop_")
+    store, log = PgAuditStore(location), PgPredictionLog(location)
+    row = PredictionRecord("r1", "2026-12-01T00:00:00Z", "", "m", "1", "champion", 0.5, None, {})
+    try:
+        store.append_many([AuditRecord("t", "predict", "a")])
+        log.append([row])
+        with _db(location) as conn:  # kill both backends
+            pids = [store._conn.info.backend_pid, log._conn.info.backend_pid]
+            for pid in pids:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(AuditLogError):
+            store.append_many([AuditRecord("t", "predict", "lost")])
+        import psycopg
+
+        with pytest.raises(psycopg.OperationalError):  # that request fails, nothing committed
+            log.append([row])
+        store.check_writable()  # the probe reconnects
+        store.append_many([AuditRecord("t", "predict", "b")])
+        assert log.append([row]) == 1
+        assert [e["resource"] for e in store.entries()] == ["a", "b"] and store.verify().ok
+        assert log.count() == 2
+    finally:
+        store.close()
+        log.close()
+        with _db(location) as conn:
+            conn.execute(f"DROP SCHEMA {location.rsplit('=', 1)[1]} CASCADE")
