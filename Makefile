@@ -14,7 +14,7 @@ export BENTOML_DO_NOT_TRACK := True
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install demo test lint typecheck unit bench serve bento mlflow-ui monitor-ui data-dvc clean team-up team-down team-status
+.PHONY: install demo test lint typecheck unit bench serve bento mlflow-ui monitor-ui data-dvc clean team-up team-down team-status promtool
 
 install: $(STAMP)
 
@@ -63,8 +63,14 @@ monitor-ui: $(STAMP)
 	$(BIN)/evidently ui --workspace $${EVIDENTLY_WORKSPACE:-workspace} --port $${PORT:-8000}
 
 ## team-up: start the local team stack as processes (settings: team.env; idempotent)
-team-up: $(STAMP)
+team-up: $(STAMP) promtool
 	vitalrisk team up
+
+## promtool: Prometheus' rule checker (Debian package prometheus) for ops/prometheus/alerts.yml;
+## tests/serving/test_metrics.py runs it when present. Not fatal when it cannot be installed
+promtool:
+	@command -v promtool >/dev/null 2>&1 || (apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1 || sudo -n apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1) || echo "promtool not installed: apt-get install prometheus (the rule tests are skipped without it)"
+	@command -v promtool >/dev/null 2>&1 && promtool check rules ops/prometheus/alerts.yml || true
 
 ## team-down: stop what team-up started here (services that were already running stay up)
 team-down: $(STAMP)

@@ -52,7 +52,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -259,6 +259,98 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_entry(
+    rec: AuditRecord, patients: list[str] | None, seq: int, prev: str, key: bytes | None
+) -> dict[str, Any]:
+    """The entry every store writes for ``rec`` at ``seq`` after ``prev`` (hash included)."""
+    entry: dict[str, Any] = {
+        "seq": seq,
+        "ts": datetime.now(UTC).isoformat(timespec="microseconds"),
+        "actor": str(rec.actor),
+        "action": str(rec.action),
+        "resource": str(rec.resource),
+        "patients": patients,
+        "model_version": None if rec.model_version is None else str(rec.model_version),
+        "details": rec.details or {},
+        "alg": ALG_HMAC if key else ALG_PLAIN,
+        "prev_hash": prev,
+    }
+    # round-trip so the hashed form is exactly what a reader will parse back
+    try:
+        entry = json.loads(json.dumps(entry, default=str, allow_nan=False))
+    except ValueError:
+        raise ValueError("audit details must not contain NaN or Infinity") from None
+    entry["hash"] = entry_hash(entry, key)
+    return entry
+
+
+def check_link(
+    entry: dict[str, Any], expected: int, prev_hash: str, key: bytes | None, allow_unkeyed: bool
+) -> str:
+    """Why ``entry`` does not continue the chain at ``expected`` (empty when it does)."""
+    seq = entry.get("seq")
+    if seq != expected:
+        return f"seq {seq} where {expected} was expected (entry removed, inserted or reordered)"
+    if entry.get("prev_hash") != prev_hash:
+        return (
+            f"prev_hash does not match the hash of entry {expected - 1} "
+            "(entry removed, inserted or reordered)"
+        )
+    alg = entry.get("alg", ALG_PLAIN)
+    if alg == ALG_HMAC and not key:
+        return f"entry is keyed (hmac-sha256): set {KEY_ENV}"
+    if alg == ALG_PLAIN and key and not allow_unkeyed:
+        return f"unkeyed entry in a log verified with {KEY_ENV} (downgrade or forgery)"
+    if alg not in (ALG_PLAIN, ALG_HMAC):
+        return f"unknown hash algorithm {alg!r}"
+    want = entry_hash(entry, key if alg == ALG_HMAC else None)
+    if not hmac.compare_digest(str(entry.get("hash", "")), want):
+        return "hash mismatch (entry edited)"
+    return ""
+
+
+def walk_chain(
+    lines: Iterable[tuple[str, bytes]],
+    key: bytes | None,
+    allow_unkeyed: bool,
+    res: VerifyResult,
+) -> tuple[dict[int, str], tuple[int, str] | None]:
+    """Check ``(place, canonical line with its newline)`` pairs in chain order: the one walk
+    of every store's ``verify``. Returns the hash of each seq, and ``(seq, reason)`` of the
+    first bad entry (None when the chain is intact); ``res`` gets the count and the head."""
+    hashes: dict[int, str] = {}
+    prev_hash, expected = GENESIS_HASH, 1
+    for place, raw in lines:
+        if not raw.strip():
+            return hashes, (expected, f"{place}: empty line inside the log")
+        try:
+            entry = parse_canonical_line(raw)
+        except ValueError as exc:
+            return hashes, (expected, f"{place}: {exc}")
+        problem = check_link(entry, expected, prev_hash, key, allow_unkeyed)
+        if problem:
+            return hashes, (expected, f"{place}: {problem}")
+        hashes[expected] = prev_hash = str(entry["hash"])
+        expected += 1
+        res.entries += 1
+    res.head_seq, res.head_hash = expected - 1, prev_hash
+    return hashes, None
+
+
+def check_point(
+    seq: int, digest: str, hashes: dict[int, str], last: int, what: str
+) -> tuple[int, str] | None:
+    """A recorded ``(seq, hash)`` (head, anchor) against the chain just walked."""
+    if seq > last:
+        return (
+            last + 1,
+            f"{what} records seq {seq} but the log ends at seq {last} (tail truncated)",
+        )
+    if seq > 0 and hashes.get(seq) != digest:
+        return seq, f"{what} hash for seq {seq} does not match the log (entry replaced)"
+    return None
+
+
 class AuditLog:
     """One append-only, hash-chained JSON Lines file shared by every writer.
 
@@ -419,25 +511,7 @@ class AuditLog:
     def _entry(
         self, rec: AuditRecord, patients: list[str] | None, seq: int, prev: str
     ) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "seq": seq,
-            "ts": datetime.now(UTC).isoformat(timespec="microseconds"),
-            "actor": str(rec.actor),
-            "action": str(rec.action),
-            "resource": str(rec.resource),
-            "patients": patients,
-            "model_version": None if rec.model_version is None else str(rec.model_version),
-            "details": rec.details or {},
-            "alg": ALG_HMAC if self.key else ALG_PLAIN,
-            "prev_hash": prev,
-        }
-        # round-trip so the hashed form is exactly what a reader will parse back
-        try:
-            entry = json.loads(json.dumps(entry, default=str, allow_nan=False))
-        except ValueError:
-            raise ValueError("audit details must not contain NaN or Infinity") from None
-        entry["hash"] = entry_hash(entry, self.key)
-        return entry
+        return make_entry(rec, patients, seq, prev, self.key)
 
     def _tail(self, fh: Any) -> tuple[int, str]:
         """``(seq, hash)`` of the last entry under the lock; refuses a torn or foreign tail."""
@@ -577,49 +651,18 @@ class AuditLog:
                 return fail(1, f"{self.path}: log file is missing but a head/anchor exists")
             res.warnings.append(f"{self.path}: no audit log yet")
             return res
-        hashes: dict[int, str] = {}
-        prev_hash, expected = GENESIS_HASH, 1
         with self.path.open("rb") as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                if not raw.strip():
-                    return fail(expected, f"line {lineno}: empty line inside the log")
-                try:
-                    entry = parse_canonical_line(raw)
-                except ValueError as exc:
-                    return fail(expected, f"line {lineno}: {exc}")
-                problem = self._check_link(entry, expected, prev_hash, allow_unkeyed)
-                if problem:
-                    return fail(expected, f"line {lineno}: {problem}")
-                hashes[expected] = prev_hash = str(entry["hash"])
-                expected += 1
-                res.entries += 1
-        res.head_seq, res.head_hash = expected - 1, prev_hash
+            lines = ((f"line {n}", raw) for n, raw in enumerate(fh, start=1))
+            hashes, bad = walk_chain(lines, self.key, allow_unkeyed, res)
+        if bad is not None:
+            return fail(*bad)
         err = self._check_anchors(res, hashes, anchor)
         return fail(*err) if err else res
 
     def _check_link(
         self, entry: dict[str, Any], expected: int, prev_hash: str, allow_unkeyed: bool
     ) -> str:
-        """Why ``entry`` does not continue the chain at ``expected`` (empty when it does)."""
-        seq = entry.get("seq")
-        if seq != expected:
-            return f"seq {seq} where {expected} was expected (entry removed, inserted or reordered)"
-        if entry.get("prev_hash") != prev_hash:
-            return (
-                f"prev_hash does not match the hash of entry {expected - 1} "
-                "(entry removed, inserted or reordered)"
-            )
-        alg = entry.get("alg", ALG_PLAIN)
-        if alg == ALG_HMAC and not self.key:
-            return f"entry is keyed (hmac-sha256): set {KEY_ENV}"
-        if alg == ALG_PLAIN and self.key and not allow_unkeyed:
-            return f"unkeyed entry in a log verified with {KEY_ENV} (downgrade or forgery)"
-        if alg not in (ALG_PLAIN, ALG_HMAC):
-            return f"unknown hash algorithm {alg!r}"
-        want = entry_hash(entry, self.key if alg == ALG_HMAC else None)
-        if not hmac.compare_digest(str(entry.get("hash", "")), want):
-            return "hash mismatch (entry edited)"
-        return ""
+        return check_link(entry, expected, prev_hash, self.key, allow_unkeyed)
 
     def _check_anchors(
         self, res: VerifyResult, hashes: dict[int, str], anchor: tuple[int, str] | None
@@ -647,15 +690,208 @@ class AuditLog:
             return self._check_point(anchor[0], anchor[1], hashes, res.head_seq, "anchor")
         return None
 
-    @staticmethod
-    def _check_point(
-        seq: int, digest: str, hashes: dict[int, str], last: int, what: str
-    ) -> tuple[int, str] | None:
-        if seq > last:
-            return (
-                last + 1,
-                f"{what} records seq {seq} but the log ends at seq {last} (tail truncated)",
+    _check_point = staticmethod(check_point)
+
+
+#: the chain in PostgreSQL: one row per entry (its canonical line, exactly as hashed) and one
+#: head row, locked by every append, so appends of all replicas queue up in one order
+AUDIT_PG_DDL = f"""
+CREATE TABLE IF NOT EXISTS audit_entries (
+    seq BIGINT PRIMARY KEY,
+    line TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_head (
+    id SMALLINT PRIMARY KEY CHECK (id = 1),
+    seq BIGINT NOT NULL,
+    hash TEXT NOT NULL
+);
+INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '{GENESIS_HASH}') ON CONFLICT (id) DO NOTHING
+"""
+AUDIT_PG_LOCK = 0x7669_7461_6C02
+
+
+class PgAuditStore:
+    """The hash chain in PostgreSQL, shared by every serving replica and CLI (team mode).
+
+    Each ``append_many`` is one transaction: ``SELECT ... FOR UPDATE`` on the head row (every
+    other writer waits there), the entries chained after the head, the head moved on, commit.
+    So the chain stays linear across processes and hosts, and a batch is either wholly in
+    the chain or not at all (a killed writer leaves nothing torn: ``prepare`` has nothing
+    to recover). Entries are the same canonical JSON lines as the file log's, hashed the same
+    way, and ``verify`` walks them with the same code (:func:`walk_chain`); the head row plays
+    the ``.head`` sidecar's part (tail truncation), ``--anchor`` works as for the file.
+    """
+
+    def __init__(self, location: str, key: bytes | str | None = None) -> None:
+        from core.pg import redact
+
+        self.location = location
+        self.name = redact(location)
+        if isinstance(key, str):
+            key = key.encode("utf-8")
+        self.key: bytes | None = key if key is not None else key_from_env()
+        self._mutex = threading.Lock()
+        self._conn: Any = None
+        if self.key is None and production_mode():
+            logger.warning("%s not set in production mode: audit hashes are plain SHA-256", KEY_ENV)
+
+    def _connection(self) -> Any:
+        from core.pg import connect, ensure_table
+
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            try:
+                conn = connect(self.location, autocommit=True)
+                ensure_table(conn, AUDIT_PG_DDL, AUDIT_PG_LOCK)
+            except ConnectionError as exc:
+                raise AuditLogError(str(exc)) from None
+            self._conn = conn
+        return self._conn
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        with self._mutex:
+            conn = self._connection()  # AuditLogError when it cannot connect
+            import psycopg
+
+            try:
+                with conn.transaction():
+                    yield conn
+            except psycopg.Error as exc:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise AuditLogError(f"{self.name}: {type(exc).__name__} {reason}") from None
+
+    def prepare(self) -> None:
+        """Nothing is ever torn in a transaction: only make sure the tables exist."""
+        with self._transaction():
+            pass
+
+    def check_writable(self) -> None:
+        with self._transaction() as conn:
+            row = conn.execute("SELECT seq FROM audit_head WHERE id = 1").fetchone()
+            if row is None:
+                raise AuditLogError(f"{self.name}: audit_head row missing; run `audit verify`")
+
+    def append(
+        self,
+        actor: str,
+        action: str,
+        resource: str,
+        patients: list[str] | None = None,
+        model_version: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        rec = AuditRecord(actor, action, resource, patients, model_version, details)
+        return self.append_many([rec])[0]
+
+    def append_many(self, records: Sequence[AuditRecord]) -> list[dict[str, Any]]:
+        """Append ``records`` in order in one transaction; committed (durable) on return."""
+        pats = [_check_record(r) for r in records]
+        if not records:
+            return []
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE"
+            ).fetchone()
+            if row is None:
+                raise AuditLogError(f"{self.name}: audit_head row missing; run `audit verify`")
+            seq, prev = int(row[0]), str(row[1])
+            entries: list[dict[str, Any]] = []
+            for rec, patients in zip(records, pats, strict=True):
+                seq += 1
+                entry = make_entry(rec, patients, seq, prev, self.key)
+                prev = entry["hash"]
+                entries.append(entry)
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO audit_entries (seq, line) VALUES (%s, %s)",
+                    [(e["seq"], canonical_json(e)) for e in entries],
+                )
+            conn.execute(
+                "UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1",
+                (entries[-1]["seq"], entries[-1]["hash"]),
             )
-        if seq > 0 and hashes.get(seq) != digest:
-            return seq, f"{what} hash for seq {seq} does not match the log (entry replaced)"
-        return None
+        return entries
+
+    def _lines(self, conn: Any) -> Iterator[tuple[int, str]]:
+        with conn.cursor(name="audit_walk") as cur:  # server-side: not all in memory
+            cur.itersize = 5_000
+            cur.execute("SELECT seq, line FROM audit_entries ORDER BY seq")
+            yield from cur
+
+    def entries(self) -> Iterator[dict[str, Any]]:
+        """Parsed entries in chain order (read in one transaction, then yielded: a caller
+        that stops early or raises holds no lock)."""
+        with self._transaction() as conn:
+            lines = [line for _, line in self._lines(conn)]
+        for line in lines:
+            yield json.loads(line)
+
+    def head(self) -> tuple[int, str]:
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT seq, line FROM audit_entries ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+        if row is None:
+            return 0, GENESIS_HASH
+        return int(row[0]), str(json.loads(row[1])["hash"])
+
+    def verify(
+        self, anchor: tuple[int, str] | None = None, allow_unkeyed: bool = False
+    ) -> VerifyResult:
+        """The file log's checks on the database chain (same walk, same canonical JSON)."""
+        res = VerifyResult(ok=True, entries=0)
+
+        def fail(seq: int | None, reason: str) -> VerifyResult:
+            res.ok, res.first_bad_seq, res.reason = False, seq, reason
+            return res
+
+        with self._transaction() as conn:
+            lines = (
+                (f"seq {seq}", (line + "\n").encode("utf-8")) for seq, line in self._lines(conn)
+            )
+            hashes, bad = walk_chain(lines, self.key, allow_unkeyed, res)
+            head = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+        if bad is not None:
+            return fail(*bad)
+        if head is None:
+            if res.entries:
+                res.warnings.append(
+                    "audit_head row missing: tail truncation is only detectable with --anchor"
+                )
+        else:
+            err = check_point(int(head[0]), str(head[1]), hashes, res.head_seq, "head row")
+            if err:
+                return fail(*err)
+        if anchor is not None:
+            err = check_point(anchor[0], anchor[1], hashes, res.head_seq, "anchor")
+            if err:
+                return fail(*err)
+        if not res.entries:
+            res.warnings.append(f"{self.name}: no audit entries yet")
+        return res
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+def open_audit_store(
+    location: str | Path | None = None, **file_options: Any
+) -> AuditLog | PgAuditStore:
+    """The file log, or the database chain for a ``postgresql://`` location."""
+    from core.pg import is_pg_url
+
+    if is_pg_url(location):
+        return PgAuditStore(str(location))
+    return AuditLog(location, **file_options)
+
+
+def default_audit_store() -> AuditLog | PgAuditStore:
+    """The chain the service writes: the database chain when ``VITALRISK_SERVE_DB_URL`` is set
+    (team mode), else the file (``VITALRISK_AUDIT_LOG`` or ``logs/audit.jsonl``). Promotions,
+    rollbacks and exports go to the same chain as the replicas' data access."""
+    from core.pg import DATABASE_URL_ENV
+
+    return open_audit_store(os.environ.get(DATABASE_URL_ENV, "").strip() or None)

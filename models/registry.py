@@ -68,15 +68,19 @@ def audit(
     actor: str, action: str, resource: str, version: str | None, details: Mapping[str, Any]
 ) -> None:
     """Append to the governance audit log (raises if it cannot be written: fail closed)."""
-    from governance.audit import AuditLog
+    from governance.audit import default_audit_store
 
-    AuditLog().append(
-        actor=actor,
-        action=action,
-        resource=resource,
-        model_version=version,
-        details=dict(details),
-    )
+    store = default_audit_store()  # the database chain in team mode, else the file
+    try:
+        store.append(
+            actor=actor,
+            action=action,
+            resource=resource,
+            model_version=version,
+            details=dict(details),
+        )
+    finally:
+        store.close()
 
 
 def gate_metrics(model: RiskModel, frame: pd.DataFrame) -> dict[str, float | None]:

@@ -80,11 +80,50 @@ def _content_problem(con: sqlite3.Connection) -> str | None:
     return None
 
 
+def _database_problem(location: str) -> str | None:
+    """The same schema check on a PostgreSQL log (team mode): tables and contract columns
+    (its table has the explicit ``rowid`` first). Page-level damage is the server's business."""
+    from monitoring.prediction_log import _PgConnection
+
+    try:
+        con = _PgConnection(location, create=False)
+    except (ConnectionError, ValueError) as exc:
+        return str(exc)
+    try:
+        rows = con.execute(
+            "SELECT table_name, column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name IN ('predictions', 'outcomes') "
+            "ORDER BY table_name, ordinal_position"
+        ).fetchall()
+    finally:
+        con.close()
+    cols: dict[str, list[str]] = {}
+    for table, column in rows:
+        cols.setdefault(str(table), []).append(str(column))
+    if "predictions" not in cols:
+        return "no table 'predictions' in this schema: nothing served here yet, or a wrong schema"
+    want = {
+        "predictions": ["rowid", *PREDICTION_LOG_COLUMNS],
+        "outcomes": list(OUTCOME_LOG_COLUMNS),
+    }
+    for table, columns in cols.items():
+        if columns != want[table]:
+            return f"table {table!r} has columns {columns}; the contract's are {want[table]}"
+    return None
+
+
 def check_log(path: str | Path) -> None:
     """Raise ``UserError`` (one line naming ``path``) unless it is an intact prediction log.
 
     Reads only; never creates, changes or repairs anything.
     """
+    from core.pg import is_pg_url, redact
+
+    if is_pg_url(path):
+        problem = _database_problem(str(path))
+        if problem is not None:
+            raise UserError(f"{redact(str(path))}: {problem}")
+        return
     p = Path(path)
     problem = _header_problem(p)
     if problem is None:

@@ -1,8 +1,11 @@
-"""Read (and, for tests and demos, write) the SQLite prediction log of docs/contracts.md.
+"""Read (and, for tests and demos, write) the prediction log of docs/contracts.md.
 
 Serving writes the ``predictions`` table; monitoring reads a time window of it in chunks so
 that a million logged predictions never sit in memory at once, and writes fed-back outcomes
-to the ``outcomes`` table.
+to the ``outcomes`` table. The log is an SQLite file, or in team mode a PostgreSQL location
+(``postgresql://HOST/DB?schema=NAME``, core/pg.py) that every serving replica writes: every
+function here takes either, and runs the same SQL on both (:class:`_PgConnection` speaks the
+small part of ``sqlite3`` used here; PostgreSQL's table has an explicit ``rowid``).
 """
 
 from __future__ import annotations
@@ -10,16 +13,18 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import polars as pl
 
+from core.pg import is_pg_url, upgrade_prediction_log_pg
 from core.schema import (
     OUTCOME_LOG_COLUMNS,
     PREDICTION_LOG_COLUMNS,
@@ -53,27 +58,106 @@ def _bound(ts: pd.Timestamp, upper: bool = False) -> str:
     return key + "~" if upper else key
 
 
-def connect(path: str | Path) -> sqlite3.Connection:
+class _PgConnection:
+    """A psycopg connection with the ``sqlite3`` calls this module makes (``?`` parameters,
+    ``execute`` returning an iterable cursor, ``with con:`` as one transaction)."""
+
+    def __init__(self, location: str, create: bool = True) -> None:
+        from core.pg import connect as pg_connect
+
+        self.conn: Any = pg_connect(location, autocommit=True, create=create)
+        self._tx: Any = None
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.conn.execute(sql.replace("?", "%s"), tuple(params))
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(sql.replace("?", "%s"), list(rows))
+
+    def __enter__(self) -> _PgConnection:
+        self._tx = self.conn.transaction()
+        self._tx.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        tx, self._tx = self._tx, None
+        tx.__exit__(*exc)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+Connection = sqlite3.Connection | _PgConnection
+
+
+def is_database(path: str | Path) -> bool:
+    """True for a PostgreSQL location (team mode), False for an SQLite file."""
+    return is_pg_url(path)
+
+
+def _open(path: str | Path) -> Connection:
+    """A connection to the log, whichever kind it is (reads; SQLite without a timeout)."""
+    return _PgConnection(str(path)) if is_pg_url(path) else sqlite3.connect(str(path))
+
+
+def connect(path: str | Path) -> Connection:
+    if is_pg_url(path):
+        return _PgConnection(str(path))
     con = sqlite3.connect(str(path), timeout=30)
     con.execute("PRAGMA journal_mode=WAL")
     return con
 
 
+def log_exists(path: str | Path) -> bool:
+    """The file exists, or the database schema has a ``predictions`` table (nothing created)."""
+    if not is_pg_url(path):
+        return Path(path).is_file()
+    with closing(_PgConnection(str(path), create=False)) as con:
+        (found,) = con.execute("SELECT to_regclass('predictions') IS NOT NULL").fetchone()
+    return bool(found)
+
+
+def _tables(con: Connection) -> set[str]:
+    if isinstance(con, _PgConnection):
+        sql = (
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+        )
+    else:
+        sql = "SELECT name FROM sqlite_master WHERE type='table'"
+    return {str(r[0]) for r in con.execute(sql)}
+
+
+def _frame(con: Connection, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+    if isinstance(con, sqlite3.Connection):
+        return pd.read_sql_query(sql, con, params=tuple(params))
+    cur = con.execute(sql, params)
+    names = [d.name for d in cur.description]
+    return pd.DataFrame(cur.fetchall(), columns=names).infer_objects()
+
+
+def _upgrade(con: Connection) -> None:
+    if isinstance(con, _PgConnection):
+        upgrade_prediction_log_pg(con.conn)  # tables and the monitor's indexes
+        return
+    upgrade_prediction_log(con)  # a log of an older service gets setting/horizon (NULL)
+    con.execute(MONITOR_INDEX_DDL)
+    con.execute(OUTCOMES_INDEX_DDL)
+
+
 def ensure_tables(path: str | Path) -> None:
     """Create both tables if absent (serving creates them too; the DDL is the contract)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with closing(connect(path)) as con, con:
-        upgrade_prediction_log(con)
-        con.execute(MONITOR_INDEX_DDL)
-        con.execute(OUTCOMES_INDEX_DDL)
+    if not is_pg_url(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with closing(connect(path)) as con:
+        _upgrade(con)
+        if isinstance(con, sqlite3.Connection):
+            con.commit()
 
 
 def ensure_monitor_index(path: str | Path) -> None:
     """Add the monitor's indexes to an existing log (one scan the first time, then kept up)."""
-    with closing(connect(path)) as con, con:
-        upgrade_prediction_log(con)  # a log of an older service gets setting/horizon (NULL)
-        con.execute(MONITOR_INDEX_DDL)
-        con.execute(OUTCOMES_INDEX_DDL)
+    ensure_tables(path)
 
 
 def write_predictions(path: str | Path, frame: pd.DataFrame) -> int:
@@ -90,7 +174,8 @@ def write_predictions(path: str | Path, frame: pd.DataFrame) -> int:
     rows = df[PREDICTION_COLUMNS].astype(object).where(df[PREDICTION_COLUMNS].notna(), None)
     with closing(connect(path)) as con, con:
         con.executemany(
-            f"INSERT INTO predictions VALUES ({','.join('?' * len(PREDICTION_COLUMNS))})",
+            f"INSERT INTO predictions ({', '.join(PREDICTION_COLUMNS)}) "
+            f"VALUES ({','.join('?' * len(PREDICTION_COLUMNS))})",
             rows.itertuples(index=False, name=None),
         )
     return len(rows)
@@ -121,7 +206,8 @@ def write_outcomes(path: str | Path, frame: pd.DataFrame) -> int:
     rows = df[OUTCOME_COLUMNS].astype(object).where(df[OUTCOME_COLUMNS].notna(), None)
     with closing(connect(path)) as con, con:
         con.executemany(
-            f"INSERT INTO outcomes VALUES ({','.join('?' * len(OUTCOME_COLUMNS))})",
+            f"INSERT INTO outcomes ({', '.join(OUTCOME_COLUMNS)}) "
+            f"VALUES ({','.join('?' * len(OUTCOME_COLUMNS))})",
             rows.itertuples(index=False, name=None),
         )
     return len(rows)
@@ -141,7 +227,7 @@ def find_window(
     end: datetime | pd.Timestamp | None = None,
 ) -> Window:
     """The last ``days`` before ``end`` (default: the latest logged prediction of ``role``)."""
-    with closing(sqlite3.connect(str(path))) as con:
+    with closing(_open(path)) as con:
         if end is None:
             (last,) = con.execute(
                 "SELECT MAX(scored_at) FROM predictions WHERE role = ?", (role,)
@@ -178,7 +264,7 @@ def iter_window(
     )
     last_rowid = -1
     lo, hi = _bound(window.start), _bound(window.end, upper=True)
-    with closing(sqlite3.connect(str(path))) as con:
+    with closing(_open(path)) as con:
         while True:
             rows = con.execute(
                 "SELECT rowid, request_id, scored_at, patient_id, model_version, probability, "
@@ -200,9 +286,9 @@ def _where() -> str:
 def window_risk(path: str | Path, window: Window, role: str) -> tuple[float, int]:
     """Exact ``(sum, count)`` of the logged probabilities in the window (one SQL pass)."""
     lo, hi = _bound(window.start), _bound(window.end, upper=True)
-    with closing(sqlite3.connect(str(path))) as con:
+    with closing(_open(path)) as con:
         total, n = con.execute(
-            f"SELECT TOTAL(probability), COUNT(probability) FROM predictions WHERE {_where()}",
+            f"SELECT COALESCE(SUM(probability), 0.0), COUNT(probability) FROM predictions WHERE {_where()}",
             (role, lo, hi),
         ).fetchone()
     return float(total), int(n)
@@ -274,7 +360,7 @@ def sample_window(
         [pl.Field(k, pl.Float64 if v == "float" else pl.String) for k, v in schema.items()]
     )
     lo, hi = _bound(window.start), _bound(window.end, upper=True)
-    with closing(sqlite3.connect(str(path))) as con:
+    with closing(_open(path)) as con:
         if by_patient:
             ids = pd.DataFrame(
                 con.execute(
@@ -295,7 +381,8 @@ def sample_window(
             take = rng.choice(n_blocks, size=min(n_blocks, -(-size // block)), replace=False)
             pos = (np.sort(take)[:, None] * block + np.arange(block)[None, :]).ravel()
             rowids = rowids[pos[:size]]
-        con.execute("CREATE TEMP TABLE pick (r INTEGER PRIMARY KEY)")
+        pk = "INTEGER" if isinstance(con, sqlite3.Connection) else "BIGINT"
+        con.execute(f"CREATE TEMP TABLE pick (r {pk} PRIMARY KEY)")
         for a in range(0, len(rowids), chunk_rows):
             con.execute("DELETE FROM pick")
             con.executemany(
@@ -349,7 +436,7 @@ def _parse_chunk(rows: Sequence[tuple], dtype: pl.Struct) -> pd.DataFrame:
 def logged_feature_names(path: str | Path, role: str, probe: int = 200) -> set[str]:
     """Feature keys present in the latest ``probe`` log rows (which columns serving logs)."""
     names: set[str] = set()
-    with closing(sqlite3.connect(str(path))) as con:
+    with closing(_open(path)) as con:
         for text, setting in con.execute(
             "SELECT features, setting FROM predictions WHERE role = ? ORDER BY rowid DESC LIMIT ?",
             (role, probe),
@@ -369,13 +456,10 @@ def read_labelled(path: str | Path, window: Window, role: str) -> pd.DataFrame:
           ON o.request_id = p.request_id AND o.patient_id = p.patient_id
         WHERE p.role = ? AND p.scored_at > ? AND p.scored_at <= ? AND o.label IS NOT NULL
     """
-    with closing(sqlite3.connect(str(path))) as con:
-        have = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "outcomes" not in have:
+    with closing(_open(path)) as con:
+        if "outcomes" not in _tables(con):
             return pd.DataFrame(columns=["request_id", "scored_at", "probability", "label"])
-        df = pd.read_sql_query(
-            q, con, params=(role, _bound(window.start), _bound(window.end, upper=True))
-        )
+        df = _frame(con, q, (role, _bound(window.start), _bound(window.end, upper=True)))
     df = df.sort_values("received_at").drop_duplicates("request_id", keep="last")
     df["scored_at"] = pd.to_datetime(df["scored_at"], utc=True, format="ISO8601")
     df["label"] = df["label"].astype(int)
@@ -392,15 +476,16 @@ def read_predictions_for(
     key, values = (
         ("request_id", request_ids) if request_ids is not None else ("patient_id", patient_ids)
     )
-    with closing(sqlite3.connect(str(path))) as con:
+    with closing(_open(path)) as con:
         con.execute("CREATE TEMP TABLE wanted (v TEXT PRIMARY KEY)")
         con.executemany(
-            "INSERT OR IGNORE INTO wanted VALUES (?)", ((str(v),) for v in values or [])
+            "INSERT INTO wanted VALUES (?) ON CONFLICT DO NOTHING",
+            ((str(v),) for v in values or []),
         )
-        df = pd.read_sql_query(
+        df = _frame(
+            con,
             f"SELECT request_id, patient_id, scored_at, setting, horizon_hours FROM predictions "
             f"WHERE {key} IN (SELECT v FROM wanted)",
-            con,
         )
     df["scored_at"] = pd.to_datetime(df["scored_at"], utc=True, format="ISO8601")
     return df.drop_duplicates("request_id")

@@ -124,7 +124,12 @@ def _http_status(url: str, timeout: float = 2.0) -> int | None:
 
 def pg_maintenance_url(url: str) -> str:
     """The same server and user, database ``postgres`` (to create the MLflow database)."""
-    return urlunsplit(urlsplit(url)._replace(path="/postgres"))
+    return urlunsplit(urlsplit(url)._replace(path="/postgres", query=""))
+
+
+def host_port_of(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 5432
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -235,14 +240,22 @@ class Postgres(Service):
         import psycopg
         from psycopg import sql
 
-        db = pg_database(self.url(ctx))
+        # MLflow's database, and the serving replicas' one when it lives on this server
+        urls = [self.url(ctx)]
+        serve = ctx.settings.serve_db_url
+        if host_port_of(serve) == host_port_of(self.url(ctx)):
+            urls.append(serve)
+        said = []
         with psycopg.connect(
             pg_maintenance_url(self.url(ctx)), connect_timeout=5, autocommit=True
         ) as conn:
-            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
-                return f"database {db}"
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
-        return f"database {db} created"
+            for db in dict.fromkeys(pg_database(u) for u in urls):
+                if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
+                    said.append(f"database {db}")
+                    continue
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+                said.append(f"database {db} created")
+        return ", ".join(said)
 
 
 def _version_key(path: str) -> tuple[int, ...]:

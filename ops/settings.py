@@ -46,8 +46,12 @@ class TeamSettings(BaseSettings):
     mqtt_url: str = "mqtt://127.0.0.1:1883"
     mqtt_topic: str = "vitalrisk/devices/+/observations"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: serving replicas: the shared prediction log and audit chain (core/pg.py location)
+    serve_db_url: str = "postgresql://postgres@127.0.0.1:5432/vitalrisk_serve?schema=vitalrisk"
 
-    @field_validator("pg_url", "s3_endpoint_url", "mlflow_url", "mqtt_url", "redis_url")
+    @field_validator(
+        "pg_url", "s3_endpoint_url", "mlflow_url", "mqtt_url", "redis_url", "serve_db_url"
+    )
     @classmethod
     def _no_secret_in_url(cls, v: str) -> str:
         if urlsplit(v).password:
@@ -108,6 +112,7 @@ def client_env(settings: TeamSettings, environ: dict[str, str] | None = None) ->
         "DASK_SCHEDULER_ADDRESS": settings.dask_scheduler,
         "VITALRISK_MQTT_URL": settings.mqtt_url,
         "VITALRISK_REDIS_URL": settings.redis_url,
+        "VITALRISK_SERVE_DB_URL": settings.serve_db_url,
     }
     if settings.is_local(settings.s3_endpoint_url) and not environ.get("AWS_ACCESS_KEY_ID"):
         env.update(STANDIN_CREDENTIALS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from core.errors import UserError
 
@@ -22,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--log",
             default=None,
-            help="audit log (default: $VITALRISK_AUDIT_LOG or logs/audit.jsonl)",
+            help="audit log file, or a postgresql://HOST/DB?schema=NAME chain (default: "
+            "$VITALRISK_SERVE_DB_URL when set, else $VITALRISK_AUDIT_LOG or logs/audit.jsonl)",
         )
         if name == "verify":
             p.add_argument(
@@ -57,24 +59,54 @@ def _parse_anchor(text: str) -> tuple[int, str]:
     return int(seq), digest
 
 
-def run(args: argparse.Namespace) -> int:
-    from governance.audit import AuditLog, AuditLogError
+def _store(args: argparse.Namespace) -> tuple[Any, str]:
+    """The store ``--log`` names (a file or a database chain) and its name for messages."""
+    import os
 
-    log = AuditLog(args.log)
+    from core.pg import is_pg_url, redact
+    from governance.audit import PgAuditStore, open_audit_store
+    from serving.config import DATABASE_URL_ENV
+
+    location = args.log or os.environ.get(DATABASE_URL_ENV) or None
+    try:
+        store = open_audit_store(location)
+    except ValueError as exc:
+        raise UserError(f"--log: {exc}") from None
+    if isinstance(store, PgAuditStore):
+        return store, redact(str(location))
+    assert not is_pg_url(location)
+    return store, str(store.path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from governance.audit import AuditLogError
+
+    log, name = _store(args)
+    try:
+        return _run(args, log, name)
+    except AuditLogError as exc:  # the database chain cannot be read
+        raise UserError(str(exc)) from None
+    finally:
+        log.close()
+
+
+def _run(args: argparse.Namespace, log: Any, name: str) -> int:
+    from governance.audit import AuditLog
+
     if args.audit_command == "verify":
         anchor = _parse_anchor(args.anchor) if args.anchor else None
         res = log.verify(anchor=anchor, allow_unkeyed=args.allow_unkeyed)
         for w in res.warnings:
             print(f"warning: {w}", file=sys.stderr)
         if res.ok:
-            print(f"{log.path}: OK, {res.entries} entries, head {res.head_seq}:{res.head_hash}")
+            print(f"{name}: OK, {res.entries} entries, head {res.head_seq}:{res.head_hash}")
             return 0
         print(
-            f"{log.path}: TAMPERED at seq {res.first_bad_seq}: {res.reason}",
+            f"{name}: TAMPERED at seq {res.first_bad_seq}: {res.reason}",
             file=sys.stderr,
         )
         return 1
-    if not log.path.exists():
+    if isinstance(log, AuditLog) and not log.path.exists():
         raise UserError(f"{log.path}: no audit log (set --log or VITALRISK_AUDIT_LOG)")
     try:
         if args.audit_command == "head":
@@ -82,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{seq}:{digest}")
             return 0
         rows = list(log.entries())
-    except (AuditLogError, ValueError, KeyError) as exc:
-        raise UserError(f"{log.path}: {exc}; run `vitalrisk audit verify`") from None
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"{name}: {exc}; run `vitalrisk audit verify`") from None
     if args.action:
         rows = [r for r in rows if r.get("action") == args.action]
     wanted = args.patient

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from core.params import load_section, validate_section
-    from governance.audit import AuditLog
+    from governance.audit import default_audit_store, open_audit_store
     from governance.export import ExportConfig, ExportRefused, build_export
     from governance.pseudonym import PseudonymKeyError, get_key
 
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     obs = pd.read_parquet(paths["observations"])
     patients = pd.read_parquet(paths["patients"])
     outcomes = pd.read_parquet(paths["outcomes"]) if paths["outcomes"].is_file() else None
-    audit = AuditLog(args.audit_log)
+    audit = open_audit_store(args.audit_log) if args.audit_log else default_audit_store()
     try:
         result = build_export(obs, patients, outcomes, config, key)
     except ExportRefused as exc:

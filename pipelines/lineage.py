@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--audit-log",
         default=None,
-        help="audit log (default: $VITALRISK_AUDIT_LOG or logs/audit.jsonl)",
+        help="audit log file or postgresql:// chain (default: $VITALRISK_SERVE_DB_URL, else "
+        "$VITALRISK_AUDIT_LOG or logs/audit.jsonl)",
     )
 
 
@@ -84,7 +85,7 @@ def model_lineage(name: str, version: str, audit_log: str | None = None) -> dict
     from mlflow.exceptions import MlflowException
 
     from governance import lineage as L
-    from governance.audit import AuditLog, AuditLogError
+    from governance.audit import AuditLogError, default_audit_store, open_audit_store
     from models import tracking
 
     # a read-only command must not create an empty store (MLflow would, for a new SQLite path)
@@ -177,7 +178,8 @@ def model_lineage(name: str, version: str, audit_log: str | None = None) -> dict
         for k, v in sorted((mv.tags or {}).items())
         if k.split(".", 1)[0] in {"champion", "challenger"} or "rollback" in k
     ]
-    log = AuditLog(audit_log)
+    # the database chain in team mode (VITALRISK_SERVE_DB_URL), else the file
+    log = open_audit_store(audit_log) if audit_log else default_audit_store()
     try:
         for e in log.entries():
             if str(e.get("model_version")) == info["version"] and (
@@ -189,6 +191,8 @@ def model_lineage(name: str, version: str, audit_log: str | None = None) -> dict
                 )
     except AuditLogError as exc:
         promotions.append(f"audit log unreadable: {exc}")
+    finally:
+        log.close()
     info["promotions"] = promotions
     return info
 

@@ -113,8 +113,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
-def _log_path(args: argparse.Namespace) -> Path:
-    return Path(args.log or os.environ.get("VITALRISK_PREDICTION_LOG") or DEFAULT_LOG)
+def _log_path(args: argparse.Namespace) -> Path | str:
+    """``--log``, else where serving writes: the replicas' database
+    (``VITALRISK_SERVE_DB_URL``), then ``VITALRISK_PREDICTION_LOG``, else the default file. A ``postgresql://``
+    location stays a string (``Path`` would fold its ``//``)."""
+    from core.pg import is_pg_url
+    from serving.config import DATABASE_URL_ENV
+
+    chosen = (
+        args.log
+        or os.environ.get(DATABASE_URL_ENV)
+        or os.environ.get("VITALRISK_PREDICTION_LOG")
+        or DEFAULT_LOG
+    )
+    return str(chosen) if is_pg_url(chosen) else Path(chosen)
 
 
 def _workspace(args: argparse.Namespace) -> Path:
@@ -190,12 +202,12 @@ def training_label_horizons(dictionary: Mapping[str, Any] | None, config: Any) -
     return dict(config.performance.label_horizon_hours)
 
 
-def ingest_outcomes(path: str, log: Path, horizon_hours: Mapping[str, float] | float) -> int:
+def ingest_outcomes(path: str, log: Path | str, horizon_hours: Mapping[str, float] | float) -> int:
     """Join an outcome file to logged predictions and append to the ``outcomes`` table."""
     from monitoring import outcomes as oc
     from monitoring import prediction_log as plog
 
-    if not log.is_file():
+    if not plog.log_exists(log):
         raise UserError(f"{log}: prediction log not found; outcomes need logged predictions")
     try:
         raw = oc.read_outcome_file(path)
@@ -454,22 +466,23 @@ def run(args: argparse.Namespace) -> int:
     from core.vocabulary import load_vocabulary
     from monitoring import evidently_reports as er
     from monitoring import monitor as mon
+    from monitoring.prediction_log import log_exists
 
     config = _load_config(args.params)
-    log = _log_path(args)
+    log: Path | str = _log_path(args)
     if args.drift_demo:
         log = drift_demo(args)
         args.out = str(Path(args.demo_out) / args.drift_demo)
         args.window_end = None
         config = config.model_copy(update={"window_days": 3650.0})  # the whole simulated span
-    if log.is_file():  # first, read-only: a damaged log is one line, and is never written to
+    if log_exists(log):  # first, read-only: a damaged log is one line, and is never written to
         from monitoring.log_check import check_log
 
         check_log(log)
     dictionary = _read_dictionary(args.dictionary)
     if args.outcomes:
         ingest_outcomes(args.outcomes, log, training_label_horizons(dictionary, config))
-    if not log.is_file():
+    if not log_exists(log):
         if args.retrain and args.force:
             retrain(Path(args.repo), args.new_data, args.data_dir, args.dry_run)
             return 0

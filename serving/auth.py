@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import threading
@@ -34,6 +35,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 KEYS_ENV = "VITALRISK_API_KEYS"
 KEYS_FILE_ENV = "VITALRISK_API_KEYS_FILE"
@@ -318,3 +321,133 @@ class AuthThrottle:
             while len(self._buckets) > self.max_clients:
                 self._buckets.popitem(last=False)
         return tokens < 1.0
+
+
+#: token bucket in Redis, atomic (one script run per request); the clock is the Redis
+#: server's, so replicas on several hosts share one time base. KEYS[1] bucket;
+#: ARGV rate, burst, ttl ms, take (1: draw a token, 0: only look). Returns the wait in
+#: microseconds (0: allowed).
+_BUCKET_LUA = """
+local now_s, now_us = unpack(redis.call('TIME'))
+local t = tonumber(now_s) + tonumber(now_us) / 1e6
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'last')
+local tokens, last = tonumber(b[1]), tonumber(b[2])
+if tokens == nil then tokens, last = burst, t end
+tokens = math.min(burst, tokens + math.max(0, t - last) * rate)
+local wait = 0
+if tokens >= 1 then
+  if ARGV[4] == '1' then tokens = tokens - 1 end
+else
+  wait = (1 - tokens) / rate
+end
+if ARGV[4] == '1' or b[1] then
+  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'last', tostring(t))
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return math.floor(wait * 1e6)
+"""
+REDIS_PASSWORD_ENV = "VITALRISK_REDIS_PASSWORD"
+
+
+class RedisBuckets:
+    """Token buckets in Redis, one per name, shared by every replica that uses the prefix.
+
+    When Redis cannot be reached the caller's local bucket decides instead (each replica then
+    limits on its own, logged once per outage): scoring stays available, the limit is only
+    less exact for the duration.
+    """
+
+    def __init__(self, url: str, prefix: str, timeout: float = 0.5) -> None:
+        try:
+            import redis
+        except ImportError:
+            raise ValueError(
+                "serve.redis_url is set but the redis client is not installed "
+                "(pip install redis, part of the team extra)"
+            ) from None
+
+        self.url = url
+        self.prefix = prefix
+        self._client = redis.Redis.from_url(
+            url,
+            password=os.environ.get(REDIS_PASSWORD_ENV) or None,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+        self._script = self._client.register_script(_BUCKET_LUA)
+        self._down = False
+
+    def ping(self) -> None:
+        """Raise ``ConnectionError`` naming the server when Redis does not answer."""
+        import redis
+
+        try:
+            self._client.ping()
+        except redis.RedisError as exc:
+            host = self._client.connection_pool.connection_kwargs.get("host", "?")
+            port = self._client.connection_pool.connection_kwargs.get("port", "?")
+            raise ConnectionError(f"redis://{host}:{port}: {exc}") from None
+
+    def take(self, name: str, rate: float, burst: float, take: bool = True) -> float | None:
+        """Seconds to wait (0.0: allowed); None when Redis did not answer."""
+        import redis
+
+        ttl_ms = max(1_000, int(1000 * burst / rate) + 1_000)  # a full bucket needs no key
+        try:
+            us = self._script(
+                keys=[self.prefix + name], args=[rate, burst, ttl_ms, "1" if take else "0"]
+            )
+        except redis.RedisError as exc:
+            if not self._down:
+                logger.error(
+                    "redis rate-limit store unreachable (%s): limiting per replica until it is back",
+                    type(exc).__name__,
+                )
+            self._down = True
+            return None
+        if self._down:
+            logger.warning("redis rate-limit store reachable again: shared limits resume")
+            self._down = False
+        return int(us) / 1e6
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class RedisRateLimiter(RateLimiter):
+    """One bucket per key across every replica (``serve.redis_url``); see :class:`RedisBuckets`."""
+
+    def __init__(self, rate: float, burst: int, url: str, prefix: str) -> None:
+        super().__init__(rate, burst)
+        self.buckets = RedisBuckets(url, prefix + "rate:")
+
+    def acquire(self, name: str, now: float | None = None, rate: float | None = None) -> float:
+        r, burst = self._limits(rate)
+        wait = self.buckets.take(name, r, burst)
+        return super().acquire(name, now, rate) if wait is None else wait
+
+    def close(self) -> None:
+        self.buckets.close()
+
+
+class RedisAuthThrottle(AuthThrottle):
+    """Failed authentications per client address counted across replicas (Redis)."""
+
+    def __init__(self, per_minute: float, burst: int, url: str, prefix: str) -> None:
+        super().__init__(per_minute, burst)
+        self.buckets = RedisBuckets(url, prefix + "authfail:")
+
+    def blocked(self, addr: str, now: float | None = None) -> float:
+        wait = self.buckets.take(addr, self.rate, self.burst, take=False)
+        return super().blocked(addr, now) if wait is None else wait
+
+    def failed(self, addr: str, now: float | None = None) -> bool:
+        wait = self.buckets.take(addr, self.rate, self.burst)
+        if wait is None:
+            return super().failed(addr, now)
+        # the bucket is empty when the next attempt would have to wait
+        return self.buckets.take(addr, self.rate, self.burst, take=False) not in (None, 0.0)
+
+    def close(self) -> None:
+        self.buckets.close()

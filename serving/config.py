@@ -14,12 +14,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core.pg import DATABASE_URL_ENV as DATABASE_URL_ENV  # team mode; re-exported
+
 PARAMS_ENV = "VITALRISK_PARAMS"
 MODEL_NAME_ENV = "VITALRISK_MODEL_NAME"
 PREDICTION_LOG_ENV = "VITALRISK_PREDICTION_LOG"
 AUDIT_LOG_ENV = "VITALRISK_AUDIT_LOG"
 LANDING_ENV = "VITALRISK_LANDING_DIR"
 FEATURE_DICTIONARY_ENV = "VITALRISK_FEATURE_DICTIONARY"
+#: team mode: replicas share the prediction log and the audit chain in PostgreSQL
+#: (``DATABASE_URL_ENV``, core/pg.py), and the rate limits in Redis (README, "Team mode")
+REDIS_URL_ENV = "VITALRISK_REDIS_URL"
+REDIS_PREFIX_ENV = "VITALRISK_REDIS_PREFIX"
 DEFAULT_MODEL_NAME = "vitalrisk-deterioration"
 
 
@@ -114,10 +120,37 @@ class ServeConfig(BaseModel):
     prediction_log_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     audit_log: str = "logs/audit.jsonl"
     landing_dir: str = "landing"
+    #: team mode: ``postgresql://HOST:PORT/DB?schema=NAME`` holds the prediction log AND the
+    #: audit chain of every replica (``prediction_log`` and ``audit_log`` are then unused);
+    #: empty: the files above. Env ``VITALRISK_SERVE_DB_URL`` wins. No password here (PGPASSWORD)
+    database_url: str = ""
+    #: team mode: ``redis://HOST:PORT/DB`` holds one rate-limit bucket per key (and the failed
+    #: authentication buckets) for every replica; empty: buckets in the process (or, with
+    #: several workers, a SQLite file beside the prediction log). Env ``VITALRISK_REDIS_URL``
+    redis_url: str = ""
+    #: prefix of every Redis key (several deployments may share one Redis)
+    redis_prefix: str = "vitalrisk:"
+    #: the monitor's ``summary.json``: its verdict is exposed on /metrics (read on scrape;
+    #: env ``VITALRISK_MONITOR_SUMMARY`` wins)
+    monitor_summary: str = "reports/monitoring/summary.json"
     feature_dictionary: str = "artifacts/features/feature_dictionary.json"
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:
+        from urllib.parse import urlsplit
+
+        from core.pg import is_pg_url
+
+        if self.database_url and not is_pg_url(self.database_url):
+            raise ValueError("database_url must be a postgresql:// URL (or empty for files)")
+        for name in ("database_url", "redis_url"):
+            if urlsplit(getattr(self, name)).password:
+                raise ValueError(
+                    f"{name} contains a password: secrets come from the environment only "
+                    "(PGPASSWORD, VITALRISK_REDIS_PASSWORD)"
+                )
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must be a redis:// or rediss:// URL (or empty)")
         if self.max_connections_per_client > self.max_connections:
             raise ValueError(
                 f"max_connections_per_client ({self.max_connections_per_client}) must not "
@@ -130,6 +163,16 @@ class ServeConfig(BaseModel):
 
     def audit_log_path(self) -> Path:
         return Path(os.environ.get(AUDIT_LOG_ENV) or self.audit_log)
+
+    def database_location(self) -> str:
+        """The PostgreSQL location of the shared stores, or "" (files)."""
+        return (os.environ.get(DATABASE_URL_ENV) or self.database_url).strip()
+
+    def redis_location(self) -> str:
+        return (os.environ.get(REDIS_URL_ENV) or self.redis_url).strip()
+
+    def redis_key_prefix(self) -> str:
+        return os.environ.get(REDIS_PREFIX_ENV) or self.redis_prefix
 
     def landing_path(self) -> Path:
         return Path(os.environ.get(LANDING_ENV) or self.landing_dir)

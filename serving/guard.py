@@ -33,6 +33,7 @@ from pydantic import ValidationError
 
 from serving.auditq import AuditItem, AuditUnavailable
 from serving.auth import bearer_token
+from serving.metrics import observe_refusal
 from serving.schemas import (
     FeaturesRequest,
     complete_openapi,
@@ -71,6 +72,7 @@ STATIC_PREFIX = "/static_content/"
 FEATURES_PATH = "/v1/score/features"
 SCORE_PATH = "/v1/score"
 DOCS_PATH = "/docs.json"
+METRICS_PATH = "/metrics"
 #: set by the connection layer (serving/connections.py): the real path, while ``path`` holds
 #: the bounded metrics label until the guard puts the real one back
 REAL_PATH_KEY = "vitalrisk.path"
@@ -304,11 +306,9 @@ class GuardMiddleware:
 
     def throttle(self, rt: Any) -> Any:
         if self._throttle is None:
-            from serving.auth import AuthThrottle
+            from serving.stores import auth_throttle
 
-            self._throttle = AuthThrottle(
-                rt.config.auth_failures_per_minute, rt.config.auth_failure_burst
-            )
+            self._throttle = auth_throttle(rt.config)
         return self._throttle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -359,6 +359,13 @@ class GuardMiddleware:
                 message["headers"] = [*message.get("headers", []), ex.rid_header]
             await send(message)
 
+        if ex.path == METRICS_PATH:
+            from serving import metrics
+            from serving.runtime import current_runtime
+
+            rt = current_runtime()
+            if rt is not None:
+                metrics.refresh(rt)  # versions, audit health, the monitor's last verdict
         if ex.path == DOCS_PATH:
             await self.app(scope, receive, self._docs_sender(with_id))
         else:
@@ -410,6 +417,7 @@ class GuardMiddleware:
         except Reject as r:  # 401 and throttled 429: audited, but not worth waiting for
             ex.status = r.status
             rt.audit.record(ex.audit_item())
+            observe_refusal(ex.path, r.status)
             await send_json(send, r.status, _payload(r, ex), [ex.rid_header, *r.headers])
             return
         ex.actor = key.name
@@ -594,7 +602,9 @@ class _Responder:
     async def _answer(self, start: Message, chunks: list[Message]) -> None:
         if not self.unaudited and not await self._commit(int(start["status"])):
             await self._unavailable()
+            observe_refusal(self.ex.path, 503)
             return
+        observe_refusal(self.ex.path, int(start["status"]))  # counts 4xx and 503 only
         await self._send(start)
         for m in chunks:
             await self._send(m)

@@ -151,3 +151,65 @@ class PredictionLog:
             self._checkpointer.join(timeout=30)
         with self._lock:
             self._conn.close()
+
+
+class PgPredictionLog:
+    """The same log in PostgreSQL, shared by every replica (team mode, ``serve.database_url``).
+
+    One connection per process, writes serialised by a lock; one transaction per call, so a
+    request's rows are all committed or none are, and ``append`` returns only after the commit
+    (``synchronous_commit`` of the server: durable by default). A broken connection (server
+    restart) fails that call and is replaced on the next one: an append whose outcome is
+    unknown is never retried, so no row is written twice.
+    """
+
+    def __init__(self, location: str) -> None:
+        from core.pg import connect, upgrade_prediction_log_pg
+
+        self.location = location
+        self._lock = threading.Lock()
+        self._conn: Any = connect(location, autocommit=True)
+        upgrade_prediction_log_pg(self._conn)
+        self._sql = (
+            f"INSERT INTO predictions ({', '.join(COLUMNS)}) "
+            f"VALUES ({', '.join(['%s'] * len(COLUMNS))})"
+        )
+
+    def _connection(self) -> Any:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            from core.pg import connect
+
+            self._conn = connect(self.location, autocommit=True)
+        return self._conn
+
+    def append(self, records: Iterable[PredictionRecord]) -> int:
+        rows = [r.row() for r in records]
+        if not rows:
+            return 0
+        with self._lock:
+            conn = self._connection()
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(self._sql, rows)
+        return len(rows)
+
+    def count(self) -> int:
+        with self._lock:
+            conn = self._connection()
+            with conn.transaction():
+                return int(conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+
+
+def open_prediction_log(
+    location: str | Path, synchronous: str = "FULL"
+) -> PredictionLog | PgPredictionLog:
+    """The SQLite file log, or the PostgreSQL one for a ``postgresql://`` location."""
+    from core.pg import is_pg_url
+
+    if is_pg_url(location):
+        return PgPredictionLog(str(location))
+    return PredictionLog(location, synchronous)

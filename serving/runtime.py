@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 import uuid
 from collections import OrderedDict
@@ -25,9 +24,9 @@ import pandas as pd
 from core.errors import UserError
 from core.vocabulary import Vocabulary, load_vocabulary, vocabulary_from_dict
 from features.build import FeatureArrays, input_codes
-from governance.audit import AuditLog, AuditLogError
+from governance.audit import AuditLogError
 from serving.auditq import AuditWriter
-from serving.auth import KeyStore, RateLimiter, SharedRateLimiter
+from serving.auth import KeyStore, RateLimiter
 from serving.batching import Job, ScoreQueue
 from serving.config import (
     ServeConfig,
@@ -37,7 +36,7 @@ from serving.config import (
     model_name,
     params_path,
 )
-from serving.predlog import PredictionLog, PredictionRecord, features_json
+from serving.predlog import PgPredictionLog, PredictionLog, PredictionRecord, features_json
 from serving.schemas import (
     FeatureRow,
     FeatureScore,
@@ -121,23 +120,15 @@ class Runtime:
     vocab: Vocabulary
     models: ModelSet
     audit: AuditWriter
-    predlog: PredictionLog
+    predlog: PredictionLog | PgPredictionLog
     limiter: RateLimiter = field(init=False)
     #: set by ``serving.follow`` when the service follows the registry's aliases
     follower: Any = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        workers = int(os.environ.get("VITALRISK_SERVE_WORKERS", self.config.workers))
-        if workers > 1:  # one limit per key across the worker processes
-            self.limiter = SharedRateLimiter(
-                self.config.rate_limit_per_second,
-                self.config.rate_limit_burst,
-                self.config.prediction_log_path().parent / "rate_limits.sqlite",
-            )
-        else:
-            self.limiter = RateLimiter(
-                self.config.rate_limit_per_second, self.config.rate_limit_burst
-            )
+        from serving.stores import rate_limiter
+
+        self.limiter = rate_limiter(self.config)  # Redis, a file shared by workers, or memory
         self._column_cache: dict[tuple[Any, ...], np.ndarray | None] = {}
         #: request id -> the champion version that answered (/v1/score/features is batched by
         #: BentoML, so the guard learns the version from here); bounded, popped by the guard
@@ -827,20 +818,20 @@ def build_runtime(
     models = (
         load_models(config, vocab, name) if pinned is None else load_pinned(config, vocab, pinned)
     )
+    from serving.stores import StoreError, audit_store, prediction_log
+
     try:  # no audit trail, no service: recover a crash-torn tail, check it can be appended
-        audit = AuditWriter(
-            AuditLog(config.audit_log_path(), head_interval=0.5, keep_open=True)
-        ).start()
+        audit = AuditWriter(audit_store(config)).start()
     except (AuditLogError, OSError) as exc:
         raise StartupError(f"audit log unusable: {exc}") from None
-    rt = Runtime(
-        config=config,
-        keys=keys,
-        vocab=vocab,
-        models=models,
-        audit=audit,
-        predlog=PredictionLog(config.prediction_log_path(), config.prediction_log_synchronous),
-    )
+    try:
+        predlog = prediction_log(config)
+        rt = Runtime(
+            config=config, keys=keys, vocab=vocab, models=models, audit=audit, predlog=predlog
+        )
+    except StoreError as exc:
+        audit.close()
+        raise StartupError(str(exc)) from None
     logger.info(
         "serving %s version %s (%d features)%s",
         name,

@@ -33,6 +33,7 @@ from fastapi.routing import APIRoute
 from pydantic import Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving import metrics
 from serving.fhir import bundle_to_patient, risk_assessment
 from serving.guard import GuardMiddleware, problems_payload
 from serving.runtime import (
@@ -173,6 +174,7 @@ async def score(request: Request, body: ScoreRequest) -> Response:
     rt = _rt()
     resp, patients = await rt.score(body.patients, _rid(request))
     _audit(request, patients, resp.model.version)  # the version that answered
+    metrics.observe_scores(resp.results, [p.covariates.setting for p in body.patients])
     # serialised here: returning the model would make FastAPI validate it once more;
     # ``response_model`` still documents it
     return Response(resp.model_dump_json(), media_type="application/json")
@@ -185,6 +187,7 @@ async def fhir_score(request: Request, body: FhirBundle) -> JSONResponse:
     patient, warnings = bundle_to_patient(body.model_dump(exclude_none=True), rt.models.vocab)
     resp, patients = await rt.score([patient], _rid(request))
     _audit(request, patients, resp.model.version)  # the version that answered
+    metrics.observe_scores(resp.results, [patient.covariates.setting])
     score = resp.results[0]
     score.warnings = warnings + score.warnings
     ra = risk_assessment(score, resp.model.name, resp.model.version, resp.request_id)
@@ -202,6 +205,7 @@ def observations(request: Request, body: ObservationsRequest) -> ObservationsRes
     rt = _rt()
     resp, patients = rt.collect(body, _rid(request))
     _audit(request, patients, None)
+    metrics.observe_rejected_items(resp.rejected)
     return resp
 
 
@@ -344,7 +348,9 @@ class VitalRisk:
         self, rows: Annotated[list[FeatureRow], Field(min_length=1)]
     ) -> list[FeatureScore]:
         """Score precomputed feature rows (adaptive batching across concurrent requests)."""
-        return _rt().score_rows(rows)
+        scores = _rt().score_rows(rows)
+        metrics.observe_scores(scores, [r.features.get("setting") for r in rows])
+        return scores
 
 
 VitalRisk.add_asgi_middleware(GuardMiddleware)  # type: ignore[attr-defined]

@@ -51,9 +51,12 @@ def drop_database(url: str) -> None:
 def session_settings(root: Path, **overrides: object) -> TeamSettings:
     """Settings of a private stack: every port free, state under ``root``."""
     base = _pg_base().rsplit("/", 1)[0]
+    pg_url = f"{base}/vitalrisk_test_{uuid.uuid4().hex[:10]}"
     fields: dict[str, object] = {
         "team_dir": root,
-        "pg_url": f"{base}/vitalrisk_test_{uuid.uuid4().hex[:10]}",
+        "pg_url": pg_url,
+        # the replicas' stores in the session's database (dropped with it)
+        "serve_db_url": f"{pg_url}?schema=serve",
         "s3_endpoint_url": f"http://127.0.0.1:{procs.free_port()}",
         "s3_bucket": "vitalrisk-test",
         "mlflow_url": f"http://127.0.0.1:{procs.free_port()}",
