@@ -102,7 +102,8 @@ def vocabulary_ranges(
         }:
             # stored features are float32 (0.21 reads back as 0.2099999934): the vocabulary's
             # slack keeps a limit value inside its range, as at ingest
-            out[col] = tolerant_limits(*map(float, vocab.codes[code].range), vocab.range_tolerance)
+            lo, hi = vocab.codes[code].range
+            out[col] = tolerant_limits(float(lo), float(hi), vocab.range_tolerance)
     return out
 
 
