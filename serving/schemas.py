@@ -138,19 +138,62 @@ class Contribution(BaseModel):
     text: str = Field(description="clinician-readable reason")
 
 
+Band = Literal["low", "medium", "high"]
+EscalationCode = Literal["news2_emergency", "news2_urgent", "news2_single_parameter"]
+
+
 class PatientScore(BaseModel):
-    patient_id: str = Field(description="pseudonym")
-    as_of: str
-    probability: float
-    risk_band: Literal["low", "medium", "high"]
+    """One patient's answer after every safety rule (``serving/safety.py``)."""
+
+    patient_id: str = Field(
+        description="the caller's identifier, as sent (only its pseudonym is stored)"
+    )
+    status: Literal["ok", "insufficient_data"] = Field(
+        description="insufficient_data: not enough recent vitals (serve.data_sufficiency): "
+        "no probability and no band, never 'low'"
+    )
+    status_detail: str
+    as_of: str = Field(description="prediction time (ISO-8601 UTC)")
+    setting: str | None = Field(description="care setting the answer is for (ward, home)")
+    horizon_hours: float | None = Field(
+        description="the model predicts deterioration within this many hours after as_of"
+    )
+    probability: float | None = Field(description="calibrated; null when insufficient_data")
+    risk_band: Band | None = Field(
+        description="from the model's own thresholds, raised by the NEWS2 escalation floor"
+    )
+    model_risk_band: Band | None = Field(description="the model's band before the NEWS2 floor")
+    alert: bool = Field(
+        description="probability at or above the model's alert threshold (its 'high'), or a "
+        "NEWS2 escalation"
+    )
+    escalation: EscalationCode | None = Field(
+        description="NEWS2 trigger (RCP): >=7 emergency, 5-6 urgent, a single parameter "
+        "scoring 3 urgent ward-based"
+    )
+    escalation_text: str | None
     news2_total: float | None
+    news2_max_single: float | None = Field(description="highest NEWS2 parameter score")
+    latest_observations: dict[str, str] = Field(
+        description="newest observation time per vocabulary key (ISO-8601 UTC)"
+    )
     top_features: list[Contribution]
     warnings: list[str]
+
+
+class RiskThresholds(BaseModel):
+    """The served model's thresholds (fitted with it): p < low low, p < high medium, else high."""
+
+    low: float
+    high: float = Field(description="the alert threshold (alert budget per 100 patient-days)")
+    alert_budget_per_100: float
+    unit: str
 
 
 class ScoreResponse(BaseModel):
     request_id: str
     model: ModelRef
+    thresholds: RiskThresholds
     results: list[PatientScore]
 
 
@@ -213,9 +256,11 @@ def valid_patient_id(pid: Any) -> bool:
 
 
 class FeatureScore(BaseModel):
-    patient_id: str | None
+    patient_id: str | None = Field(description="the caller's identifier, as sent")
     probability: float
-    risk_band: str
+    risk_band: str = Field(description="model thresholds, raised by the NEWS2 floor")
+    alert: bool
+    escalation: str | None = Field(description="from the row's news2_total, when sent")
     model_version: str
     request_id: str
 

@@ -33,7 +33,7 @@ from fastapi.routing import APIRoute
 from pydantic import Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.fhir import bundle_to_patient, risk_assessment
+from serving.fhir import parse_bundle, risk_assessment
 from serving.guard import GuardMiddleware, problems_payload
 from serving.runtime import (
     PinnedModel,
@@ -118,6 +118,11 @@ def _audit(request: Request, patients: list[str], model_version: str | None) -> 
         ctx["model_version"] = model_version
 
 
+def _actor(request: Request) -> str:
+    ctx = getattr(request.state, "vitalrisk", None) or {}
+    return str(ctx.get("actor") or "")
+
+
 def _rt() -> Runtime:
     rt = current_runtime()
     if rt is None:  # pragma: no cover - the guard answers 503 before this
@@ -171,7 +176,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 async def score(request: Request, body: ScoreRequest) -> Response:
     """Score patients from raw observations with the training feature code."""
     rt = _rt()
-    resp, patients = await rt.score(body.patients, _rid(request))
+    resp, patients = await rt.score(body.patients, _rid(request), _actor(request))
     _audit(request, patients, resp.model.version)  # the version that answered
     # serialised here: returning the model would make FastAPI validate it once more;
     # ``response_model`` still documents it
@@ -182,12 +187,12 @@ async def score(request: Request, body: ScoreRequest) -> Response:
 async def fhir_score(request: Request, body: FhirBundle) -> JSONResponse:
     """FHIR R4 Bundle (Observations, optional Patient) in; FHIR R4 RiskAssessment out."""
     rt = _rt()
-    patient, warnings = bundle_to_patient(body.model_dump(exclude_none=True), rt.models.vocab)
-    resp, patients = await rt.score([patient], _rid(request))
+    patient, warnings, basis = parse_bundle(body.model_dump(exclude_none=True), rt.models.vocab)
+    resp, patients = await rt.score([patient], _rid(request), _actor(request))
     _audit(request, patients, resp.model.version)  # the version that answered
     score = resp.results[0]
     score.warnings = warnings + score.warnings
-    ra = risk_assessment(score, resp.model.name, resp.model.version, resp.request_id)
+    ra = risk_assessment(score, resp.model.name, resp.model.version, resp.request_id, basis)
     return JSONResponse(ra, media_type="application/fhir+json")
 
 
@@ -200,7 +205,7 @@ async def fhir_score(request: Request, body: FhirBundle) -> JSONResponse:
 def observations(request: Request, body: ObservationsRequest) -> ObservationsResponse:
     """Validate observations and land the good ones for the next ``vitalrisk ingest``."""
     rt = _rt()
-    resp, patients = rt.collect(body, _rid(request))
+    resp, patients = rt.collect(body, _rid(request), _actor(request))
     _audit(request, patients, None)
     return resp
 
@@ -328,6 +333,8 @@ class VitalRisk:
             rt.limiter.close()
             rt.audit.close()
             rt.predlog.close()
+            if rt.identities is not None:
+                rt.identities.close()
 
     def __is_ready__(self) -> bool:
         # not ready while the audit trail cannot be written: data routes answer 503 then
