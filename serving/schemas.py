@@ -307,6 +307,57 @@ class ErrorResponse(BaseModel):
     request_id: str | None = None
 
 
+class CdsHookRequest(BaseModel):
+    """A CDS Hooks 2.0 hook request (``patient-view``); ``prefetch`` holds ``patient`` (a
+    Patient) and ``vitals`` (a search Bundle of vital-sign Observations)."""
+
+    model_config = ConfigDict(extra="allow")
+    hook: str = Field(min_length=1, max_length=64, examples=["patient-view"])
+    hookInstance: str = Field(min_length=1, max_length=128)
+    context: dict[str, Any]
+    prefetch: dict[str, Any] | None = None
+    fhirServer: str | None = Field(None, max_length=512)
+    fhirAuthorization: dict[str, Any] | None = None
+
+
+class CdsSource(BaseModel):
+    label: str
+    url: str | None = None
+
+
+class CdsCard(BaseModel):
+    summary: str = Field(max_length=140)
+    indicator: Literal["info", "warning", "critical"]
+    detail: str = Field(description="markdown: reasons, NEWS2, thresholds, data freshness")
+    source: CdsSource
+
+
+class CdsResponse(BaseModel):
+    cards: list[CdsCard]
+
+
+class CdsService(BaseModel):
+    hook: str
+    id: str
+    title: str
+    description: str
+    prefetch: dict[str, str]
+    usageRequirements: str | None = None
+
+
+class CdsDiscovery(BaseModel):
+    services: list[CdsService]
+
+
+class CohortResponse(BaseModel):
+    """Counts per ISO week, setting and age band; cells under ``k`` are "<k" (suppressed)."""
+
+    k: int
+    age_bands: list[str]
+    weeks: int
+    rows: list[dict[str, Any]]
+
+
 class FhirBundle(BaseModel):
     """A FHIR R4 Bundle (type collection/batch/...) whose entries are Observations of one
     patient and optionally that Patient; fully validated with ``fhir.resources``."""
@@ -329,6 +380,14 @@ ERROR_STATUSES: dict[int, str] = {
     429: "per-key rate limit, or too many failed authentications from this address (Retry-After)",
     503: "audit log unavailable, service starting or overloaded: nothing was processed (Retry-After)",
 }
+#: statuses one route answers besides :data:`ERROR_STATUSES` (kept in the OpenAPI document)
+ROUTE_STATUSES: dict[str, dict[int, str]] = {
+    "/v1/patients/{patient_id}/summary": {
+        404: "this API key sent no data for this patient (ids are resolved per key)"
+    },
+}
+#: routes outside /v1 that authenticate like it (CDS Hooks: the API key as bearer token)
+AUTHENTICATED_PREFIXES = ("/v1/", "/cds-services/")
 #: statuses of the public probes besides 200
 PROBE_STATUSES: dict[str, dict[int, str]] = {
     "/readyz": {503: "not ready: model not loaded, or the audit log cannot be written"},
@@ -363,10 +422,19 @@ def complete_openapi(doc: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(op, dict) or "responses" not in op:
                 continue
             responses = op["responses"]
-            if path.startswith("/v1/"):
+            if path.startswith(AUTHENTICATED_PREFIXES):
                 for unused in ("404", "500"):
                     responses.pop(unused, None)
                 responses.update(error_responses())
+                for status, text in ROUTE_STATUSES.get(path, {}).items():
+                    responses[str(status)] = {
+                        "description": text,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/ErrorResponse"}
+                            }
+                        },
+                    }
                 if method in ("post", "put", "patch") and "requestBody" in op:
                     op["requestBody"]["required"] = True
             for status, text in PROBE_STATUSES.get(path, {}).items():
