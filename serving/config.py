@@ -81,6 +81,8 @@ class Feedback(BaseModel):
     session_minutes: float = Field(default=30.0, gt=0, le=24 * 60)
     #: the worklist shows patients scored within this many hours, the sparkline this span
     worklist_hours: float = Field(default=72.0, gt=0, le=24 * 90)
+    #: the cohort view covers this many ISO weeks back from today (``?weeks=`` overrides)
+    cohort_weeks: int = Field(default=12, ge=1, le=520)
     #: where the caller-id map lives (pseudonym -> caller id, sealed per API key)
     identity_map: str = "logs/identities.sqlite"
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
@@ -295,16 +295,21 @@ def patient_summary(request: Request, patient_id: str) -> JSONResponse:
 
 
 @app.get("/v1/cohort", response_model=CohortResponse, responses=_ERRORS, tags=["feedback"])
-def cohort_json(request: Request) -> JSONResponse:
-    """Patients, alerts and events per ISO week by setting and age band, cells under k
-    suppressed (params ``serve.feedback.k_anonymity``)."""
+def cohort_json(
+    request: Request, weeks: Annotated[int | None, Query(ge=1, le=520)] = None
+) -> JSONResponse:
+    """Patients, alerts and events per ISO week by setting and age band over the last
+    ``weeks`` (default ``serve.feedback.cohort_weeks``), cells under k suppressed
+    (``serve.feedback.k_anonymity``)."""
     from serving import feedback
 
     rt = _rt()
     _audit(request, [], None)
     fb = rt.config.feedback
     return JSONResponse(
-        feedback.cohort(rt.config.prediction_log_path(), fb.k_anonymity, fb.age_bands)
+        feedback.cohort(
+            rt.config.prediction_log_path(), fb.k_anonymity, fb.age_bands, weeks or fb.cohort_weeks
+        )
     )
 
 
@@ -455,14 +460,18 @@ def acknowledge(request: Request) -> Response:
 
 
 @app.get("/cohort", include_in_schema=False)
-def cohort_view(request: Request) -> HTMLResponse:
+def cohort_view(
+    request: Request, weeks: Annotated[int | None, Query(ge=1, le=520)] = None
+) -> HTMLResponse:
     from serving import feedback, worklist
 
     rt = _rt()
     session = _session(request)
     _audit(request, [], None)
     fb = rt.config.feedback
-    doc = feedback.cohort(rt.config.prediction_log_path(), fb.k_anonymity, fb.age_bands)
+    doc = feedback.cohort(
+        rt.config.prediction_log_path(), fb.k_anonymity, fb.age_bands, weeks or fb.cohort_weeks
+    )
     return HTMLResponse(worklist.cohort_page(doc, session.key_name, session.csrf()))
 
 
