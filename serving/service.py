@@ -431,8 +431,12 @@ def patient_view(request: Request, pseudonym: str) -> HTMLResponse:
         pts.sort()
     units = {c: rt.models.vocab.codes[c].unit for c in vitals if c in rt.models.vocab.codes}
     acked = item.acked_at if item.acknowledged else None
+    # the time axis spans the data shown (within the window), not the whole window
+    first = [feedback.parse_time(a["as_of"]) for a in item.history]
+    first += [pts[0][0] for pts in vitals.values() if pts]
+    left = max(start, min(first)) if first else start
     page = worklist.patient_page(
-        item, vitals, units, session.key_name, session.csrf(), now, start, acked
+        item, vitals, units, session.key_name, session.csrf(), now, left, acked
     )
     return HTMLResponse(page, headers={"cache-control": "no-store"})
 

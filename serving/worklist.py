@@ -97,6 +97,12 @@ def sparkline(
     )
 
 
+def _first(history: Sequence[Answer], start: datetime) -> datetime:
+    """The chart's left edge: the first answer in the window (the axis spans the data)."""
+    times = [parse_time(a["as_of"]) for a in history]
+    return max(start, min(times)) if times else start
+
+
 def _points(
     history: Sequence[Answer], start: datetime, end: datetime
 ) -> list[tuple[float, float, bool]]:
@@ -138,7 +144,7 @@ def worklist_page(
         )
         fresh = freshness(it.newest_observation, now)
         stale = a["status"] != "ok"
-        prob = "" if a["probability"] is None else f"{100 * a['probability']:.0f}%"
+        prob = _pct(a["probability"])
         rows.append(
             f'<tr class="{"alert" if a["alert"] else ""}" data-rank="{rank}" '
             f'data-patient="{escape(it.caller_id)}">'
@@ -149,7 +155,7 @@ def worklist_page(
             f'<td>{"<b>alert</b>" if a["alert"] else ""} <span class="esc">{escape(esc)}</span>'
             f"{' <span class=muted>(acknowledged)</span>' if it.acknowledged else ''}</td>"
             f"<td>{reasons if '<span' in reasons else escape(reasons)}</td>"
-            f"<td>{sparkline(_points(it.history, start, now))}</td>"
+            f"<td>{sparkline(_points(it.history, _first(it.history, start), now))}</td>"
             f'<td class="{"stale" if stale else ""}">{escape(fresh)}</td></tr>'
         )
     table = (
@@ -200,7 +206,8 @@ def line_chart(
     )
     return (
         f'<div class="chart"><b>{escape(title)}</b> <span class="muted">{escape(unit)}</span>'
-        f'<svg width="{width}" height="{height}" role="img" aria-label="{escape(title)}">'
+        f'<svg viewBox="0 0 {width} {height}" width="100%" role="img" '
+        f'aria-label="{escape(title)}">'
         f'<text x="0" y="12" font-size="10">{hi - pad:.3g}</text>'
         f'<text x="0" y="{height - 14}" font-size="10">{lo + pad:.3g}</text>'
         f'{alert_lines}<polyline fill="none" stroke="#1d3557" stroke-width="1.5" points="{line}"/>'
@@ -265,7 +272,10 @@ def patient_page(
         f'<input type="hidden" name="patient" value="{escape(item.pseudonym)}">'
         f'<input type="hidden" name="request_id" value="{escape(str(a["request_id"]))}">'
         '<button class="ack" id="acknowledge" type="submit">Acknowledge</button></form>'
-        f'<h3>Charts (alerts marked red)</h3><div class="charts">{"".join(charts)}</div>'
+        "<h3>Charts (dashed red: an alert fired)</h3>"
+        f'<p class="muted">Time axis {escape(start.strftime("%d %b %H:%M"))} to '
+        f"{escape(now.strftime('%d %b %H:%M'))} UTC</p>"
+        f'<div class="charts">{"".join(charts)}</div>'
     )
     return _page(str(item.caller_id or item.pseudonym), body, who, csrf)
 
