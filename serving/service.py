@@ -258,8 +258,13 @@ async def cds_patient_view(request: Request, body: CdsHookRequest) -> JSONRespon
 
 
 # -- feedback: the person's summary, the cohort (serving/feedback.py) ---------------------------
+class FhirJSONResponse(JSONResponse):
+    media_type = "application/fhir+json"
+
+
 @app.get(
     "/v1/patients/{patient_id}/summary",
+    response_class=FhirJSONResponse,
     responses=_ERRORS | {404: {"model": ErrorResponse, "description": "no data from this key"}},
     tags=["feedback"],
 )
@@ -291,7 +296,7 @@ def patient_summary(request: Request, patient_id: str) -> JSONResponse:
     doc = feedback.summary_bundle(
         caller, obs, latest[-1] if latest else None, rt.models.vocab, rt.models.champion.name
     )
-    return JSONResponse(doc, media_type="application/fhir+json")
+    return FhirJSONResponse(doc)
 
 
 @app.get("/v1/cohort", response_model=CohortResponse, responses=_ERRORS, tags=["feedback"])

@@ -12,7 +12,7 @@ import pytest
 from serving.feedback import suppress
 from serving.identities import IdentityMap
 from serving.scoring import pseudonym_of
-from tests.serving.conftest import Server
+from tests.serving.conftest import KEYS, Server
 from tests.serving.test_api import T0, _iso, patient, vitals
 
 
@@ -117,3 +117,39 @@ def test_feedback_routes_need_a_key(server: Server, path: str) -> None:
         assert c.get(path).status_code == 401
     with server.client("device") as c:  # ingest only
         assert c.get(path).status_code == 403
+
+
+def test_feed_plays_demo_patients_into_the_worklist(server: Server) -> None:
+    """``vitalrisk feed`` (the demo's simulator, times moved to now) fills the answer log of
+    its key: what a fresh ``make serve`` needs before the worklist shows anyone."""
+    import subprocess
+
+    from tests.serving.conftest import vitalrisk_exe
+
+    env = {**server.env, "VITALRISK_FEED_KEY": KEYS["admin"]}
+    res = subprocess.run(
+        [vitalrisk_exe(), "feed", "--url", server.url, "--patients", "3", "--every", "8"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=server.root,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "fed 3 patients" in res.stdout
+    con = sqlite3.connect(server.prediction_log)
+    rows = con.execute(
+        "SELECT COUNT(DISTINCT patient_id), COUNT(*) FROM answers WHERE key_name='admin' "
+        "AND as_of >= ?",
+        ((datetime.now(UTC).replace(microsecond=0)).isoformat()[:10],),
+    ).fetchone()
+    con.close()
+    assert rows[0] >= 3 and rows[1] >= 9, rows
+    missing = subprocess.run(
+        [vitalrisk_exe(), "feed", "--url", server.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in env.items() if k != "VITALRISK_FEED_KEY"},
+    )
+    assert missing.returncode == 2 and "VITALRISK_FEED_KEY" in missing.stderr
