@@ -94,6 +94,11 @@ def prefetch_bundle(hook: dict[str, Any]) -> tuple[dict[str, Any], str]:
     return {"resourceType": "Bundle", "type": "collection", "entry": entries}, pid.strip()
 
 
+def percent(p: float) -> str:
+    """A probability for people: "<1%" below one percent, else whole percent."""
+    return "<1%" if p < 0.01 else f"{100 * p:.0f}%"
+
+
 def _indicator(s: PatientScore) -> str:
     if s.escalation == "news2_emergency" or (s.risk_band == "high" and s.alert):
         return "critical"
@@ -108,7 +113,9 @@ def summary_line(s: PatientScore) -> str:
     if s.status != "ok" or s.probability is None:
         text = "Deterioration risk: insufficient recent vitals to score"
     else:
-        text = f"{str(s.risk_band).capitalize()} deterioration risk {100 * s.probability:.0f}%{horizon}"
+        text = (
+            f"{str(s.risk_band).capitalize()} deterioration risk {percent(s.probability)}{horizon}"
+        )
     if s.news2_total is not None:
         text += f"; NEWS2 {s.news2_total:g}"
     if s.escalation:
@@ -126,9 +133,9 @@ def detail_markdown(s: PatientScore, thresholds: RiskThresholds, model: str) -> 
         lines.append(f"**No risk estimate**: {s.status_detail}.")
     else:
         lines.append(
-            f"**Risk band {s.risk_band}** (probability {s.probability:.3f}; the model's own "
-            f"thresholds: medium from {thresholds.low:.3f}, high = alert from "
-            f"{thresholds.high:.3f})."
+            f"**Risk band {s.risk_band}** (probability {s.probability:.3g}; the model's own "
+            f"thresholds: medium from {thresholds.low:.3g}, high = alert from "
+            f"{thresholds.high:.3g})."
         )
     if s.escalation_text:
         lines.append(f"**Escalation**: {s.escalation_text}.")

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from serving.cds import percent
 from tests.serving.conftest import Server
 
 FIXTURE = Path(__file__).with_name("fixtures") / "cds_patient_view.json"
@@ -56,7 +57,7 @@ def test_recorded_patient_view_request_gets_a_card(server: Server) -> None:
     # the card says what the FHIR route says
     ra = direct.json()
     p = ra["prediction"][0]["probabilityDecimal"]
-    assert f"{100 * p:.0f}%" in card["summary"]
+    assert percent(p) in card["summary"]
     assert "ehr-4711" not in server.audit_log.read_text()
 
 
