@@ -46,16 +46,19 @@ def _window(obs: Any, outcomes: Any, pid: str, hours: float) -> tuple[Any, Any]:
     return sel, end
 
 
-def _items(sel: Any, shift: Any, pid: str) -> list[dict[str, Any]]:
+def _items(sel: Any, shift: Any, pid: str, units: dict[str, str]) -> list[dict[str, Any]]:
+    """API observations in the simulator's canonical units (named: labs have no default)."""
     return [
         {
             "patient_id": pid,
             "time": (t + shift).isoformat().replace("+00:00", "Z"),
             "code": str(c),
             "value": float(v),
+            "unit": units.get(str(c)),
             "source": str(s),
         }
         for t, c, v, s in zip(sel["time"], sel["code"], sel["value"], sel["source"], strict=True)
+        if str(c) in units
     ]
 
 
@@ -78,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
         if params.is_file()
         else validate_section(SimulateConfig, "simulate", raw, source=str(params))
     )
+    from core.vocabulary import load_vocabulary
+
+    units = {k: spec.unit for k, spec in load_vocabulary().codes.items()}
     cohort = simulate_cohort(cfg)
     pats = cohort.patients
     with_event = set(cohort.outcomes["patient_id"])
@@ -92,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             if sel.empty:
                 continue
             shift = now - end.to_pydatetime()
-            items = _items(sel, shift, pid)
+            items = _items(sel, shift, pid, units)
             for i in range(0, len(items), 5000):
                 r = c.post("/v1/observations", json={"observations": items[i : i + 5000]})
                 if r.status_code != 200:
@@ -104,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
             while k * args.every < min(24.0, args.hours):
                 as_of = now - timedelta(hours=k * args.every)
                 upto = [o for o in items if o["time"] <= as_of.isoformat().replace("+00:00", "Z")]
-                obs = [{kk: o[kk] for kk in ("time", "code", "value", "source")} for o in upto]
+                obs = [
+                    {kk: o[kk] for kk in ("time", "code", "value", "unit", "source")} for o in upto
+                ]
                 body = {
                     "patients": [
                         {

@@ -127,6 +127,7 @@ def test_feed_plays_demo_patients_into_the_worklist(server: Server) -> None:
     from tests.serving.conftest import vitalrisk_exe
 
     env = {**server.env, "VITALRISK_FEED_KEY": KEYS["admin"]}
+    started = datetime.now(UTC).isoformat()[:19]
     res = subprocess.run(
         [vitalrisk_exe(), "feed", "--url", server.url, "--patients", "3", "--every", "8"],
         capture_output=True,
@@ -140,8 +141,8 @@ def test_feed_plays_demo_patients_into_the_worklist(server: Server) -> None:
     con = sqlite3.connect(server.prediction_log)
     rows = con.execute(
         "SELECT COUNT(DISTINCT patient_id), COUNT(*) FROM answers WHERE key_name='admin' "
-        "AND as_of >= ?",
-        ((datetime.now(UTC).replace(microsecond=0)).isoformat()[:10],),
+        "AND scored_at >= ?",
+        (started,),
     ).fetchone()
     con.close()
     assert rows[0] >= 3 and rows[1] >= 9, rows
