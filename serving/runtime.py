@@ -944,6 +944,16 @@ def _model_set(
             "thresholds (trained before they were logged with the model): retrain it "
             "(`dvc repro`) and promote the new version"
         )
+    info = info.model_copy(
+        update={
+            "thresholds": RiskThresholds(
+                low=thresholds.low,
+                high=thresholds.high,
+                alert_budget_per_100=thresholds.alert_budget_per_100,
+                unit=thresholds.unit,
+            )
+        }
+    )
     return ModelSet(
         champion=champion,
         shadow=shadow,

@@ -299,6 +299,8 @@ class ModelInfo(BaseModel):
     training_data_hash: str | None
     metrics: dict[str, float]
     shadow: ModelRef | None
+    #: the served model's own risk thresholds (fitted and logged with it)
+    thresholds: RiskThresholds | None = None
 
 
 class ErrorResponse(BaseModel):

@@ -102,6 +102,8 @@ def test_bands_and_alert_come_from_the_served_model(server: Server) -> None:
     levels = [(14 + 2 * i, 70 + 6 * i, 98 - i, 130 - 5 * i, 36.8 + i / 5) for i in range(6)]
     data = _score(server, *[patient(f"TH-{i}", vitals(*lv)) for i, lv in enumerate(levels[:5])])
     assert data["thresholds"]["low"] == t.low and data["thresholds"]["high"] == t.high
+    with server.client("reader") as c:  # /v1/model shows the same thresholds
+        assert c.get("/v1/model").json()["thresholds"] == data["thresholds"]
     for res in data["results"]:
         assert res["model_risk_band"] == band_of(res["probability"], t)
         assert res["alert"] == (res["probability"] >= t.high or res["escalation"] is not None)
