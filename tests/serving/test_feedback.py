@@ -154,3 +154,44 @@ def test_feed_plays_demo_patients_into_the_worklist(server: Server) -> None:
         env={k: v for k, v in env.items() if k != "VITALRISK_FEED_KEY"},
     )
     assert missing.returncode == 2 and "VITALRISK_FEED_KEY" in missing.stderr
+
+
+def test_worklist_session_rules_over_http(server: Server) -> None:
+    """No cookie or a forged one: the login form; a key without ``read``: refused; another
+    key's worklist does not show this key's patients; logout needs the CSRF token."""
+    from datetime import timedelta
+
+    from serving import sessions
+
+    now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    obs = [
+        {**o, "time": _iso(now - (T0 - datetime.fromisoformat(o["time"].replace("Z", "+00:00"))))}
+        for o in vitals(22, 104, 94, 108, 38.2, hours=4)
+    ]
+    with server.client() as c:
+        assert c.post("/v1/score", json={"patients": [patient("SESS-1", obs)]}).status_code == 200
+    with server.client(None) as c:
+        r = c.get("/worklist")
+        assert r.status_code == 303 and r.headers["location"] == "/worklist/login"
+        forged = "eyJrIjoiYWRtaW4ifQ.c2lnbmF0dXJl"
+        assert c.get("/worklist", cookies={"vr_session": forged}).status_code == 303
+        r = c.post("/worklist/login", data={"key": KEYS["device"]})
+        assert r.status_code == 401 and "lacks the read scope" in r.text
+        r = c.post("/worklist/login", data={"key": KEYS["reader"]})
+        assert r.status_code == 303 and r.headers["location"] == "/worklist"
+        cookie = r.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Max-Age=1800" in cookie
+        value = sessions.cookie_of(cookie.split(";")[0])
+        page = c.get("/worklist", cookies={"vr_session": value})
+        assert page.status_code == 200 and "SESS-1" not in page.text  # sent by admin
+        bad = c.post("/worklist/logout", data={"csrf": "guess"}, cookies={"vr_session": value})
+        assert bad.status_code == 403 and "CSRF" in bad.text
+        assert c.get("/worklist/nope").status_code == 404
+        assert c.delete("/worklist").status_code == 405
+    with server.client(None) as c:
+        r = c.post("/worklist/login", data={"key": KEYS["admin"]})
+        value = sessions.cookie_of(r.headers["set-cookie"].split(";")[0])
+        page = c.get("/worklist", cookies={"vr_session": value})
+        assert "SESS-1" in page.text
+    audit = server.audit_log.read_text()
+    assert "GET /worklist" in audit and "SESS-1" not in audit
