@@ -54,7 +54,7 @@ CHALLENGER = "challenger"
 #: packages the logged model needs at inference (pinned to the installed versions)
 MODEL_REQUIREMENTS = ("mlflow", "lightgbm", "scikit-learn", "pandas", "numpy", "cloudpickle")
 #: our modules the pickled ``RiskModel`` needs, shipped inside the model (``code_paths``)
-MODEL_CODE = ("models/__init__.py", "models/pyfunc.py")
+MODEL_CODE = ("models/__init__.py", "models/pyfunc.py", "models/compiled.py")
 
 
 class StoreMismatchError(LookupError):
@@ -358,8 +358,10 @@ def model_requirements() -> list[str]:
 def _code_paths(workdir: Path) -> list[str]:
     """A copy of the modules the pickled model refers to, as a package ``models``.
 
-    Only ``models/pyfunc.py`` (numpy, pandas, MLflow, LightGBM, scikit-learn): the model then
-    loads in a virtualenv with nothing but its requirements.
+    Only ``models/pyfunc.py`` and ``models/compiled.py``, which it imports (numpy at import
+    time, tl2cgen only when compiled trees are asked for); on numpy, pandas, MLflow,
+    LightGBM and scikit-learn the model then loads in a virtualenv with nothing but its
+    requirements.
     """
     root = Path(__file__).resolve().parents[1]
     pkg = workdir / "code" / "models"
