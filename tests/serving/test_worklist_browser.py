@@ -114,6 +114,11 @@ def _shot(driver: Any, name: str) -> Path:
 
 def test_worklist_in_chromium(server: Server, browser: Any) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def wait(cond: Any) -> Any:  # a click returns before the next page has loaded
+        return WebDriverWait(browser, 20).until(cond)
 
     ids = feed_ward(server)
     sickest = ids[0]
@@ -122,9 +127,10 @@ def test_worklist_in_chromium(server: Server, browser: Any) -> None:
     assert d.current_url.endswith("/worklist/login")  # no session: the login form
     d.find_element(By.ID, "key").send_keys("not-a-key-at-all")
     d.find_element(By.ID, "login").click()
-    assert "unknown key" in d.find_element(By.ID, "login-error").text
+    assert "unknown key" in wait(ec.presence_of_element_located((By.ID, "login-error"))).text
     d.find_element(By.ID, "key").send_keys(KEYS["admin"])
     d.find_element(By.ID, "login").click()
+    wait(ec.presence_of_element_located((By.ID, "worklist")))
     assert d.current_url.endswith("/worklist"), d.current_url
     cookie = d.get_cookie("vr_session")
     assert cookie and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
@@ -139,14 +145,14 @@ def test_worklist_in_chromium(server: Server, browser: Any) -> None:
     _shot(d, "worklist.png")
 
     first.find_element(By.CSS_SELECTOR, "a.patient").click()
-    assert d.find_element(By.ID, "patient-id").text == sickest
+    assert wait(ec.presence_of_element_located((By.ID, "patient-id"))).text == sickest
     charts = d.find_elements(By.CSS_SELECTOR, ".chart svg")
     assert len(charts) >= 6  # risk + each vital
     assert d.find_elements(By.CSS_SELECTOR, "line.alert-mark")  # where alerts fired
     assert "Not acknowledged" in d.find_element(By.ID, "ack-state").text
     _shot(d, "worklist-patient.png")
     d.find_element(By.ID, "acknowledge").click()
-    assert "Acknowledged at" in d.find_element(By.ID, "ack-state").text
+    wait(ec.text_to_be_present_in_element((By.ID, "ack-state"), "Acknowledged at"))
 
     entries = [json.loads(line) for line in server.audit_log.read_text().splitlines()]
     acks = [e for e in entries if e.get("action") == "acknowledge"]
@@ -156,6 +162,7 @@ def test_worklist_in_chromium(server: Server, browser: Any) -> None:
 
     # a forged acknowledge without the CSRF token is refused, and audited as refused
     d.get(f"{server.url}/cohort")
+    wait(ec.presence_of_element_located((By.ID, "cohort")))
     assert "Cohort" in d.title
     with server.client(None) as c:
         r = c.post(
