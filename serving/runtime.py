@@ -348,9 +348,12 @@ class Runtime:
         if actor:
             self._actors[request_id] = actor
         n_obs = sum(len(p.observations) for p in patients)
-        result: tuple[ScoreResponse, list[str]] = await self.queue.submit(
-            patients, request_id, len(patients), n_obs
-        )
+        try:
+            result: tuple[ScoreResponse, list[str]] = await self.queue.submit(
+                patients, request_id, len(patients), n_obs
+            )
+        finally:  # a refused request never reaches the answer log: forget its key here
+            self._actors.pop(request_id, None)
         return result
 
     def score_jobs(
