@@ -445,3 +445,18 @@ def test_audit_writer_refuses_to_start_on_an_unusable_log(tmp_path: Path) -> Non
     path.write_text("garbage without a valid entry\n")
     with pytest.raises(AuditLogError, match="not a valid audit entry"):
         AuditWriter(AuditLog(path)).start()
+
+
+def test_a_model_without_fitted_thresholds_is_not_served() -> None:
+    """Serving never falls back to constants: a model trained before thresholds were logged
+    with it stops the start (or the swap) with one sentence saying what to do."""
+    from types import SimpleNamespace
+
+    from core.vocabulary import load_vocabulary
+    from serving.runtime import StartupError, _model_set
+    from serving.scoring import LoadedModel
+
+    model = SimpleNamespace(feature_names=["age"], metadata={"threshold": 0.2}, categories={})
+    champion = LoadedModel("vitalrisk-deterioration", "3", "champion", None, model)
+    with pytest.raises(StartupError, match=r"version 3 carries no fitted risk thresholds.*retrain"):
+        _model_set(champion, None, None, {}, load_vocabulary(), None)  # type: ignore[arg-type]
