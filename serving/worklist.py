@@ -137,7 +137,7 @@ def worklist_page(
     for rank, it in enumerate(items, 1):
         a = it.current
         esc = _ESC_TEXT.get(a["escalation"] or "", "")
-        reasons = "; ".join(it.current.reasons[:3]) or (
+        reasons = escape("; ".join(it.current.reasons[:3])) or (
             '<span class="muted">'
             + ("not scored: too little recent data" if a["risk_band"] is None else "-")
             + "</span>"
@@ -154,7 +154,7 @@ def worklist_page(
             f"<td>{_g(a['news2_total'], '')}</td>"
             f'<td>{"<b>alert</b>" if a["alert"] else ""} <span class="esc">{escape(esc)}</span>'
             f"{' <span class=muted>(acknowledged)</span>' if it.acknowledged else ''}</td>"
-            f"<td>{reasons if '<span' in reasons else escape(reasons)}</td>"
+            f"<td>{reasons}</td>"
             f"<td>{sparkline(_points(it.history, _first(it.history, start), now))}</td>"
             f'<td class="{"stale" if stale else ""}">{escape(fresh)}</td></tr>'
         )

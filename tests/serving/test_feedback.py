@@ -195,3 +195,35 @@ def test_worklist_session_rules_over_http(server: Server) -> None:
         assert "SESS-1" in page.text
     audit = server.audit_log.read_text()
     assert "GET /worklist" in audit and "SESS-1" not in audit
+
+
+def test_worklist_escapes_what_it_shows() -> None:
+    """Every stored text is escaped on the page (a reason or an id cannot inject markup)."""
+    from serving.feedback import Answer, WorkItem
+    from serving.worklist import patient_page, worklist_page
+
+    row = {
+        "request_id": "r1",
+        "scored_at": "2026-01-10T12:00:00Z",
+        "as_of": "2026-01-10T12:00:00Z",
+        "patient_id": "p_0123456789abcdef0123",
+        "model_version": "1",
+        "status": "ok",
+        "probability": 0.5,
+        "risk_band": "high",
+        "alert": 1,
+        "escalation": None,
+        "news2_total": 3.0,
+        "setting": "ward",
+        "horizon_hours": 24.0,
+        "reasons": '["<script>alert(1)</script> raised risk"]',
+        "latest": '{"heart_rate": "2026-01-10T12:00:00Z"}',
+    }
+    item = WorkItem(row["patient_id"], "<b>MRN</b>", Answer(row), [Answer(row)], None)
+    now = datetime(2026, 1, 10, 13, tzinfo=UTC)
+    for html in (
+        worklist_page([item], "admin", "tok", now, now, None, 72),
+        patient_page(item, {}, {}, "admin", "tok", now, now, None),
+    ):
+        assert "<script>" not in html and "&lt;script&gt;" in html
+        assert "<b>MRN</b>" not in html and "&lt;b&gt;MRN&lt;/b&gt;" in html
