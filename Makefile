@@ -14,7 +14,7 @@ export BENTOML_DO_NOT_TRACK := True
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install demo test lint typecheck unit bench serve bento mlflow-ui monitor-ui data-dvc clean team-up team-down team-status promtool
+.PHONY: install demo test lint typecheck unit bench serve bento mlflow-ui monitor-ui data-dvc clean team-up team-down team-status promtool browser
 
 install: $(STAMP)
 
@@ -33,9 +33,20 @@ demo: $(STAMP)
 	vitalrisk summary
 	vitalrisk monitor --drift-demo older --exit-zero
 
-## test: lint, format check, type check, then the test suite
-test: $(STAMP) lint typecheck
+## test: lint, format check, type check, the browser, then the test suite
+test: $(STAMP) lint typecheck browser
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
+## browser: Debian's chromium + chromedriver for the worklist browser test (installed when missing)
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	echo "installing chromium and chromium-driver (the worklist browser test drives them)"; \
+	SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	{ $$SUDO apt-get install -y chromium chromium-driver > /tmp/vitalrisk-apt.log 2>&1 \
+	  || { $$SUDO apt-get update >> /tmp/vitalrisk-apt.log 2>&1 \
+	       && $$SUDO apt-get install -y chromium chromium-driver >> /tmp/vitalrisk-apt.log 2>&1; }; } \
+	  || { tail -n 20 /tmp/vitalrisk-apt.log; \
+	       echo "cannot install chromium: run 'apt-get install -y chromium chromium-driver' (Debian/Ubuntu) and retry"; exit 1; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -122,7 +122,20 @@ CREATE TABLE IF NOT EXISTS outcomes (
     request_id TEXT, patient_id TEXT, event_time TEXT, event TEXT, label INTEGER,
     received_at TEXT
 );
-CREATE INDEX IF NOT EXISTS outcomes_request ON outcomes (request_id)
+CREATE INDEX IF NOT EXISTS outcomes_request ON outcomes (request_id);
+CREATE TABLE IF NOT EXISTS answers (
+    rowid BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    request_id TEXT, scored_at TEXT, as_of TEXT, patient_id TEXT, key_name TEXT,
+    model_name TEXT, model_version TEXT, status TEXT, probability DOUBLE PRECISION,
+    risk_band TEXT, model_risk_band TEXT, alert INTEGER, escalation TEXT,
+    news2_total DOUBLE PRECISION, news2_max_single DOUBLE PRECISION, setting TEXT,
+    horizon_hours DOUBLE PRECISION, age_band TEXT, reasons TEXT, latest TEXT
+);
+CREATE INDEX IF NOT EXISTS answers_key_patient ON answers (key_name, patient_id);
+CREATE INDEX IF NOT EXISTS answers_patient_time ON answers (patient_id, as_of);
+CREATE TABLE IF NOT EXISTS acknowledgements (
+    acked_at TEXT, patient_id TEXT, key_name TEXT, request_id TEXT
+)
 """
 #: advisory-lock key under which the prediction-log tables are created (ensure_table)
 PREDICTIONS_PG_LOCK = 0x7669_7461_6C01

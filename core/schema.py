@@ -86,10 +86,57 @@ CREATE TABLE IF NOT EXISTS outcomes (
 )"""
 
 
+#: every answer serving gave, one row per patient (also ``insufficient_data`` answers, which
+#: have no probability and so no ``predictions`` row): what the worklist, the patient summary
+#: and the cohort view are built from. ``key_name`` is the API key that asked (pseudonyms are
+#: resolved to caller ids only for that key); ``reasons`` JSON list of texts, ``latest`` JSON
+#: object vocabulary key -> newest observation time
+ANSWER_LOG_COLUMNS = (
+    "request_id",
+    "scored_at",
+    "as_of",
+    "patient_id",
+    "key_name",
+    "model_name",
+    "model_version",
+    "status",
+    "probability",
+    "risk_band",
+    "model_risk_band",
+    "alert",
+    "escalation",
+    "news2_total",
+    "news2_max_single",
+    "setting",
+    "horizon_hours",
+    "age_band",
+    "reasons",
+    "latest",
+)
+ANSWERS_DDL = """
+CREATE TABLE IF NOT EXISTS answers (
+    request_id TEXT, scored_at TEXT, as_of TEXT, patient_id TEXT, key_name TEXT,
+    model_name TEXT, model_version TEXT, status TEXT, probability REAL, risk_band TEXT,
+    model_risk_band TEXT, alert INTEGER, escalation TEXT, news2_total REAL,
+    news2_max_single REAL, setting TEXT, horizon_hours REAL, age_band TEXT, reasons TEXT,
+    latest TEXT
+)"""
+#: acknowledgements of an answer on the worklist (also audit entries ``acknowledge``)
+ACK_LOG_COLUMNS = ("acked_at", "patient_id", "key_name", "request_id")
+ACKS_DDL = """
+CREATE TABLE IF NOT EXISTS acknowledgements (
+    acked_at TEXT, patient_id TEXT, key_name TEXT, request_id TEXT
+)"""
+
+
 def upgrade_prediction_log(con: sqlite3.Connection) -> None:
     """Create the prediction-log tables, or add the newer columns to an older log."""
     con.execute(PREDICTIONS_DDL)
     con.execute(OUTCOMES_DDL)
+    con.execute(ANSWERS_DDL)
+    con.execute(ACKS_DDL)
+    con.execute("CREATE INDEX IF NOT EXISTS answers_key_patient ON answers (key_name, patient_id)")
+    con.execute("CREATE INDEX IF NOT EXISTS answers_patient_time ON answers (patient_id, as_of)")
     have = {row[1] for row in con.execute("PRAGMA table_info(predictions)")}
     for name, sql_type in PREDICTIONS_ADDED:
         if name not in have:

@@ -56,6 +56,8 @@ class TrainConfig(_Strict):
     imbalance: Literal["none", "scale_pos_weight", "is_unbalance"] = "scale_pos_weight"
     calibration: Literal["sigmoid", "isotonic", "none"] = "sigmoid"
     alert_budget_per_100_patient_days: float = Field(default=10.0, gt=0)
+    #: the wider budget whose threshold starts the "medium" band (``models.thresholds``)
+    watch_budget_per_100_patient_days: float = Field(default=30.0, gt=0)
     #: rows LightGBM samples to place its bin boundaries (LightGBM's default is 200,000; the
     #: sample is copied as doubles while binning: 100,000 keeps that copy at ~375 MB for 312
     #: features; cohorts smaller than this are binned on every row either way)
@@ -71,6 +73,15 @@ class TrainConfig(_Strict):
         "(columns time_to_event_days, event; censored before the horizon excluded)",
     )
     tuning: TuningConfig = Field(default_factory=lambda: TuningConfig())
+
+    @model_validator(mode="after")
+    def _budgets(self) -> TrainConfig:
+        if self.watch_budget_per_100_patient_days < self.alert_budget_per_100_patient_days:
+            raise ValueError(
+                "watch_budget_per_100_patient_days must be at least "
+                "alert_budget_per_100_patient_days (the medium band starts below high)"
+            )
+        return self
 
     def lgb_params(self) -> dict[str, object]:
         """LightGBM parameters; deterministic given seed and ``num_threads``."""

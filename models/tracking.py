@@ -358,9 +358,10 @@ def model_requirements() -> list[str]:
 def _code_paths(workdir: Path) -> list[str]:
     """A copy of the modules the pickled model refers to, as a package ``models``.
 
-    ``models/pyfunc.py`` (numpy, pandas, MLflow, LightGBM, scikit-learn) and the compiled-trees
-    helper it calls (``models/compiled.py``: numpy; tl2cgen only if present): the model then
-    loads in a virtualenv with nothing but its requirements.
+    Only ``models/pyfunc.py`` and ``models/compiled.py``, which it imports (numpy at import
+    time, tl2cgen only when compiled trees are asked for); on numpy, pandas, MLflow,
+    LightGBM and scikit-learn the model then loads in a virtualenv with nothing but its
+    requirements.
     """
     root = Path(__file__).resolve().parents[1]
     pkg = workdir / "code" / "models"

@@ -23,9 +23,10 @@ import numpy as np
 import pandas as pd
 
 from models.config import TrainConfig
-from models.metrics import Exposure, auprc, auroc, cadence_hours, threshold_for_budget
+from models.metrics import Exposure, auprc, auroc, cadence_hours
 from models.pyfunc import BLOCK_ROWS, Calibrator, RiskModel, feature_matrix, matrix_dtype
 from models.splits import TEST, TRAIN, VAL, assign_splits, grouped_folds
+from models.thresholds import METADATA_KEY, fit_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -477,7 +478,13 @@ def train_model(
 
     cadence = cadence_hours(frame)
     exposure_va = Exposure.of(frame[["patient_id", "time"]][va], cadence)
-    threshold = threshold_for_budget(p_va, exposure_va, config.alert_budget_per_100_patient_days)
+    thresholds = fit_thresholds(
+        p_va,
+        exposure_va,
+        config.alert_budget_per_100_patient_days,
+        config.watch_budget_per_100_patient_days,
+    )
+    threshold = thresholds.high  # the alert-budget threshold is "high"
     val_metrics = {
         "val_auroc": auroc(y[va], p_va),
         "val_auprc": auprc(y[va], p_va),
@@ -488,6 +495,7 @@ def train_model(
     model.metadata = {
         **(metadata or {}),
         "threshold": threshold,
+        METADATA_KEY: thresholds.as_dict(),
         "alert_budget": config.alert_budget_per_100_patient_days,
         "alert_budget_unit": exposure_va.unit,
         "cadence_hours": cadence,

@@ -233,6 +233,8 @@ def _log_training(
         }
     )
     tracking.log_metrics({**result.cv, **result.val_metrics, "threshold": result.threshold})
+    bands = result.model.metadata.get("thresholds") or {}
+    tracking.log_params({f"thresholds.{k}": v for k, v in bands.items()})
     if feature_dictionary:
         tracking.log_dict(dict(feature_dictionary), "feature_dictionary.json")
     if lineage_record:

@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "summary": "summary",
     "collect": "collect",
     "team": "team",
+    "feed": "feed",
 }
 
 

@@ -1,4 +1,7 @@
-"""Typed ``serve`` section of ``params.yaml`` (risk bands, limits, batching, paths).
+"""Typed ``serve`` section of ``params.yaml`` (data sufficiency, limits, batching, paths).
+
+Risk bands and the alert threshold are not here: they are fitted with the model and read
+from the served model (``models.thresholds``).
 
 Environment variables override the paths so a deployment can relocate logs without editing
 params; secrets (API keys, pseudonym key) come only from the environment.
@@ -26,28 +29,75 @@ FEATURE_DICTIONARY_ENV = "VITALRISK_FEATURE_DICTIONARY"
 #: (``DATABASE_URL_ENV``, core/pg.py), and the rate limits in Redis (README, "Team mode")
 REDIS_URL_ENV = "VITALRISK_REDIS_URL"
 REDIS_PREFIX_ENV = "VITALRISK_REDIS_PREFIX"
+IDENTITY_MAP_ENV = "VITALRISK_IDENTITY_MAP"
 DEFAULT_MODEL_NAME = "vitalrisk-deterioration"
 
 
-class RiskBands(BaseModel):
-    """Probability thresholds: ``p < low`` is low, ``p < high`` is medium, else high."""
+#: vital signs the sufficiency rule counts by default (NEWS2's measured parameters)
+CORE_VITALS = ("resp_rate", "spo2", "sbp", "heart_rate", "body_temp")
+
+
+class DataSufficiency(BaseModel):
+    """When there is enough recent data for the model to answer (``serving.safety``).
+
+    A vital counts when its newest observation is at most ``recency_hours[setting][vital]``
+    old at the prediction time; fewer than ``min_recent_vitals`` such vitals: the answer is
+    ``status: insufficient_data``, without a probability or a band.
+    """
 
     model_config = ConfigDict(extra="forbid")
-    low: float = Field(default=0.05, gt=0, lt=1)
-    high: float = Field(default=0.20, gt=0, lt=1)
+    min_recent_vitals: int = Field(default=3, ge=1, le=20)
+    recency_hours: dict[str, dict[str, float]] = Field(
+        default_factory=lambda: {
+            "ward": dict.fromkeys(CORE_VITALS, 12.0),
+            "home": dict.fromkeys(CORE_VITALS, 48.0),
+        }
+    )
 
     @model_validator(mode="after")
-    def _ordered(self) -> RiskBands:
-        if not self.low < self.high:
-            raise ValueError(f"risk_bands: low ({self.low}) must be below high ({self.high})")
+    def _windows(self) -> DataSufficiency:
+        for setting, windows in self.recency_hours.items():
+            if not windows:
+                raise ValueError(f"data_sufficiency.recency_hours.{setting}: no vitals listed")
+            if self.min_recent_vitals > len(windows):
+                raise ValueError(
+                    f"data_sufficiency.min_recent_vitals ({self.min_recent_vitals}) exceeds the "
+                    f"{len(windows)} vitals listed for {setting}"
+                )
+            for vital, hours in windows.items():
+                if not 0 < hours <= 24 * 365:
+                    raise ValueError(
+                        f"data_sufficiency.recency_hours.{setting}.{vital}: expected 0 < hours <= 8760"
+                    )
         return self
 
-    def band(self, p: float) -> str:
-        if p < self.low:
-            return "low"
-        if p < self.high:
-            return "medium"
-        return "high"
+    def windows(self, setting: str | None) -> dict[str, float]:
+        """Recency windows of a setting (``ward``'s when the setting is unknown)."""
+        return self.recency_hours.get(setting or "ward") or next(iter(self.recency_hours.values()))
+
+
+class Feedback(BaseModel):
+    """The clinician pages and the cohort view (``serving.worklist``, ``serving.feedback``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: cohort cells with fewer than k patients (or alerts, events) are shown as "<k"
+    k_anonymity: int = Field(default=5, ge=2, le=1000)
+    #: age bands of the cohort view (edges, years)
+    age_bands: list[float] = Field(default_factory=lambda: [0.0, 50.0, 65.0, 80.0, 130.0])
+    #: a worklist session cookie lasts this long
+    session_minutes: float = Field(default=30.0, gt=0, le=24 * 60)
+    #: the worklist shows patients scored within this many hours, the sparkline this span
+    worklist_hours: float = Field(default=72.0, gt=0, le=24 * 90)
+    #: the cohort view covers this many ISO weeks back from today (``?weeks=`` overrides)
+    cohort_weeks: int = Field(default=12, ge=1, le=520)
+    #: where the caller-id map lives (pseudonym -> caller id, sealed per API key)
+    identity_map: str = "logs/identities.sqlite"
+
+    @model_validator(mode="after")
+    def _bands(self) -> Feedback:
+        if len(self.age_bands) < 2 or sorted(self.age_bands) != self.age_bands:
+            raise ValueError("feedback.age_bands must be at least two increasing edges")
+        return self
 
 
 class ServeConfig(BaseModel):
@@ -59,7 +109,9 @@ class ServeConfig(BaseModel):
     access_log: bool = False
     #: OpenTelemetry spans per request (~0.35 ms CPU each): on only with an exporter configured
     tracing: bool = False
-    risk_bands: RiskBands = Field(default_factory=lambda: RiskBands())
+    #: enough recent data for an answer (else ``status: insufficient_data``)
+    data_sufficiency: DataSufficiency = Field(default_factory=lambda: DataSufficiency())
+    feedback: Feedback = Field(default_factory=lambda: Feedback())
     top_features: int = Field(5, ge=0, le=50)
     shadow_challenger: bool = True
     #: seconds between looks at the registry's champion/challenger aliases; the service swaps
@@ -176,6 +228,9 @@ class ServeConfig(BaseModel):
 
     def landing_path(self) -> Path:
         return Path(os.environ.get(LANDING_ENV) or self.landing_dir)
+
+    def identity_map_path(self) -> Path:
+        return Path(os.environ.get(IDENTITY_MAP_ENV) or self.feedback.identity_map)
 
     def feature_dictionary_path(self) -> Path:
         return Path(os.environ.get(FEATURE_DICTIONARY_ENV) or self.feature_dictionary)

@@ -38,7 +38,27 @@ _ID_RULE = f"expected a reference 'Patient/<id>' (id of 1-{MAX_PATIENT_ID} chara
 
 
 def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[PatientIn, list[str]]:
-    """Parse and validate a Bundle; one subject only. Raises ``InputError`` with locations.
+    """Parse and validate a Bundle; one subject only. Raises ``InputError`` with locations."""
+    patient, warnings, _ = parse_bundle(payload, vocab)
+    return patient, warnings
+
+
+def _reference(entry: Any) -> str | None:
+    """``Observation/<id>`` of a Bundle entry (its ``fullUrl`` when the resource has no id)."""
+    if not isinstance(entry, dict):
+        return None
+    res = entry.get("resource") or {}
+    rid = res.get("id") if isinstance(res, dict) else None
+    if isinstance(rid, str) and rid:
+        return f"{res.get('resourceType', 'Observation')}/{rid}"
+    url = entry.get("fullUrl")
+    return str(url) if isinstance(url, str) and url else None
+
+
+def parse_bundle(
+    payload: dict[str, Any], vocab: Vocabulary
+) -> tuple[PatientIn, list[str], list[str]]:
+    """Patient, warnings and the references of the Observations read (the ``basis``).
 
     Observations go through the one FHIR Observation parser (``ingest.fhir``): statuses,
     versions, panels/components, ``dataAbsentReason``, times and value types are read as
@@ -86,6 +106,7 @@ def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[Patie
         )
     patient = recs.patients[-1] if recs.patients else {}
     observations: list[ObservationIn] = []
+    basis: list[str] = []
     for j, line in enumerate(recs.line):
         where = f"entry[{line}]" + (f".{recs.where[j]}" if recs.where[j] else "")
         pre = Reason(recs.pre[j])
@@ -123,6 +144,9 @@ def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[Patie
                     }
                 )
             )
+            ref = _reference(entries[line]) if 0 <= line < len(entries) else None
+            if ref and ref not in basis:
+                basis.append(ref)
         except ValidationError as exc:
             problems.extend(
                 (
@@ -156,7 +180,7 @@ def bundle_to_patient(payload: dict[str, Any], vocab: Vocabulary) -> tuple[Patie
         observations=observations,
         as_of=None,
     )
-    return out, warnings
+    return out, warnings, basis
 
 
 def _date(text: str) -> date | None:
@@ -167,33 +191,58 @@ def _date(text: str) -> date | None:
 
 
 def risk_assessment(
-    score: PatientScore, model_name: str, model_version: str, request_id: str
+    score: PatientScore,
+    model_name: str,
+    model_version: str,
+    request_id: str,
+    basis: list[str] | None = None,
 ) -> dict[str, Any]:
-    """A validated FHIR R4 RiskAssessment for one scored patient."""
+    """A validated FHIR R4 RiskAssessment for one scored patient.
+
+    ``subject`` is the caller's own Patient reference (never the pseudonym), ``prediction``
+    has the horizon as ``whenPeriod`` and the reasons as ``rationale``, ``basis`` lists the
+    Observations read. ``insufficient_data``: no probability and no qualitative risk, said in
+    the rationale; a NEWS2 escalation is always a note.
+    """
+    from datetime import datetime, timedelta
+
     from fhir.resources.R4B.riskassessment import RiskAssessment
 
-    notes = [{"text": c.text} for c in score.top_features]
+    reasons = [c.text for c in score.top_features]
+    prediction: dict[str, Any] = {"outcome": {"text": OUTCOME_TEXT}}
+    if score.status == "ok" and score.probability is not None and score.risk_band:
+        prediction["probabilityDecimal"] = round(score.probability, 6)
+        prediction["qualitativeRisk"] = {
+            "coding": [{"system": RISK_PROBABILITY, "code": _BAND_CODE[score.risk_band]}],
+            "text": score.risk_band,
+        }
+        prediction["rationale"] = "; ".join(reasons) or "no single factor stood out"
+    else:
+        prediction["rationale"] = f"insufficient data: {score.status_detail}"
+    if score.horizon_hours:
+        start = datetime.fromisoformat(score.as_of.replace("Z", "+00:00"))
+        end = start + timedelta(hours=score.horizon_hours)
+        prediction["whenPeriod"] = {
+            "start": score.as_of,
+            "end": end.isoformat().replace("+00:00", "Z"),
+        }
+    notes = []
+    if score.escalation_text:
+        notes.append({"text": f"escalation: {score.escalation_text}"})
     if score.news2_total is not None:
         notes.append({"text": f"NEWS2 total score {score.news2_total:g}"})
+    notes.append({"text": f"alert: {'yes' if score.alert else 'no'}"})
     notes.extend({"text": f"warning: {w}"} for w in score.warnings)
-    resource = {
+    resource: dict[str, Any] = {
         "resourceType": "RiskAssessment",
         "identifier": [{"system": "urn:vitalrisk:request", "value": request_id}],
         "status": "final",
         "subject": {"reference": f"Patient/{score.patient_id}"},
         "occurrenceDateTime": score.as_of,
         "method": {"text": f"{model_name} version {model_version} (LightGBM, calibrated)"},
-        "prediction": [
-            {
-                "outcome": {"text": OUTCOME_TEXT},
-                "probabilityDecimal": round(score.probability, 6),
-                "qualitativeRisk": {
-                    "coding": [{"system": RISK_PROBABILITY, "code": _BAND_CODE[score.risk_band]}]
-                },
-            }
-        ],
-        "note": notes or None,
+        "prediction": [prediction],
+        "note": notes,
     }
-    if not notes:
-        resource.pop("note")
+    if basis:
+        resource["basis"] = [{"reference": r} for r in basis[:1000]]
     return RiskAssessment.model_validate(resource).model_dump(mode="json", exclude_none=True)

@@ -55,7 +55,42 @@ ROUTE_SCOPES: dict[str, dict[str, str]] = {
     "/v1/fhir/score": {"POST": "score"},
     "/v1/observations": {"POST": "ingest"},
     "/v1/model": {"GET": "read"},
+    "/v1/patients/{patient_id}/summary": {"GET": "read"},
+    "/v1/cohort": {"GET": "read"},
+    # CDS Hooks 2.0: the EHR sends our API key as its bearer token (serving/cds.py)
+    "/cds-services/vitalrisk-patient-view": {"POST": "score"},
 }
+#: the clinician pages (serving/worklist.py): a session cookie instead of a bearer token
+#: (serving/sessions.py); path -> methods (HEAD with GET)
+PAGE_ROUTES: dict[str, frozenset[str]] = {
+    "/worklist": frozenset({"GET"}),
+    "/worklist/login": frozenset({"GET", "POST"}),
+    "/worklist/logout": frozenset({"POST"}),
+    "/worklist/acknowledge": frozenset({"POST"}),
+    "/worklist/patients/{pseudonym}": frozenset({"GET"}),
+    "/worklist/static/worklist.css": frozenset({"GET"}),
+    "/cohort": frozenset({"GET"}),
+}
+#: pages anyone may load (the login form, its stylesheet)
+OPEN_PAGES = frozenset({"/worklist/login", "/worklist/static/worklist.css"})
+LOGIN_PATH = "/worklist/login"
+#: routes with a path parameter: the template is what logs, metrics and the audit name
+ROUTE_TEMPLATES: dict[str, re.Pattern[str]] = {
+    "/v1/patients/{patient_id}/summary": re.compile(r"^/v1/patients/[^/]{1,384}/summary$"),
+    "/worklist/patients/{pseudonym}": re.compile(r"^/worklist/patients/p_[0-9a-f]{20}$"),
+}
+
+
+def route_of(path: str) -> str:
+    """The declared route a path belongs to (its template for parameterised routes)."""
+    if path in ROUTE_SCOPES or path in PAGE_ROUTES:
+        return path
+    for template, pattern in ROUTE_TEMPLATES.items():
+        if pattern.match(path):
+            return template
+    return path
+
+
 #: audit ``action`` per route (docs/contracts.md: ``predict`` is serving's data access)
 ROUTE_ACTIONS: dict[str, str] = {
     "/v1/score": "predict",
@@ -63,10 +98,28 @@ ROUTE_ACTIONS: dict[str, str] = {
     "/v1/fhir/score": "predict",
     "/v1/observations": "collect",
     "/v1/model": "read_model",
+    "/v1/patients/{patient_id}/summary": "read_patient",
+    "/v1/cohort": "read_cohort",
+    "/cds-services/vitalrisk-patient-view": "predict",
+    "/worklist": "read_worklist",
+    "/worklist/login": "login",
+    "/worklist/logout": "logout",
+    "/worklist/acknowledge": "acknowledge",
+    "/worklist/patients/{pseudonym}": "read_patient",
+    "/cohort": "read_cohort",
 }
 #: public routes (probes, metrics, OpenAPI, BentoML's index page and its assets)
 PUBLIC_PATHS = frozenset(
-    {"/", "/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/schema.json"}
+    {
+        "/",
+        "/healthz",
+        "/livez",
+        "/readyz",
+        "/metrics",
+        "/docs.json",
+        "/schema.json",
+        "/cds-services",  # CDS Hooks discovery: no patient data
+    }
 )
 STATIC_PREFIX = "/static_content/"
 FEATURES_PATH = "/v1/score/features"
@@ -83,8 +136,9 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 def metrics_label(path: str) -> str:
     """The path as a metrics label: declared routes by name, everything else in one bucket
     (an unknown path must not become a new label set, nor put an identifier in /metrics)."""
-    if path in ROUTE_SCOPES or path in PUBLIC_PATHS:
-        return path
+    route = route_of(path)
+    if route in ROUTE_SCOPES or route in PAGE_ROUTES or path in PUBLIC_PATHS:
+        return route
     if path.startswith(STATIC_PREFIX):
         return STATIC_PREFIX + "*"
     return "/(undeclared)"
@@ -268,18 +322,23 @@ class Exchange:
     status: int = 500
     patients: list[str] = field(default_factory=list)
     model_version: str | None = None
+    route: str = ""
+
+    def __post_init__(self) -> None:
+        self.route = route_of(self.path)
 
     @property
     def rid_header(self) -> tuple[bytes, bytes]:
         return (b"x-request-id", self.rid.encode())
 
     def resource(self) -> str:
-        return f"{self.method} {self.path if self.path in ROUTE_SCOPES else '(undeclared path)'}"
+        declared = self.route in ROUTE_SCOPES or self.route in PAGE_ROUTES
+        return f"{self.method} {self.route if declared else '(undeclared path)'}"
 
     def audit_item(self) -> AuditItem:
         return AuditItem(
             actor=self.actor,
-            action=ROUTE_ACTIONS.get(self.path, "request"),
+            action=ROUTE_ACTIONS.get(self.route, "request"),
             resource=self.resource(),
             status=self.status,
             request_id=self.rid,
@@ -329,7 +388,9 @@ class GuardMiddleware:
             await send(message)
 
         try:
-            if ex.path in ROUTE_SCOPES or ex.path.startswith("/v1/") or ex.path == "/v1":
+            if ex.route in PAGE_ROUTES:
+                await self._page(ex, scope, receive, tracked)
+            elif ex.route in ROUTE_SCOPES or ex.path.startswith("/v1/") or ex.path == "/v1":
                 await self._api(ex, scope, receive, tracked)
             else:
                 await self._public(ex, scope, receive, tracked)
@@ -431,6 +492,113 @@ class GuardMiddleware:
             return
         await self._forward(rt, ex, scope, receive, responder, body, parsed)
 
+    # -- clinician pages ----------------------------------------------------------------
+    async def _page(self, ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
+        """Session-cookie pages: method, session (or the login form's key), rate, body,
+        audit health; then the route, answered once its audit entry is durable."""
+        from serving import sessions
+        from serving.runtime import current_runtime
+
+        rt = current_runtime()
+        methods = PAGE_ROUTES[ex.route]
+        allowed = methods | ({"HEAD"} if "GET" in methods else set())
+        if ex.method not in allowed:
+            allow = ", ".join(sorted(allowed))
+            await send_json(
+                send,
+                405,
+                _not_allowed(ex, sorted(allowed)),
+                [ex.rid_header, (b"allow", allow.encode())],
+            )
+            return
+        if rt is None:
+            await send_json(
+                send,
+                503,
+                {"error": "service is starting", "request_id": ex.rid},
+                [ex.rid_header, (b"retry-after", b"5")],
+            )
+            return
+        headers = _headers(scope)
+        ctx: dict[str, Any] = {"request_id": ex.rid, "actor": "", "patients": []}
+        responder = _Responder(rt, ex, send)
+        if ex.route not in OPEN_PAGES:
+            found = sessions.verify(sessions.cookie_of(headers.get("cookie")), rt.keys)
+            if found is None:
+                ex.status = 303 if ex.method in ("GET", "HEAD") else 401
+                rt.audit.record(ex.audit_item())
+                if ex.status == 303:
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 303,
+                            "headers": [(b"location", LOGIN_PATH.encode()), ex.rid_header],
+                        }
+                    )
+                    await send({"type": "http.response.body", "body": b""})
+                else:
+                    await send_json(
+                        send,
+                        401,
+                        {"error": "not logged in (or the session expired)", "request_id": ex.rid},
+                        [ex.rid_header],
+                    )
+                return
+            ctx["session"], key = found
+            ex.actor = ctx["actor"] = key.name
+        elif ex.route != LOGIN_PATH:
+            responder.unaudited = True  # the stylesheet: no data, nobody to name
+        body = b""
+        try:
+            if ex.actor != ANONYMOUS:
+                wait = rt.limiter.acquire(ex.actor, rate=None)
+                if wait > 0:
+                    raise Reject(429, "rate limit exceeded", [(b"retry-after", b"1")])
+            if not rt.audit.healthy and not responder.unaudited:
+                responder.unaudited = True
+                raise Reject(503, "audit log unavailable; retry later", [(b"retry-after", b"5")])
+            if ex.method == "POST":
+                got = await read_body(receive, headers, rt.config, responder)
+                if got is None:
+                    return
+                body = got
+                ctx["form"] = _form(body)
+                if ex.route == LOGIN_PATH:
+                    self._login(rt, ex, ctx)
+        except Reject as r:
+            await responder.reject(r)
+            return
+        scope.setdefault("state", {})["vitalrisk"] = ctx
+        responder.ctx = ctx
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, responder.send)
+
+    def _login(self, rt: Any, ex: Exchange, ctx: dict[str, Any]) -> None:
+        """The login form's key, checked like a bearer token (same throttle on failures)."""
+        throttle = self.throttle(rt)
+        wait = throttle.blocked(ex.client)
+        if wait > 0:
+            raise Reject(429, f"too many failed logins; retry in {wait:.0f} s")
+        presented = (ctx["form"].get("key") or "").strip()
+        key = rt.keys.authenticate(presented) if presented else None
+        if key is None:
+            throttle.failed(ex.client)
+            ctx["login_error"] = "unknown key"
+        elif not key.allows("read"):
+            ctx["login_error"] = f"key {key.name!r} lacks the read scope"
+            ctx["actor"] = key.name
+        else:
+            ctx["login_key"] = key
+            ctx["actor"] = key.name
+
     def _authenticate(self, rt: Any, ex: Exchange, headers: dict[str, str]) -> Any:
         throttle = self.throttle(rt)
         wait = throttle.blocked(ex.client)
@@ -464,7 +632,7 @@ class GuardMiddleware:
         responder: _Responder,
     ) -> tuple[bytes | None, Any]:
         """Route, method, scope, audit health and rate; then the body. ``Reject`` otherwise."""
-        methods = ROUTE_SCOPES.get(ex.path)
+        methods = ROUTE_SCOPES.get(ex.route)
         if methods is None:
             raise Reject(404, _not_found(ex)["error"])
         needed = methods.get(ex.method)
@@ -551,6 +719,17 @@ class GuardMiddleware:
         await self.app(scope, replay, responder.send)
 
 
+def _form(body: bytes) -> dict[str, str]:
+    """An ``application/x-www-form-urlencoded`` body: the first value of each field."""
+    from urllib.parse import parse_qs
+
+    try:
+        fields = parse_qs(body.decode("utf-8"), max_num_fields=20)
+    except (UnicodeDecodeError, ValueError):
+        raise Reject(400, "form body is not valid") from None
+    return {k: v[0][:512] for k, v in fields.items() if v}
+
+
 def _payload(r: Reject, ex: Exchange) -> dict[str, Any]:
     return r.payload if r.payload is not None else {"error": r.message, "request_id": ex.rid}
 
@@ -589,6 +768,8 @@ class _Responder:
         self.ex.status = status
         if self.ctx is not None:
             self.ex.patients = [str(p) for p in self.ctx.get("patients") or []]
+            if self.ctx.get("actor"):  # a login names its key once it is checked
+                self.ex.actor = str(self.ctx["actor"])
             # batched feature rows: the runtime knows which version scored this request
             v = self.rt.answered_by(self.ex.rid) or self.ctx.get("model_version")
             self.ex.model_version = None if v is None else str(v)

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_ENV = "VITALRISK_MONITOR_SUMMARY"
 BANDS = ("low", "medium", "high")
+#: the band label of an answer without a risk (``status: insufficient_data``: no probability)
+NO_RISK = "insufficient_data"
 SETTINGS = ("ward", "home")
 #: every verdict the monitor writes (monitoring/monitor.py EXIT_CODES) and ``unknown``: no
 #: summary readable at the configured path
@@ -160,7 +162,7 @@ def _build() -> _Metrics:
 def _zeros(m: _Metrics) -> None:
     """Every band x setting series from the start (at 0): rates and alert rules then see a
     series before the first alert or escalation, not an absent one."""
-    for band in (*BANDS, "other"):
+    for band in (*BANDS, NO_RISK, "other"):
         for setting in (*SETTINGS, "unknown", "other"):
             for counter in (m.scores, m.alerts, m.escalations):
                 counter.labels(band, setting)
@@ -199,7 +201,10 @@ def observe_scores(results: Sequence[Any], settings: Iterable[Any]) -> None:
         m = metrics()
         for result, setting in zip(results, settings, strict=False):
             band = str(getattr(result, "risk_band", ""))
-            band = band if band in BANDS else "other"
+            if getattr(result, "status", None) == NO_RISK:
+                band = NO_RISK
+            elif band not in BANDS:
+                band = "other"
             st = setting_label(setting)
             m.scores.labels(band, st).inc()
             p = getattr(result, "probability", None)

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from core.schema import PREDICTION_LOG_COLUMNS, upgrade_prediction_log
+from core.schema import ANSWER_LOG_COLUMNS, PREDICTION_LOG_COLUMNS, upgrade_prediction_log
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,62 @@ class PredictionRecord:
             self.setting,
             _clean(self.horizon_hours),
         )
+
+
+@dataclass(frozen=True)
+class AnswerRecord:
+    """One row of table ``answers`` (``core.schema.ANSWER_LOG_COLUMNS``, in that order)."""
+
+    request_id: str
+    scored_at: str
+    as_of: str
+    patient_id: str  # pseudonym
+    key_name: str
+    model_name: str
+    model_version: str
+    status: str
+    probability: float | None
+    risk_band: str | None
+    model_risk_band: str | None
+    alert: bool
+    escalation: str | None
+    news2_total: float | None
+    news2_max_single: float | None
+    setting: str | None
+    horizon_hours: float | None
+    age_band: str | None
+    reasons: tuple[str, ...]
+    latest: Mapping[str, str]
+
+    def row(self) -> tuple[Any, ...]:
+        return (
+            self.request_id,
+            self.scored_at,
+            self.as_of,
+            self.patient_id,
+            self.key_name,
+            self.model_name,
+            self.model_version,
+            self.status,
+            _clean(self.probability),
+            self.risk_band,
+            self.model_risk_band,
+            int(bool(self.alert)),
+            self.escalation,
+            _clean(self.news2_total),
+            _clean(self.news2_max_single),
+            self.setting,
+            _clean(self.horizon_hours),
+            self.age_band,
+            orjson.dumps(list(self.reasons)).decode("utf-8"),
+            orjson.dumps(dict(self.latest)).decode("utf-8"),
+        )
+
+
+_ANSWER_SQL = (
+    f"INSERT INTO answers ({', '.join(ANSWER_LOG_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(ANSWER_LOG_COLUMNS))})"
+)
 
 
 def features_json(features: Mapping[str, Any]) -> str:
@@ -125,21 +181,35 @@ class PredictionLog:
         finally:
             conn.close()
 
-    def append(self, records: Iterable[PredictionRecord]) -> int:
+    def append(
+        self, records: Iterable[PredictionRecord], answers: Iterable[AnswerRecord] = ()
+    ) -> int:
+        """Prediction rows and the answers they belong to, in one transaction."""
         rows = [r.row() for r in records]
-        if not rows:
+        answer_rows = [a.row() for a in answers]
+        if not rows and not answer_rows:
             return 0
         sql = f"INSERT INTO predictions ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
         with self._lock:
             cur = self._conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                cur.executemany(sql, rows)
+                if rows:
+                    cur.executemany(sql, rows)
+                if answer_rows:
+                    cur.executemany(_ANSWER_SQL, answer_rows)
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
         return len(rows)
+
+    def acknowledge(self, acked_at: str, pseudonym: str, key_name: str, request_id: str) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO acknowledgements VALUES (?, ?, ?, ?)",
+                (acked_at, pseudonym, key_name, request_id),
+            )
 
     def count(self) -> int:
         with self._lock:
@@ -174,6 +244,10 @@ class PgPredictionLog:
             f"INSERT INTO predictions ({', '.join(COLUMNS)}) "
             f"VALUES ({', '.join(['%s'] * len(COLUMNS))})"
         )
+        self._answer_sql = (
+            f"INSERT INTO answers ({', '.join(ANSWER_LOG_COLUMNS)}) "
+            f"VALUES ({', '.join(['%s'] * len(ANSWER_LOG_COLUMNS))})"
+        )
 
     def _connection(self) -> Any:
         if self._conn is None or self._conn.closed or self._conn.broken:
@@ -182,15 +256,31 @@ class PgPredictionLog:
             self._conn = connect(self.location, autocommit=True)
         return self._conn
 
-    def append(self, records: Iterable[PredictionRecord]) -> int:
+    def append(
+        self, records: Iterable[PredictionRecord], answers: Iterable[AnswerRecord] = ()
+    ) -> int:
+        """Prediction rows and the answers they belong to, in one transaction."""
         rows = [r.row() for r in records]
-        if not rows:
+        answer_rows = [a.row() for a in answers]
+        if not rows and not answer_rows:
             return 0
         with self._lock:
             conn = self._connection()
             with conn.transaction(), conn.cursor() as cur:
-                cur.executemany(self._sql, rows)
+                if rows:
+                    cur.executemany(self._sql, rows)
+                if answer_rows:
+                    cur.executemany(self._answer_sql, answer_rows)
         return len(rows)
+
+    def acknowledge(self, acked_at: str, pseudonym: str, key_name: str, request_id: str) -> None:
+        with self._lock:
+            conn = self._connection()
+            with conn.transaction():
+                conn.execute(
+                    "INSERT INTO acknowledgements VALUES (%s, %s, %s, %s)",
+                    (acked_at, pseudonym, key_name, request_id),
+                )
 
     def count(self) -> int:
         with self._lock:

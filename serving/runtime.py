@@ -6,6 +6,8 @@ testable without a server, and so a BentoML upgrade touches one file.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -25,6 +27,8 @@ from core.errors import UserError
 from core.vocabulary import Vocabulary, load_vocabulary, vocabulary_from_dict
 from features.build import FeatureArrays, input_codes
 from governance.audit import AuditLogError
+from models.thresholds import Thresholds, model_thresholds
+from serving import safety
 from serving.auditq import AuditWriter
 from serving.auth import KeyStore, RateLimiter
 from serving.batching import Job, ScoreQueue
@@ -36,7 +40,14 @@ from serving.config import (
     model_name,
     params_path,
 )
-from serving.predlog import PgPredictionLog, PredictionLog, PredictionRecord, features_json
+from serving.identities import IdentityMap
+from serving.predlog import (
+    AnswerRecord,
+    PgPredictionLog,
+    PredictionLog,
+    PredictionRecord,
+    features_json,
+)
 from serving.schemas import (
     FeatureRow,
     FeatureScore,
@@ -46,6 +57,7 @@ from serving.schemas import (
     ObservationsResponse,
     PatientIn,
     PatientScore,
+    RiskThresholds,
     ScoreResponse,
 )
 from serving.scoring import (
@@ -105,6 +117,8 @@ class ModelSet:
     horizons: Mapping[str, float]
     #: the vocabulary the champion was trained with: raw observations are judged by it
     vocab: Vocabulary
+    #: the champion's own risk thresholds, fitted and logged with it (``models.thresholds``)
+    thresholds: Thresholds
 
     def horizon(self, setting: str | None) -> float | None:
         if setting and setting in self.horizons:
@@ -121,6 +135,8 @@ class Runtime:
     models: ModelSet
     audit: AuditWriter
     predlog: PredictionLog | PgPredictionLog
+    #: caller ids sealed per API key (``serving/identities.py``); None: ids are not kept
+    identities: IdentityMap | None = None
     limiter: RateLimiter = field(init=False)
     #: set by ``serving.follow`` when the service follows the registry's aliases
     follower: Any = field(default=None, init=False)
@@ -134,6 +150,8 @@ class Runtime:
         #: BentoML, so the guard learns the version from here); bounded, popped by the guard
         self._answered: OrderedDict[str, str] = OrderedDict()
         self._answered_lock = threading.Lock()
+        #: request id -> the API key name that sent it (answers are logged per key)
+        self._actors: dict[str, str] = {}
         #: raw-observation requests queue up and are scored in batches (serving/batching.py)
         self.queue: ScoreQueue[Sequence[PatientIn]] = ScoreQueue(
             self.score_jobs, self.config.score_batch_patients, self.config.inline_observations
@@ -227,17 +245,24 @@ class Runtime:
             records += _records(shadow, "shadow", context, ps)
         self.predlog.append(records)
         self._remember(rids, champion.version)
-        bands = self.config.risk_bands
-        return [
-            FeatureScore(
-                patient_id=pid,
-                probability=float(pi),
-                risk_band=bands.band(float(pi)),
-                model_version=champion.version,
-                request_id=rid,
+        out = []
+        for row, pi, rid, n2 in zip(rows, p, rids, news2, strict=True):
+            # a feature row carries no single-parameter scores unless sent: the aggregate
+            # rule and any news2_* sub-scores it has
+            parts = [_num(row.features.get(n)) for n in safety.NEWS2_PARTS]
+            v = safety.decide(float(pi), models.thresholds, safety.OK, n2, safety.max_single(parts))
+            out.append(
+                FeatureScore(
+                    patient_id=row.patient_id,
+                    probability=float(pi),
+                    risk_band=str(v.risk_band),
+                    alert=v.alert,
+                    escalation=v.escalation,
+                    model_version=champion.version,
+                    request_id=rid,
+                )
             )
-            for pid, pi, rid in zip(ids, p, rids, strict=True)
-        ]
+        return out
 
     # -- /v1/score ------------------------------------------------------------------------
     def feature_arrays(
@@ -315,13 +340,19 @@ class Runtime:
         return prepare_patients(patients, (models or self.models).vocab, self.config)
 
     async def score(
-        self, patients: Sequence[PatientIn], request_id: str
+        self, patients: Sequence[PatientIn], request_id: str, actor: str = ""
     ) -> tuple[ScoreResponse, list[str]]:
-        """Score one request's patients in the next batch (``serving/batching.py``)."""
+        """Score one request's patients in the next batch (``serving/batching.py``);
+        ``actor`` is the API key name (its answers and caller ids are kept under it)."""
+        if actor:
+            self._actors[request_id] = actor
         n_obs = sum(len(p.observations) for p in patients)
-        result: tuple[ScoreResponse, list[str]] = await self.queue.submit(
-            patients, request_id, len(patients), n_obs
-        )
+        try:
+            result: tuple[ScoreResponse, list[str]] = await self.queue.submit(
+                patients, request_id, len(patients), n_obs
+            )
+        finally:  # a refused request never reaches the answer log: forget its key here
+            self._actors.pop(request_id, None)
         return result
 
     def score_jobs(
@@ -370,18 +401,17 @@ class Runtime:
         requests: Sequence[tuple[list[PreparedPatient], str]],
         models: ModelSet | None = None,
     ) -> list[ScoreResponse]:
-        """Features, probabilities, reasons and one prediction-log commit for all requests.
+        """Features, probabilities, the safety rules, reasons and one prediction-log commit.
 
         Every request has a patient, and patients are distinct across ``requests`` (see
         :meth:`score_jobs`); each request keeps its own request id in its answer and in the
-        prediction log.
+        prediction log. Only answers with a probability get ``predictions`` rows; every
+        answer (also ``insufficient_data``) gets an ``answers`` row, in the same transaction.
         """
         models = models or self.models  # one set for the whole batch, whatever the follower does
         champion, shadow = models.champion, models.shadow
         prepared = [pp for prep, _ in requests for pp in prep]
         rids = [rid for prep, rid in requests for _ in prep]
-        pids = [pp.pseudonym for pp in prepared]
-        names = champion.feature_names
         frame = self.feature_arrays(prepared, models)
         X = self._feature_matrix(frame, champion)
         p = champion.predict_matrix(X)
@@ -389,48 +419,145 @@ class Runtime:
         logged_cols = models.logged_cols
         values = self._logged_values(frame, logged_cols)
         news2 = [_num(v) for v in values[:, logged_cols.index("news2_total")]]
-        scored_at = _now_iso()
-        logged = [
-            features_json(dict(zip(logged_cols, row.tolist(), strict=True))) for row in values
-        ]
+        has_parts = all(n in frame.names for n in safety.NEWS2_PARTS)
+        parts = self._logged_values(frame, list(safety.NEWS2_PARTS))
         settings = [_text(v) for v in frame.setting.tolist()]
-        context = _RowContext(scored_at, rids, pids, news2, logged, settings, models)
-        records = _records(champion, "champion", context, p)
-        if shadow is not None:
-            ps = shadow.predict_matrix(self._feature_matrix(frame, shadow))
-            records += _records(shadow, "shadow", context, ps)
-        self.predlog.append(records)
-        scores = []
+        scored_at = _now_iso()
+        scores: list[PatientScore] = []
+        answers: list[AnswerRecord] = []
+        ok: list[int] = []
         for i, pp in enumerate(prepared):
-            warnings = pp.warnings + missing_warnings(models.vocab, pp)
-            scores.append(
-                PatientScore(
-                    patient_id=pp.pseudonym,
-                    as_of=pp.as_of.isoformat().replace("+00:00", "Z"),
-                    probability=round(float(p[i]), 6),
-                    risk_band=self.config.risk_bands.band(float(p[i])),  # type: ignore[arg-type]
-                    news2_total=news2[i],
-                    top_features=explain(
-                        names, X[i], contrib[i], models.texts, self.config.top_features
-                    ),
-                    warnings=warnings,
-                )
+            as_of_ns = _ns(pp.as_of)
+            latest = safety.latest_times(pp.codes, pp.time_ns, as_of_ns)
+            status, detail = safety.data_status(
+                latest, as_of_ns, settings[i], self.config.data_sufficiency
             )
+            single = safety.max_single([_num(v) for v in parts[i]])
+            v = safety.decide(float(p[i]), models.thresholds, status, news2[i], single)
+            warnings = pp.warnings + missing_warnings(models.vocab, pp)
+            if not has_parts:
+                warnings.append(
+                    "NEWS2 single-parameter rule not applied: this model's features have no "
+                    "NEWS2 sub-scores"
+                )
+            reasons = (
+                explain(
+                    champion.feature_names, X[i], contrib[i], models.texts, self.config.top_features
+                )
+                if v.status == safety.OK
+                else []
+            )
+            if v.status == safety.OK:
+                ok.append(i)
+            score = PatientScore(
+                patient_id=pp.caller_id or pp.pseudonym,
+                status=v.status,  # type: ignore[arg-type]
+                status_detail=detail,
+                as_of=pp.as_of.isoformat().replace("+00:00", "Z"),
+                setting=settings[i],
+                horizon_hours=models.horizon(settings[i]),
+                probability=None if v.probability is None else round(v.probability, 6),
+                risk_band=v.risk_band,  # type: ignore[arg-type]
+                model_risk_band=v.model_band,  # type: ignore[arg-type]
+                alert=v.alert,
+                escalation=v.escalation,  # type: ignore[arg-type]
+                escalation_text=v.escalation_text,
+                news2_total=news2[i],
+                news2_max_single=single,
+                latest_observations={c: safety.iso_ns(t) for c, t in sorted(latest.items())},
+                top_features=reasons,
+                warnings=warnings,
+            )
+            scores.append(score)
+            answers.append(self._answer_record(rids[i], scored_at, pp, score, models, self.config))
+        logged = [
+            features_json(dict(zip(logged_cols, values[i].tolist(), strict=True))) for i in ok
+        ]
+        context = _RowContext(
+            scored_at,
+            [rids[i] for i in ok],
+            [prepared[i].pseudonym for i in ok],
+            [news2[i] for i in ok],
+            logged,
+            [settings[i] for i in ok],
+            models,
+        )
+        records = _records(champion, "champion", context, p[ok])
+        if shadow is not None and ok:
+            ps = shadow.predict_matrix(self._feature_matrix(frame, shadow))
+            records += _records(shadow, "shadow", context, ps[ok])
+        self._keep_identities(answers, prepared)
+        self.predlog.append(records, answers)
         model = ModelRef(name=champion.name, version=champion.version)
+        t = models.thresholds
+        bands = RiskThresholds(
+            low=t.low, high=t.high, alert_budget_per_100=t.alert_budget_per_100, unit=t.unit
+        )
         out = []
         start = 0
         for prep, rid in requests:
             out.append(
                 ScoreResponse(
-                    request_id=rid, model=model, results=scores[start : start + len(prep)]
+                    request_id=rid,
+                    model=model,
+                    thresholds=bands,
+                    results=scores[start : start + len(prep)],
                 )
             )
             start += len(prep)
         return out
 
+    @staticmethod
+    def _answer_record(
+        rid: str,
+        scored_at: str,
+        pp: PreparedPatient,
+        score: PatientScore,
+        models: ModelSet,
+        config: ServeConfig,
+    ) -> AnswerRecord:
+        return AnswerRecord(
+            request_id=rid,
+            scored_at=scored_at,
+            as_of=score.as_of,
+            patient_id=pp.pseudonym,
+            key_name="",  # set by _keep_identities (the key is known per request)
+            model_name=models.champion.name,
+            model_version=models.champion.version,
+            status=score.status,
+            probability=score.probability,
+            risk_band=score.risk_band,
+            model_risk_band=score.model_risk_band,
+            alert=score.alert,
+            escalation=score.escalation,
+            news2_total=score.news2_total,
+            news2_max_single=score.news2_max_single,
+            setting=score.setting,
+            horizon_hours=score.horizon_hours,
+            age_band=age_band(pp.covariates.get("age"), config.feedback.age_bands),
+            reasons=tuple(c.text for c in score.top_features),
+            latest=score.latest_observations,
+        )
+
+    def _keep_identities(
+        self, answers: list[AnswerRecord], prepared: Sequence[PreparedPatient]
+    ) -> None:
+        """Name each answer's key; keep the caller ids sealed for that key."""
+        by_key: dict[str, list[tuple[str, str]]] = {}
+        for j, (a, pp) in enumerate(zip(answers, prepared, strict=True)):
+            actor = self._actors.get(a.request_id, "")
+            answers[j] = dataclasses.replace(a, key_name=actor)
+            if actor and pp.caller_id:
+                by_key.setdefault(actor, []).append((pp.pseudonym, pp.caller_id))
+        for rid in {a.request_id for a in answers}:
+            self._actors.pop(rid, None)
+        if self.identities is not None:
+            for actor, pairs in by_key.items():
+                self.identities.remember(actor, pairs)
+
     # -- /v1/observations -----------------------------------------------------------------
     def collect(
-        self, req: ObservationsRequest, request_id: str
+        self, req: ObservationsRequest, request_id: str, actor: str = ""
     ) -> tuple[ObservationsResponse, list[str]]:
         from serving.landing import validate_items, write_landing
 
@@ -446,11 +573,20 @@ class Runtime:
                 ],
                 status=413,
             )
+        callers: dict[str, str] = {}
+
+        def pseudonym(pid: str) -> str:
+            ps = pseudonym_of(pid)
+            callers[ps] = pid
+            return ps
+
         rows, rejected = validate_items(
-            req.observations, self.vocab, pseudonym_of, self.config.future_tolerance_minutes
+            req.observations, self.vocab, pseudonym, self.config.future_tolerance_minutes
         )
         path = write_landing(rows, self.config.landing_path(), request_id) if rows else None
         pats = sorted({r["patient_id"] for r in rows})
+        if self.identities is not None and actor:
+            self.identities.remember(actor, [(ps, callers[ps]) for ps in pats if ps in callers])
         resp = ObservationsResponse(
             request_id=request_id,
             received=len(req.observations),
@@ -506,6 +642,23 @@ def _records(
             strict=True,
         )
     ]
+
+
+def _ns(t: datetime) -> int:
+    from serving.scoring import _ns_of
+
+    return _ns_of(t)
+
+
+def age_band(age: Any, edges: Sequence[float]) -> str | None:
+    """``"65-80"`` for an age within the configured band edges (None when unknown)."""
+    a = _num(age)
+    if a is None:
+        return None
+    for lo, hi in itertools.pairwise(edges):
+        if lo <= a < hi:
+            return f"{lo:g}-{hi:g}"
+    return f"{edges[-1]:g}+" if a >= edges[-1] else None
 
 
 def _text(v: Any) -> str | None:
@@ -787,6 +940,23 @@ def _model_set(
     info: ModelInfo,
 ) -> ModelSet:
     categorical = frozenset(getattr(champion.model, "categories", None) or {})
+    thresholds = model_thresholds(getattr(champion.model, "metadata", None))
+    if thresholds is None:
+        raise StartupError(
+            f"model {champion.name} version {champion.version} carries no fitted risk "
+            "thresholds (trained before they were logged with the model): retrain it "
+            "(`dvc repro`) and promote the new version"
+        )
+    info = info.model_copy(
+        update={
+            "thresholds": RiskThresholds(
+                low=thresholds.low,
+                high=thresholds.high,
+                alert_budget_per_100=thresholds.alert_budget_per_100,
+                unit=thresholds.unit,
+            )
+        }
+    )
     return ModelSet(
         champion=champion,
         shadow=shadow,
@@ -799,6 +969,7 @@ def _model_set(
         logged_cols=list(dict.fromkeys([*champion.feature_names, "news2_total"])),
         horizons=label_horizons(champion.model),
         vocab=vocab,
+        thresholds=thresholds,
     )
 
 
@@ -827,7 +998,13 @@ def build_runtime(
     try:
         predlog = prediction_log(config)
         rt = Runtime(
-            config=config, keys=keys, vocab=vocab, models=models, audit=audit, predlog=predlog
+            config=config,
+            keys=keys,
+            vocab=vocab,
+            models=models,
+            audit=audit,
+            predlog=predlog,
+            identities=IdentityMap(config.identity_map_path()),
         )
     except StoreError as exc:
         audit.close()

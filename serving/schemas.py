@@ -138,19 +138,62 @@ class Contribution(BaseModel):
     text: str = Field(description="clinician-readable reason")
 
 
+Band = Literal["low", "medium", "high"]
+EscalationCode = Literal["news2_emergency", "news2_urgent", "news2_single_parameter"]
+
+
 class PatientScore(BaseModel):
-    patient_id: str = Field(description="pseudonym")
-    as_of: str
-    probability: float
-    risk_band: Literal["low", "medium", "high"]
+    """One patient's answer after every safety rule (``serving/safety.py``)."""
+
+    patient_id: str = Field(
+        description="the caller's identifier, as sent (only its pseudonym is stored)"
+    )
+    status: Literal["ok", "insufficient_data"] = Field(
+        description="insufficient_data: not enough recent vitals (serve.data_sufficiency): "
+        "no probability and no band, never 'low'"
+    )
+    status_detail: str
+    as_of: str = Field(description="prediction time (ISO-8601 UTC)")
+    setting: str | None = Field(description="care setting the answer is for (ward, home)")
+    horizon_hours: float | None = Field(
+        description="the model predicts deterioration within this many hours after as_of"
+    )
+    probability: float | None = Field(description="calibrated; null when insufficient_data")
+    risk_band: Band | None = Field(
+        description="from the model's own thresholds, raised by the NEWS2 escalation floor"
+    )
+    model_risk_band: Band | None = Field(description="the model's band before the NEWS2 floor")
+    alert: bool = Field(
+        description="probability at or above the model's alert threshold (its 'high'), or a "
+        "NEWS2 escalation"
+    )
+    escalation: EscalationCode | None = Field(
+        description="NEWS2 trigger (RCP): >=7 emergency, 5-6 urgent, a single parameter "
+        "scoring 3 urgent ward-based"
+    )
+    escalation_text: str | None
     news2_total: float | None
+    news2_max_single: float | None = Field(description="highest NEWS2 parameter score")
+    latest_observations: dict[str, str] = Field(
+        description="newest observation time per vocabulary key (ISO-8601 UTC)"
+    )
     top_features: list[Contribution]
     warnings: list[str]
+
+
+class RiskThresholds(BaseModel):
+    """The served model's thresholds (fitted with it): p < low low, p < high medium, else high."""
+
+    low: float
+    high: float = Field(description="the alert threshold (alert budget per 100 patient-days)")
+    alert_budget_per_100: float
+    unit: str
 
 
 class ScoreResponse(BaseModel):
     request_id: str
     model: ModelRef
+    thresholds: RiskThresholds
     results: list[PatientScore]
 
 
@@ -213,9 +256,11 @@ def valid_patient_id(pid: Any) -> bool:
 
 
 class FeatureScore(BaseModel):
-    patient_id: str | None
+    patient_id: str | None = Field(description="the caller's identifier, as sent")
     probability: float
-    risk_band: str
+    risk_band: str = Field(description="model thresholds, raised by the NEWS2 floor")
+    alert: bool
+    escalation: str | None = Field(description="from the row's news2_total, when sent")
     model_version: str
     request_id: str
 
@@ -254,12 +299,65 @@ class ModelInfo(BaseModel):
     training_data_hash: str | None
     metrics: dict[str, float]
     shadow: ModelRef | None
+    #: the served model's own risk thresholds (fitted and logged with it)
+    thresholds: RiskThresholds | None = None
 
 
 class ErrorResponse(BaseModel):
     error: str
     detail: list[dict[str, Any]] | None = None
     request_id: str | None = None
+
+
+class CdsHookRequest(BaseModel):
+    """A CDS Hooks 2.0 hook request (``patient-view``); ``prefetch`` holds ``patient`` (a
+    Patient) and ``vitals`` (a search Bundle of vital-sign Observations)."""
+
+    model_config = ConfigDict(extra="allow")
+    hook: str = Field(min_length=1, max_length=64, examples=["patient-view"])
+    hookInstance: str = Field(min_length=1, max_length=128)
+    context: dict[str, Any]
+    prefetch: dict[str, Any] | None = None
+    fhirServer: str | None = Field(None, max_length=512)
+    fhirAuthorization: dict[str, Any] | None = None
+
+
+class CdsSource(BaseModel):
+    label: str
+    url: str | None = None
+
+
+class CdsCard(BaseModel):
+    summary: str = Field(max_length=140)
+    indicator: Literal["info", "warning", "critical"]
+    detail: str = Field(description="markdown: reasons, NEWS2, thresholds, data freshness")
+    source: CdsSource
+
+
+class CdsResponse(BaseModel):
+    cards: list[CdsCard]
+
+
+class CdsService(BaseModel):
+    hook: str
+    id: str
+    title: str
+    description: str
+    prefetch: dict[str, str]
+    usageRequirements: str | None = None
+
+
+class CdsDiscovery(BaseModel):
+    services: list[CdsService]
+
+
+class CohortResponse(BaseModel):
+    """Counts per ISO week, setting and age band; cells under ``k`` are "<k" (suppressed)."""
+
+    k: int
+    age_bands: list[str]
+    weeks: int
+    rows: list[dict[str, Any]]
 
 
 class FhirBundle(BaseModel):
@@ -284,6 +382,14 @@ ERROR_STATUSES: dict[int, str] = {
     429: "per-key rate limit, or too many failed authentications from this address (Retry-After)",
     503: "audit log unavailable, service starting or overloaded: nothing was processed (Retry-After)",
 }
+#: statuses one route answers besides :data:`ERROR_STATUSES` (kept in the OpenAPI document)
+ROUTE_STATUSES: dict[str, dict[int, str]] = {
+    "/v1/patients/{patient_id}/summary": {
+        404: "this API key sent no data for this patient (ids are resolved per key)"
+    },
+}
+#: routes outside /v1 that authenticate like it (CDS Hooks: the API key as bearer token)
+AUTHENTICATED_PREFIXES = ("/v1/", "/cds-services/")
 #: statuses of the public probes besides 200
 PROBE_STATUSES: dict[str, dict[int, str]] = {
     "/readyz": {503: "not ready: model not loaded, or the audit log cannot be written"},
@@ -318,10 +424,19 @@ def complete_openapi(doc: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(op, dict) or "responses" not in op:
                 continue
             responses = op["responses"]
-            if path.startswith("/v1/"):
+            if path.startswith(AUTHENTICATED_PREFIXES):
                 for unused in ("404", "500"):
                     responses.pop(unused, None)
                 responses.update(error_responses())
+                for status, text in ROUTE_STATUSES.get(path, {}).items():
+                    responses[str(status)] = {
+                        "description": text,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/ErrorResponse"}
+                            }
+                        },
+                    }
                 if method in ("post", "put", "patch") and "requestBody" in op:
                     op["requestBody"]["required"] = True
             for status, text in PROBE_STATUSES.get(path, {}).items():

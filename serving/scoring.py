@@ -233,6 +233,8 @@ class PreparedPatient:
     sources: np.ndarray  # object
     covariates: dict[str, Any]
     warnings: list[str]
+    #: the identifier the caller sent (echoed in the answer, never stored)
+    caller_id: str = ""
 
 
 @lru_cache(maxsize=1)
@@ -436,6 +438,7 @@ def prepare_patients(
             prepared.warnings.append("sex missing: scored with sex unknown")
         try:
             prepared.pseudonym = pseudonym_of(p.patient_id)
+            prepared.caller_id = p.patient_id
         except RuntimeError as exc:  # production mode without a pseudonym key
             raise InputError([("server", str(exc))]) from None
         prepared.covariates = {

@@ -26,15 +26,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving import metrics
-from serving.fhir import bundle_to_patient, risk_assessment
+from serving.fhir import parse_bundle, risk_assessment
 from serving.guard import GuardMiddleware, problems_payload
 from serving.runtime import (
     PinnedModel,
@@ -47,6 +47,10 @@ from serving.runtime import (
 )
 from serving.schemas import (
     ERROR_STATUSES,
+    CdsDiscovery,
+    CdsHookRequest,
+    CdsResponse,
+    CohortResponse,
     ErrorResponse,
     FeatureRow,
     FeatureScore,
@@ -119,6 +123,11 @@ def _audit(request: Request, patients: list[str], model_version: str | None) -> 
         ctx["model_version"] = model_version
 
 
+def _actor(request: Request) -> str:
+    ctx = getattr(request.state, "vitalrisk", None) or {}
+    return str(ctx.get("actor") or "")
+
+
 def _rt() -> Runtime:
     rt = current_runtime()
     if rt is None:  # pragma: no cover - the guard answers 503 before this
@@ -172,7 +181,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 async def score(request: Request, body: ScoreRequest) -> Response:
     """Score patients from raw observations with the training feature code."""
     rt = _rt()
-    resp, patients = await rt.score(body.patients, _rid(request))
+    resp, patients = await rt.score(body.patients, _rid(request), _actor(request))
     _audit(request, patients, resp.model.version)  # the version that answered
     metrics.observe_scores(resp.results, [p.covariates.setting for p in body.patients])
     # serialised here: returning the model would make FastAPI validate it once more;
@@ -184,13 +193,13 @@ async def score(request: Request, body: ScoreRequest) -> Response:
 async def fhir_score(request: Request, body: FhirBundle) -> JSONResponse:
     """FHIR R4 Bundle (Observations, optional Patient) in; FHIR R4 RiskAssessment out."""
     rt = _rt()
-    patient, warnings = bundle_to_patient(body.model_dump(exclude_none=True), rt.models.vocab)
-    resp, patients = await rt.score([patient], _rid(request))
+    patient, warnings, basis = parse_bundle(body.model_dump(exclude_none=True), rt.models.vocab)
+    resp, patients = await rt.score([patient], _rid(request), _actor(request))
     _audit(request, patients, resp.model.version)  # the version that answered
     metrics.observe_scores(resp.results, [patient.covariates.setting])
     score = resp.results[0]
     score.warnings = warnings + score.warnings
-    ra = risk_assessment(score, resp.model.name, resp.model.version, resp.request_id)
+    ra = risk_assessment(score, resp.model.name, resp.model.version, resp.request_id, basis)
     return JSONResponse(ra, media_type="application/fhir+json")
 
 
@@ -203,7 +212,7 @@ async def fhir_score(request: Request, body: FhirBundle) -> JSONResponse:
 def observations(request: Request, body: ObservationsRequest) -> ObservationsResponse:
     """Validate observations and land the good ones for the next ``vitalrisk ingest``."""
     rt = _rt()
-    resp, patients = rt.collect(body, _rid(request))
+    resp, patients = rt.collect(body, _rid(request), _actor(request))
     _audit(request, patients, None)
     metrics.observe_rejected_items(resp.rejected)
     return resp
@@ -215,6 +224,268 @@ def model(request: Request) -> ModelInfo:
     info = _rt().info  # one read: the follower may swap models at any time
     _audit(request, [], info.version)
     return info
+
+
+# -- CDS Hooks 2.0 (serving/cds.py) ---------------------------------------------------------
+@app.get("/cds-services", response_model=CdsDiscovery, tags=["cds-hooks"])
+def cds_discovery() -> JSONResponse:
+    """CDS Hooks discovery: the patient-view service and its prefetch templates."""
+    from serving import cds
+
+    return JSONResponse(cds.discovery())
+
+
+@app.post(
+    "/cds-services/vitalrisk-patient-view",
+    response_model=CdsResponse,
+    responses=_ERRORS,
+    tags=["cds-hooks"],
+)
+async def cds_patient_view(request: Request, body: CdsHookRequest) -> JSONResponse:
+    """patient-view hook: prefetched Patient + vital-sign Observations in, one card out
+    (``Authorization: Bearer <API key with the score scope>``)."""
+    from serving import cds
+    from serving.scoring import InputError as _InputError
+
+    rt = _rt()
+    payload, pid = cds.prefetch_bundle(body.model_dump(exclude_none=True))
+    patient, warnings, _ = parse_bundle(payload, rt.models.vocab)
+    if patient.patient_id != pid:
+        raise _InputError(
+            [("context.patientId", "the prefetched Observations are of another patient")]
+        )
+    resp, patients = await rt.score([patient], _rid(request), _actor(request))
+    _audit(request, patients, resp.model.version)
+    score = resp.results[0]
+    score.warnings = warnings + score.warnings
+    return JSONResponse(cds.cards(score, resp.thresholds, resp.model.name, resp.model.version))
+
+
+# -- feedback: the person's summary, the cohort (serving/feedback.py) ---------------------------
+class FhirJSONResponse(JSONResponse):
+    media_type = "application/fhir+json"
+
+
+@app.get(
+    "/v1/patients/{patient_id}/summary",
+    response_class=FhirJSONResponse,
+    responses=_ERRORS | {404: {"model": ErrorResponse, "description": "no data from this key"}},
+    tags=["feedback"],
+)
+def patient_summary(request: Request, patient_id: str) -> JSONResponse:
+    """FHIR R4 Bundle of the patient's own observations and latest RiskAssessment (PHR):
+    only for the API key that sent this patient's data."""
+    from datetime import UTC, datetime, timedelta
+
+    from serving import feedback
+    from serving.landing import read_landing
+    from serving.schemas import valid_patient_id
+    from serving.scoring import InputError as _InputError
+    from serving.scoring import pseudonym_of
+
+    rt = _rt()
+    if not valid_patient_id(patient_id):
+        raise _InputError([("patient_id", "expected 1-128 printable characters")])
+    caller = patient_id.strip()
+    ps = pseudonym_of(caller)
+    actor = _actor(request)
+    _audit(request, [ps], None)
+    if rt.identities is None or not rt.identities.resolve(actor, [ps]):
+        raise StarletteHTTPException(
+            404, f"key {actor!r} sent no data for this patient (ids are resolved per key)"
+        )
+    since = datetime.now(UTC) - timedelta(days=365)
+    latest = feedback.answers_of(rt.config.prediction_log_path(), actor, since, [ps])
+    obs = read_landing(rt.config.landing_path(), {ps})
+    doc = feedback.summary_bundle(
+        caller, obs, latest[-1] if latest else None, rt.models.vocab, rt.models.champion.name
+    )
+    return FhirJSONResponse(doc)
+
+
+@app.get("/v1/cohort", response_model=CohortResponse, responses=_ERRORS, tags=["feedback"])
+def cohort_json(
+    request: Request, weeks: Annotated[int | None, Query(ge=1, le=520)] = None
+) -> JSONResponse:
+    """Patients, alerts and events per ISO week by setting and age band over the last
+    ``weeks`` (default ``serve.feedback.cohort_weeks``), cells under k suppressed
+    (``serve.feedback.k_anonymity``)."""
+    from serving import feedback
+
+    rt = _rt()
+    _audit(request, [], None)
+    fb = rt.config.feedback
+    return JSONResponse(
+        feedback.cohort(
+            rt.config.prediction_log_path(), fb.k_anonymity, fb.age_bands, weeks or fb.cohort_weeks
+        )
+    )
+
+
+# -- the clinician pages (serving/worklist.py; session cookie: serving/sessions.py) ---------
+def _session(request: Request) -> Any:
+    ctx = getattr(request.state, "vitalrisk", None) or {}
+    return ctx.get("session")
+
+
+def _form(request: Request) -> dict[str, str]:
+    ctx = getattr(request.state, "vitalrisk", None) or {}
+    return dict(ctx.get("form") or {})
+
+
+@app.get("/worklist/static/worklist.css", include_in_schema=False)
+def worklist_css() -> Response:
+    from serving import worklist
+
+    return Response(worklist.stylesheet(), media_type="text/css")
+
+
+@app.get("/worklist/login", include_in_schema=False)
+def login_form() -> HTMLResponse:
+    from serving import worklist
+
+    return HTMLResponse(worklist.login_page())
+
+
+@app.post("/worklist/login", include_in_schema=False)
+def login(request: Request) -> Response:
+    """Exchange a read-scoped key (checked by the guard) for a session cookie."""
+    from serving import sessions, worklist
+
+    ctx = getattr(request.state, "vitalrisk", None) or {}
+    key = ctx.get("login_key")
+    if key is None:
+        return HTMLResponse(
+            worklist.login_page(str(ctx.get("login_error") or "unknown key")), status_code=401
+        )
+    minutes = _rt().config.feedback.session_minutes
+    value, _ = sessions.issue(key, minutes)
+    resp = RedirectResponse("/worklist", status_code=303)
+    resp.raw_headers.append(
+        (b"set-cookie", sessions.cookie_header(value, minutes, request.url.scheme == "https"))
+    )
+    return resp
+
+
+@app.post("/worklist/logout", include_in_schema=False)
+def logout(request: Request) -> Response:
+    from serving import sessions
+
+    session = _session(request)
+    if session is None or not session.csrf_ok(_form(request).get("csrf")):
+        return JSONResponse({"error": "missing or wrong CSRF token"}, status_code=403)
+    resp = RedirectResponse("/worklist/login", status_code=303)
+    resp.raw_headers.append((b"set-cookie", sessions.clear_cookie_header()))
+    return resp
+
+
+def _work_items(rt: Runtime, key_name: str, setting: str | None = None) -> tuple[Any, Any, Any]:
+    from datetime import UTC, datetime, timedelta
+
+    from serving import feedback
+
+    now = datetime.now(UTC)
+    start = now - timedelta(hours=rt.config.feedback.worklist_hours)
+    log = rt.config.prediction_log_path()
+    answers = feedback.answers_of(log, key_name, start)
+    pseudonyms = sorted({str(a["patient_id"]) for a in answers})
+    callers = rt.identities.resolve(key_name, pseudonyms) if rt.identities else {}
+    items = feedback.worklist(answers, callers, feedback.acknowledgements(log, key_name), setting)
+    return items, now, start
+
+
+@app.get("/worklist", include_in_schema=False)
+def worklist_view(request: Request, setting: str | None = None) -> HTMLResponse:
+    """The patients this key sent, ranked by current risk."""
+    from serving import worklist
+
+    rt = _rt()
+    session = _session(request)
+    chosen = setting if setting in ("ward", "home") else None
+    items, now, start = _work_items(rt, session.key_name, chosen)
+    _audit(request, [it.pseudonym for it in items], rt.models.champion.version)
+    page = worklist.worklist_page(
+        items,
+        session.key_name,
+        session.csrf(),
+        now,
+        start,
+        chosen,
+        rt.config.feedback.worklist_hours,
+    )
+    return HTMLResponse(page, headers={"cache-control": "no-store"})
+
+
+@app.get("/worklist/patients/{pseudonym}", include_in_schema=False)
+def patient_view(request: Request, pseudonym: str) -> HTMLResponse:
+    """One patient: charts of each vital and of risk over time, alerts marked; acknowledge."""
+    from collections import defaultdict
+
+    from serving import feedback, worklist
+    from serving.landing import read_landing
+
+    rt = _rt()
+    session = _session(request)
+    items, now, start = _work_items(rt, session.key_name)
+    item = next((it for it in items if it.pseudonym == pseudonym), None)
+    _audit(request, [pseudonym], None)
+    if item is None:
+        return HTMLResponse("<p>No such patient for this key in this period.</p>", status_code=404)
+    vitals: dict[str, list[Any]] = defaultdict(list)
+    for _, t, code, value in read_landing(rt.config.landing_path(), {pseudonym}):
+        when = feedback.parse_time(t)
+        if when >= start:
+            vitals[code].append((when, value))
+    for pts in vitals.values():
+        pts.sort()
+    units = {c: rt.models.vocab.codes[c].unit for c in vitals if c in rt.models.vocab.codes}
+    acked = item.acked_at if item.acknowledged else None
+    # the time axis spans the data shown (within the window), not the whole window
+    first = [feedback.parse_time(a["as_of"]) for a in item.history]
+    first += [pts[0][0] for pts in vitals.values() if pts]
+    left = max(start, min(first)) if first else start
+    page = worklist.patient_page(
+        item, vitals, units, session.key_name, session.csrf(), now, left, acked
+    )
+    return HTMLResponse(page, headers={"cache-control": "no-store"})
+
+
+@app.post("/worklist/acknowledge", include_in_schema=False)
+def acknowledge(request: Request) -> Response:
+    """Record that a clinician saw this answer: the acknowledgement table and the audit log
+    (the guard commits the audit entry, with the patient's pseudonym, before the redirect)."""
+    from datetime import UTC, datetime
+
+    rt = _rt()
+    session = _session(request)
+    form = _form(request)
+    if not session.csrf_ok(form.get("csrf")):
+        return JSONResponse({"error": "missing or wrong CSRF token"}, status_code=403)
+    pseudonym = form.get("patient", "")
+    items, _, _ = _work_items(rt, session.key_name)
+    item = next((it for it in items if it.pseudonym == pseudonym), None)
+    if item is None:
+        return JSONResponse({"error": "no such patient for this key"}, status_code=404)
+    _audit(request, [pseudonym], str(item.current["model_version"]))
+    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    rt.predlog.acknowledge(now, pseudonym, session.key_name, str(item.current["request_id"]))
+    return RedirectResponse(f"/worklist/patients/{pseudonym}", status_code=303)
+
+
+@app.get("/cohort", include_in_schema=False)
+def cohort_view(
+    request: Request, weeks: Annotated[int | None, Query(ge=1, le=520)] = None
+) -> HTMLResponse:
+    from serving import feedback, worklist
+
+    rt = _rt()
+    session = _session(request)
+    _audit(request, [], None)
+    fb = rt.config.feedback
+    doc = feedback.cohort(
+        rt.config.prediction_log_path(), fb.k_anonymity, fb.age_bands, weeks or fb.cohort_weeks
+    )
+    return HTMLResponse(worklist.cohort_page(doc, session.key_name, session.csrf()))
 
 
 #: the model a Bento pins (``bentofile.yaml``): served from the Bento, not the registry
@@ -332,6 +603,8 @@ class VitalRisk:
             rt.limiter.close()
             rt.audit.close()
             rt.predlog.close()
+            if rt.identities is not None:
+                rt.identities.close()
 
     def __is_ready__(self) -> bool:
         # not ready while the audit trail cannot be written: data routes answer 503 then

@@ -139,3 +139,27 @@ def test_class_weighting_options(frame):
     for imbalance in ("none", "is_unbalance"):
         r = train_model(frame, FAST.model_copy(update={"imbalance": imbalance}))
         assert 0 < r.model.predict_proba(frame.head(20)).max() <= 1
+
+
+def test_thresholds_are_fitted_with_the_model_and_travel_inside_it(frame):
+    """Bands and the alert come from the model: ``high`` is the alert-budget threshold of the
+    validation patients, ``low`` the wider watch budget's, both in the pickled metadata."""
+    import pickle
+
+    from models.metrics import Exposure, cadence_hours
+    from models.thresholds import band_of, fit_thresholds, model_thresholds
+
+    r = _cached_model(frame, FAST)
+    t = model_thresholds(pickle.loads(pickle.dumps(r.model)).metadata)
+    assert t is not None and t.high == r.threshold and 0 < t.low <= t.high
+    va = frame[r.split.to_numpy() == "val"]
+    p = r.model.predict_proba(va)
+    exposure = Exposure.of(va[["patient_id", "time"]], cadence_hours(frame))
+    assert exposure.rate(float((p >= t.high).sum())) <= FAST.alert_budget_per_100_patient_days
+    assert exposure.rate(float((p >= t.low).sum())) <= FAST.watch_budget_per_100_patient_days
+    assert band_of(t.high, t) == "high" and band_of(t.low, t) == "medium"
+    # a narrower watch budget than the alert budget is refused by name
+    with pytest.raises(ValueError, match="watch_budget"):
+        TrainConfig(alert_budget_per_100_patient_days=10, watch_budget_per_100_patient_days=5)
+    with pytest.raises(ValueError, match="watch_budget"):
+        fit_thresholds(p, exposure, 10, 5)

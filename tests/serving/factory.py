@@ -134,7 +134,17 @@ def fit_risk_model(frame: pd.DataFrame, seed: int = 0, rounds: int = 40) -> Any:
     booster = lgb.train(params, lgb.Dataset(X, y), num_boost_round=rounds)
     model = RiskModel(booster=booster, feature_names=names)
     model.calibrator = Calibrator("sigmoid").fit(booster.predict(X, raw_score=True), y)
+    model.metadata = {"thresholds": fitted_thresholds(model, frame).as_dict()}
     return model
+
+
+def fitted_thresholds(model: Any, frame: pd.DataFrame) -> Any:
+    """The thresholds train fits (``models.thresholds.fit_thresholds``), on this frame."""
+    from models.metrics import Exposure
+    from models.thresholds import fit_thresholds
+
+    p = model.predict_proba(frame)
+    return fit_thresholds(p, Exposure.of(frame[["patient_id", "time"]]), 10.0, 30.0)
 
 
 def register_models(

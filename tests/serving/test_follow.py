@@ -52,7 +52,11 @@ def _register(root: Path, env: dict[str, str]) -> dict[str, Any]:
         frame = feature_frame(seed=0)
         for seed, rounds in ((0, 40), (1, 15)):
             model = fit_risk_model(frame, seed=seed, rounds=rounds)
-            model.metadata = {"label": {"horizon_hours": HORIZONS}, "threshold": 0.2}
+            model.metadata = {
+                **model.metadata,  # the fitted thresholds (factory.fit_risk_model)
+                "label": {"horizon_hours": HORIZONS},
+                "threshold": 0.2,
+            }
             with tracking.start_run(run_name=f"follow-{seed}"):
                 uri = tracking.log_risk_model(model, frame.head(5), root / f"w{seed}")
             tracking.register_version(uri, MODEL)

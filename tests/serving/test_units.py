@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from models.thresholds import Thresholds, band_of
 from serving.auth import (
     AuthConfigError,
     KeyStore,
@@ -22,7 +23,7 @@ from serving.auth import (
     hash_secret,
     parse_key_spec,
 )
-from serving.config import RiskBands, load_serve_config
+from serving.config import load_serve_config
 from serving.predlog import PredictionLog, PredictionRecord
 
 
@@ -186,15 +187,16 @@ def test_shared_token_bucket_is_one_limit_across_processes(tmp_path: Path) -> No
     assert sum(granted) == 25, granted  # 80 requests at one instant: exactly the burst
 
 
-def test_risk_bands_and_config_errors(tmp_path: Path) -> None:
-    bands = RiskBands(low=0.1, high=0.3)
-    assert [bands.band(p) for p in (0.05, 0.1, 0.29, 0.3)] == ["low", "medium", "medium", "high"]
+def test_bands_come_from_the_model_not_params(tmp_path: Path) -> None:
+    t = Thresholds(low=0.1, high=0.3, alert_budget_per_100=10, watch_budget_per_100=30, unit="x")
+    assert [band_of(p, t) for p in (0.05, 0.1, 0.29, 0.3)] == ["low", "medium", "medium", "high"]
     p = tmp_path / "params.yaml"
-    p.write_text("serve:\n  risk_band: {low: 0.1}\n")
-    with pytest.raises(ValueError, match=r"serve\.risk_band: unknown key"):
+    # the old fixed bands are refused by name: thresholds are the model's
+    p.write_text("serve:\n  risk_bands: {low: 0.1, high: 0.3}\n")
+    with pytest.raises(ValueError, match=r"serve\.risk_bands: unknown key"):
         load_serve_config(p)
-    p.write_text("serve:\n  risk_bands: {low: 0.5, high: 0.2}\n")
-    with pytest.raises(ValueError, match="must be below"):
+    p.write_text("serve:\n  data_sufficiency: {min_recent_vitals: 9}\n")
+    with pytest.raises(ValueError, match="min_recent_vitals"):
         load_serve_config(p)
     assert load_serve_config(tmp_path / "missing.yaml").port == 3000
 
@@ -457,3 +459,18 @@ def test_audit_writer_refuses_to_start_on_an_unusable_log(tmp_path: Path) -> Non
     path.write_text("garbage without a valid entry\n")
     with pytest.raises(AuditLogError, match="not a valid audit entry"):
         AuditWriter(AuditLog(path)).start()
+
+
+def test_a_model_without_fitted_thresholds_is_not_served() -> None:
+    """Serving never falls back to constants: a model trained before thresholds were logged
+    with it stops the start (or the swap) with one sentence saying what to do."""
+    from types import SimpleNamespace
+
+    from core.vocabulary import load_vocabulary
+    from serving.runtime import StartupError, _model_set
+    from serving.scoring import LoadedModel
+
+    model = SimpleNamespace(feature_names=["age"], metadata={"threshold": 0.2}, categories={})
+    champion = LoadedModel("vitalrisk-deterioration", "3", "champion", None, model)
+    with pytest.raises(StartupError, match=r"version 3 carries no fitted risk thresholds.*retrain"):
+        _model_set(champion, None, None, {}, load_vocabulary(), None)  # type: ignore[arg-type]
