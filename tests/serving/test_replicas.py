@@ -192,6 +192,8 @@ def test_replicas_share_the_log_and_the_chain_and_lose_nothing_when_killed(
                 "SELECT DISTINCT request_id FROM predictions WHERE role = 'champion'"
             )
         }
+        # every answer (the worklist's source) in the same database, committed with its rows
+        answers = {r[0] for r in conn.execute("SELECT DISTINCT request_id FROM answers")}
         audited: set[str] = set()
         for (line,) in conn.execute("SELECT line FROM audit_entries ORDER BY seq"):
             e = json.loads(line)
@@ -201,6 +203,7 @@ def test_replicas_share_the_log_and_the_chain_and_lose_nothing_when_killed(
     missing_audit = answered - audited
     assert not missing_log, f"{len(missing_log)} of {len(answered)} answers have no log row"
     assert not missing_audit, f"{len(missing_audit)} of {len(answered)} answers not audited"
+    assert not answered - answers, f"{len(answered - answers)} answers not in table answers"
 
     exe = str(Path(sys.executable).with_name("vitalrisk"))
     env = {k: v for k, v in b.env.items() if k != "VITALRISK_SERVE_DB_URL"}
