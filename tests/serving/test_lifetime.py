@@ -37,8 +37,16 @@ def _body(i: int) -> bytes:
             "patients": [
                 {
                     "patient_id": f"CRASH-{i % 50}",
+                    "as_of": "2026-01-01T08:00:00Z",
+                    # three recent vitals: enough data for a risk (serve.data_sufficiency)
                     "observations": [
-                        {"time": "2026-01-01T08:00:00Z", "code": "heart_rate", "value": 70 + i % 40}
+                        {
+                            "time": "2026-01-01T08:00:00Z",
+                            "code": "heart_rate",
+                            "value": 70 + i % 40,
+                        },
+                        {"time": "2026-01-01T08:00:00Z", "code": "resp_rate", "value": 16},
+                        {"time": "2026-01-01T08:00:00Z", "code": "spo2", "value": 97},
                     ],
                 }
             ]
