@@ -989,6 +989,11 @@ def build_runtime(
     models = (
         load_models(config, vocab, name) if pinned is None else load_pinned(config, vocab, pinned)
     )
+    # the feature kernels loaded (compiled once per machine, then from numba's cache) before
+    # the service reports ready: the first requests must not wait for a compiler
+    from features.kernels import warm_up
+
+    warm_up()
     from serving.stores import StoreError, audit_store, prediction_log
 
     try:  # no audit trail, no service: recover a crash-torn tail, check it can be appended

@@ -54,6 +54,10 @@ def _body(i: int) -> bytes:
     ).encode()
 
 
+#: what the last burst got besides 200s (status, body start), for failure messages
+OTHER: list[tuple[int, bytes]] = []
+
+
 async def _burst(url: str, clients: int, seconds: float, kill: Any = None) -> list[str]:
     """Request ids of every 200 received from ``clients`` closed-loop clients (bounded)."""
     import aiohttp
@@ -70,10 +74,13 @@ async def _burst(url: str, clients: int, seconds: float, kill: Any = None) -> li
                     async with s.post(
                         f"{url}/v1/score", data=_body(i), timeout=aiohttp.ClientTimeout(total=10)
                     ) as r:
-                        await r.read()
+                        body = await r.read()
                         if r.status == 200:
                             ok.append(r.headers["x-request-id"])
-                except (aiohttp.ClientError, TimeoutError):
+                        else:
+                            OTHER.append((r.status, body[:200]))
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    OTHER.append((0, repr(exc)[:200].encode()))
                     return  # the server is gone
                 i += clients
 
@@ -133,7 +140,7 @@ def test_crash_restart_and_clean_stop(
         # 2. SIGKILL of the whole group in the middle of a burst: every 200 is audited
         ok = asyncio.run(_burst(srv.url, 16, 4.0, lambda: os.killpg(srv.proc.pid, signal.SIGKILL)))
         srv.proc.wait(timeout=10)
-        assert len(ok) > 20, len(ok)
+        assert len(ok) > 20, (len(ok), OTHER[:5])
         audited = _audited(srv.audit_log)
         missing = set(ok) - audited.get(200, set())
         assert not missing, f"{len(missing)} of {len(ok)} answered requests have no audit entry"
