@@ -262,6 +262,9 @@ def _dask_classifier(
         n_estimators=num_rounds,
         random_state=config.seed,
         verbose=-1,
+        # LightGBM's socket timeout (minutes; default 120): a worker that never joins the
+        # network ring fails the fit instead of hanging it
+        time_out=10,
         **p,
     )
 

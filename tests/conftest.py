@@ -14,9 +14,12 @@ for _var, _value in {
 
 def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
     """Under ``pytest -n`` (xdist, ``--dist loadgroup``): the team-mode tests share one local
-    stack on fixed ports, so they run on one worker, one after another."""
+    stack on fixed ports, and LightGBM's distributed fits (team tests, tests/models/test_dask.py)
+    open their own network rings, which two concurrent fits can deadlock: they all run on one
+    worker, one after another."""
     import pytest
 
     for item in items:
-        if "tests/team/" in item.nodeid or item.nodeid.startswith("team/"):
+        node = item.nodeid.removeprefix("tests/")
+        if node.startswith(("team/", "models/test_dask.py")):
             item.add_marker(pytest.mark.xdist_group("team"))
