@@ -568,6 +568,13 @@ class GuardMiddleware:
         except Reject as r:
             await responder.reject(r)
             return
+        await self._hand_over(scope, receive, responder, ctx, body)
+
+    async def _hand_over(
+        self, scope: Scope, receive: Receive, responder: Any, ctx: dict[str, Any], body: bytes
+    ) -> None:
+        """Hand the checked request to the app: the guard's context in ``scope.state``, the
+        body it already read replayed once, then the client's stream."""
         scope.setdefault("state", {})["vitalrisk"] = ctx
         responder.ctx = ctx
         sent = False
@@ -705,18 +712,7 @@ class GuardMiddleware:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
             ]
-        scope.setdefault("state", {})["vitalrisk"] = ctx
-        responder.ctx = ctx
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, responder.send)
+        await self._hand_over(scope, receive, responder, ctx, body)
 
 
 def _form(body: bytes) -> dict[str, str]:
