@@ -12,6 +12,7 @@ import pytest
 from ops import stack
 from ops.services import s3_client
 from ops.settings import TeamSettings
+from tests.pipeline.test_dvc_repro import COPY  # the project's files a pipeline copy needs
 
 pytestmark = pytest.mark.slow
 
@@ -93,21 +94,6 @@ def test_push_from_one_clone_pull_into_another(team_stack: TeamSettings, team_en
 # -- the project's own pipeline, on a tiny cohort ----------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[2]
-COPY = [
-    "dvc.yaml",
-    "config",
-    "core",
-    "ingest",
-    "simulate",
-    "features",
-    "models",
-    "serving",
-    "monitoring",
-    "pipelines",
-    "governance",
-    ".dvcignore",
-    ".gitignore",
-]
 #: the stages `dvc repro register` runs (monitor is always_changed by design: it reads the log)
 MODEL_STAGES = ["ingest", "features", "train", "evaluate", "register"]
 
