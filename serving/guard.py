@@ -348,6 +348,16 @@ class Exchange:
         )
 
 
+async def _starting(ex: Exchange, send: Send) -> None:
+    """503 with a retry hint: no runtime yet (the model and stores are still loading)."""
+    await send_json(
+        send,
+        503,
+        {"error": "service is starting", "request_id": ex.rid},
+        [ex.rid_header, (b"retry-after", b"5")],
+    )
+
+
 def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
 
@@ -465,12 +475,7 @@ class GuardMiddleware:
 
         rt = current_runtime()
         if rt is None:
-            await send_json(
-                send,
-                503,
-                {"error": "service is starting", "request_id": ex.rid},
-                [ex.rid_header, (b"retry-after", b"5")],
-            )
+            await _starting(ex, send)
             return
         headers = _headers(scope)
         try:
@@ -512,12 +517,7 @@ class GuardMiddleware:
             )
             return
         if rt is None:
-            await send_json(
-                send,
-                503,
-                {"error": "service is starting", "request_id": ex.rid},
-                [ex.rid_header, (b"retry-after", b"5")],
-            )
+            await _starting(ex, send)
             return
         headers = _headers(scope)
         ctx: dict[str, Any] = {"request_id": ex.rid, "actor": "", "patients": []}
