@@ -16,10 +16,12 @@ def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def
     """Under ``pytest -n`` (xdist, ``--dist loadgroup``): the team-mode tests share one local
     stack on fixed ports, and LightGBM's distributed fits (team tests, tests/models/test_dask.py)
     open their own network rings, which two concurrent fits can deadlock: they all run on one
-    worker, one after another."""
+    worker, one after another. Every other module runs whole on one worker, in file order."""
     import pytest
 
     for item in items:
         node = item.nodeid.removeprefix("tests/")
         if node.startswith(("team/", "models/test_dask.py")):
             item.add_marker(pytest.mark.xdist_group("team"))
+        else:  # a module's tests stay together, in order (some share a server and its logs)
+            item.add_marker(pytest.mark.xdist_group(node.split("::", 1)[0]))
