@@ -2,19 +2,19 @@
 summary (FHIR Bundle, the PHR use) and the cohort view of a programme (k-suppressed counts).
 
 Everything here reads the answer log (table ``answers`` of the prediction log, written by
-``Runtime.score_prepared``) and the landing area; nothing recomputes a risk. Rows of one API
-key are resolved to that key's caller ids only (``serving.identities``).
+``Runtime.score_prepared``) and the landing area; nothing recomputes a risk. The log is the
+service's own (``serving.predlog``: the SQLite file, or in team mode the PostgreSQL tables
+every replica writes), read through its ``read``. Rows of one API key are resolved to that
+key's caller ids only (``serving.identities``).
 """
 
 from __future__ import annotations
 
 import itertools
-import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -22,10 +22,10 @@ from core.schema import ANSWER_LOG_COLUMNS
 from serving.schemas import Contribution, PatientScore
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
-    con.row_factory = sqlite3.Row
-    return con
+class LogReader(Protocol):
+    """What this module needs of a prediction log (``PredictionLog``, ``PgPredictionLog``)."""
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]: ...
 
 
 def _iso(t: datetime) -> str:
@@ -80,12 +80,13 @@ class Answer:
 
 
 def answers_of(
-    log: Path, key_name: str | None, since: datetime, pseudonyms: Sequence[str] | None = None
+    log: LogReader,
+    key_name: str | None,
+    since: datetime,
+    pseudonyms: Sequence[str] | None = None,
 ) -> list[Answer]:
     """Answers given to ``key_name`` (all keys when None) with ``as_of`` at or after
     ``since``, oldest first."""
-    if not log.is_file():
-        return []
     cols = ", ".join(ANSWER_LOG_COLUMNS)
     sql = f"SELECT {cols} FROM answers WHERE as_of >= ?"
     args: list[Any] = [_iso(since)]
@@ -95,32 +96,17 @@ def answers_of(
     if pseudonyms is not None:
         sql += f" AND patient_id IN ({', '.join('?' * len(pseudonyms))})"
         args.extend(pseudonyms)
-    con = _connect(log)
-    try:
-        rows = con.execute(sql + " ORDER BY as_of, rowid", args).fetchall()
-    except sqlite3.OperationalError:  # an older log without the answers table
-        return []
-    finally:
-        con.close()
-    return [Answer(dict(r)) for r in rows]
+    return [Answer(r) for r in log.read(sql + " ORDER BY as_of, rowid", args)]
 
 
-def acknowledgements(log: Path, key_name: str) -> dict[str, str]:
+def acknowledgements(log: LogReader, key_name: str) -> dict[str, str]:
     """pseudonym -> time of the latest acknowledgement by ``key_name``."""
-    if not log.is_file():
-        return {}
-    con = _connect(log)
-    try:
-        rows = con.execute(
-            "SELECT patient_id, MAX(acked_at) FROM acknowledgements WHERE key_name = ? "
-            "GROUP BY patient_id",
-            (key_name,),
-        ).fetchall()
-    except sqlite3.OperationalError:
-        return {}
-    finally:
-        con.close()
-    return {str(p): str(t) for p, t in rows}
+    rows = log.read(
+        "SELECT patient_id, MAX(acked_at) AS acked_at FROM acknowledgements WHERE key_name = ? "
+        "GROUP BY patient_id",
+        (key_name,),
+    )
+    return {str(r["patient_id"]): str(r["acked_at"]) for r in rows}
 
 
 # -- worklist rows ----------------------------------------------------------------------------
@@ -260,7 +246,7 @@ def iso_week(t: str) -> str:
 
 
 def cohort_counts(
-    log: Path, since: datetime
+    log: LogReader, since: datetime
 ) -> dict[tuple[str, str, str], dict[str, set[str] | int]]:
     """(ISO week, setting, age band) -> patients (set), alerted patients (set), events."""
     cells: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -275,23 +261,15 @@ def cohort_counts(
         c["patients"].add(a["patient_id"])
         if a["alert"]:
             c["alerts"].add(a["patient_id"])
-    con = _connect(log) if log.is_file() else None
-    events: list[tuple[str, str]] = []
-    if con is not None:
-        try:
-            events = [
-                (str(p), str(t))
-                for p, t in con.execute(
-                    "SELECT patient_id, event_time FROM outcomes WHERE event_time >= ? AND "
-                    "(label = 1 OR (event IS NOT NULL AND event != ''))",
-                    (_iso(since),),
-                )
-                if t
-            ]
-        except sqlite3.OperationalError:
-            events = []
-        finally:
-            con.close()
+    events = [
+        (str(r["patient_id"]), str(r["event_time"]))
+        for r in log.read(
+            "SELECT patient_id, event_time FROM outcomes WHERE event_time >= ? AND "
+            "(label = 1 OR (event IS NOT NULL AND event != ''))",
+            (_iso(since),),
+        )
+        if r["event_time"]
+    ]
     for pid, t in events:
         setting, band = where.get(pid, ("unknown", "unknown"))
         try:
@@ -330,7 +308,7 @@ def suppress(values: Mapping[str, int], k: int) -> dict[str, int | str]:
 
 
 def cohort(
-    log: Path, k: int, age_bands: Sequence[float], weeks: int = 12, now: date | None = None
+    log: LogReader, k: int, age_bands: Sequence[float], weeks: int = 12, now: date | None = None
 ) -> dict[str, Any]:
     """The cohort JSON: per ISO week and setting, per age band, patients / alerts / events."""
     today = now or datetime.now(UTC).date()

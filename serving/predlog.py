@@ -6,11 +6,12 @@ either all on disk or none are, even if the process or machine dies mid-write.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,40 @@ logger = logging.getLogger(__name__)
 SCHEMA = "CREATE INDEX IF NOT EXISTS predictions_scored_at ON predictions (scored_at)"
 
 COLUMNS = PREDICTION_LOG_COLUMNS
+
+
+class LogUnavailable(RuntimeError):
+    """The prediction log cannot be written or read now (disk full or read-only, database down):
+    the request gets 503 with a retry hint (``serving/service.py``), never a 500."""
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean "the store cannot take this now" (not a bug of ours: those stay
+    500): I/O, locks, a read-only or full disk, a lost connection, a missing table or grant."""
+    errors: tuple[type[BaseException], ...] = (sqlite3.OperationalError, OSError)
+    try:
+        import psycopg
+        from psycopg import errors as pg_errors
+    except ImportError:  # team extra not installed: no PostgreSQL log either
+        return errors
+    return (
+        *errors,
+        psycopg.OperationalError,
+        psycopg.InterfaceError,
+        pg_errors.UndefinedTable,
+        pg_errors.InsufficientPrivilege,
+        pg_errors.ReadOnlySqlTransaction,
+    )
+
+
+@contextlib.contextmanager
+def _unavailable(what: str, where: object) -> Iterator[None]:
+    """Turn the store's own errors into ``LogUnavailable`` (logged without any row values)."""
+    try:
+        yield
+    except _store_errors() as exc:
+        logger.error("prediction log %s failed (%s): %s", what, where, type(exc).__name__)
+        raise LogUnavailable(f"prediction log unavailable ({what}); retry later") from exc
 
 
 @dataclass(frozen=True)
@@ -190,7 +225,7 @@ class PredictionLog:
         if not rows and not answer_rows:
             return 0
         sql = f"INSERT INTO predictions ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-        with self._lock:
+        with self._lock, _unavailable("append", self.path.name):
             cur = self._conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
@@ -200,16 +235,35 @@ class PredictionLog:
                     cur.executemany(_ANSWER_SQL, answer_rows)
                 cur.execute("COMMIT")
             except BaseException:
-                cur.execute("ROLLBACK")
+                if self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        cur.execute("ROLLBACK")
                 raise
         return len(rows)
 
     def acknowledge(self, acked_at: str, pseudonym: str, key_name: str, request_id: str) -> None:
-        with self._lock:
+        with self._lock, _unavailable("acknowledge", self.path.name):
             self._conn.execute(
                 "INSERT INTO acknowledgements VALUES (?, ?, ?, ?)",
                 (acked_at, pseudonym, key_name, request_id),
             )
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Rows of one query (``?`` parameters) as dicts, on a read-only connection of its own
+        (WAL: never waits for a writer); [] while a queried table does not exist yet."""
+        if not self.path.is_file():
+            return []
+        with _unavailable("read", self.path.name):
+            con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10.0)
+            con.row_factory = sqlite3.Row
+            try:
+                return [dict(r) for r in con.execute(sql, tuple(params))]
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):  # a log older than the answers table
+                    return []
+                raise
+            finally:
+                con.close()
 
     def count(self) -> int:
         with self._lock:
@@ -264,7 +318,7 @@ class PgPredictionLog:
         answer_rows = [a.row() for a in answers]
         if not rows and not answer_rows:
             return 0
-        with self._lock:
+        with self._lock, _unavailable("append", "PostgreSQL"):
             conn = self._connection()
             with conn.transaction(), conn.cursor() as cur:
                 if rows:
@@ -274,13 +328,23 @@ class PgPredictionLog:
         return len(rows)
 
     def acknowledge(self, acked_at: str, pseudonym: str, key_name: str, request_id: str) -> None:
-        with self._lock:
+        with self._lock, _unavailable("acknowledge", "PostgreSQL"):
             conn = self._connection()
             with conn.transaction():
                 conn.execute(
                     "INSERT INTO acknowledgements VALUES (%s, %s, %s, %s)",
                     (acked_at, pseudonym, key_name, request_id),
                 )
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Rows of one query (``?`` parameters, as for the SQLite log) as dicts: the feedback
+        pages read what every replica wrote."""
+        with self._lock, _unavailable("read", "PostgreSQL"):
+            conn = self._connection()
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(sql.replace("?", "%s"), tuple(params))
+                names = [d.name for d in cur.description or ()]
+                return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
     def count(self) -> int:
         with self._lock:

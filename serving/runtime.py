@@ -1009,7 +1009,7 @@ def build_runtime(
             models=models,
             audit=audit,
             predlog=predlog,
-            identities=IdentityMap(config.identity_map_path()),
+            identities=IdentityMap(config.database_location() or config.identity_map_path()),
         )
     except StoreError as exc:
         audit.close()

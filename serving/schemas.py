@@ -380,7 +380,7 @@ ERROR_STATUSES: dict[int, str] = {
     413: "body, patients, observations or rows above the configured limits",
     422: "valid JSON that breaks the schema or the vocabulary: every problem with its place",
     429: "per-key rate limit, or too many failed authentications from this address (Retry-After)",
-    503: "audit log unavailable, service starting or overloaded: nothing was processed (Retry-After)",
+    503: "audit or prediction log unavailable, service starting or overloaded: nothing was processed (Retry-After)",
 }
 #: statuses one route answers besides :data:`ERROR_STATUSES` (kept in the OpenAPI document)
 ROUTE_STATUSES: dict[str, dict[int, str]] = {

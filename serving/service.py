@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving import metrics
 from serving.fhir import parse_bundle, risk_assessment
 from serving.guard import GuardMiddleware, problems_payload
+from serving.predlog import LogUnavailable
 from serving.runtime import (
     PinnedModel,
     Runtime,
@@ -167,6 +168,17 @@ async def _invalid(request: Request, exc: ValidationError) -> JSONResponse:
     return JSONResponse(payload, status_code=422)
 
 
+@app.exception_handler(LogUnavailable)
+async def _log_unavailable(request: Request, exc: LogUnavailable) -> JSONResponse:
+    # the prediction log (file or database) refused the write or read: nothing was answered
+    # from a half-written state, and the client can retry (serving/predlog.py)
+    return JSONResponse(
+        {"error": str(exc), "request_id": _rid(request)},
+        status_code=503,
+        headers={"retry-after": "5"},
+    )
+
+
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # where it failed, not the message (it may quote a request's values): serving/logsafe.py
@@ -295,7 +307,7 @@ def patient_summary(request: Request, patient_id: str) -> JSONResponse:
             404, f"key {actor!r} sent no data for this patient (ids are resolved per key)"
         )
     since = datetime.now(UTC) - timedelta(days=365)
-    latest = feedback.answers_of(rt.config.prediction_log_path(), actor, since, [ps])
+    latest = feedback.answers_of(rt.predlog, actor, since, [ps])
     obs = read_landing(rt.config.landing_path(), {ps})
     doc = feedback.summary_bundle(
         caller, obs, latest[-1] if latest else None, rt.models.vocab, rt.models.champion.name
@@ -316,9 +328,7 @@ def cohort_json(
     _audit(request, [], None)
     fb = rt.config.feedback
     return JSONResponse(
-        feedback.cohort(
-            rt.config.prediction_log_path(), fb.k_anonymity, fb.age_bands, weeks or fb.cohort_weeks
-        )
+        feedback.cohort(rt.predlog, fb.k_anonymity, fb.age_bands, weeks or fb.cohort_weeks)
     )
 
 
@@ -386,7 +396,7 @@ def _work_items(rt: Runtime, key_name: str, setting: str | None = None) -> tuple
 
     now = datetime.now(UTC)
     start = now - timedelta(hours=rt.config.feedback.worklist_hours)
-    log = rt.config.prediction_log_path()
+    log = rt.predlog  # the file, or in team mode the PostgreSQL log every replica writes
     answers = feedback.answers_of(log, key_name, start)
     pseudonyms = sorted({str(a["patient_id"]) for a in answers})
     callers = rt.identities.resolve(key_name, pseudonyms) if rt.identities else {}
@@ -482,9 +492,7 @@ def cohort_view(
     session = _session(request)
     _audit(request, [], None)
     fb = rt.config.feedback
-    doc = feedback.cohort(
-        rt.config.prediction_log_path(), fb.k_anonymity, fb.age_bands, weeks or fb.cohort_weeks
-    )
+    doc = feedback.cohort(rt.predlog, fb.k_anonymity, fb.age_bands, weeks or fb.cohort_weeks)
     return HTMLResponse(worklist.cohort_page(doc, session.key_name, session.csrf()))
 
 

@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 for _var, _value in {
     "DO_NOT_TRACK": "1",
     "BENTOML_DO_NOT_TRACK": "True",
@@ -12,13 +14,12 @@ for _var, _value in {
     os.environ.setdefault(_var, _value)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
     """Under ``pytest -n`` (xdist, ``--dist loadgroup``): the team-mode tests share one local
     stack on fixed ports, and LightGBM's distributed fits (team tests, tests/models/test_dask.py)
     open their own network rings, which two concurrent fits can deadlock: they all run on one
     worker, one after another. Every other module runs whole on one worker, in file order."""
-    import pytest
-
     for item in items:
         node = item.nodeid.removeprefix("tests/")
         if node.startswith(("team/", "models/test_dask.py")):

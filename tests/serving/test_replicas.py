@@ -164,6 +164,30 @@ def test_failed_authentications_are_throttled_across_replicas(replicas: list[Ser
     assert statuses.count(401) <= 21 and statuses[-2:] == [429, 429], statuses
 
 
+def test_feedback_on_one_replica_reads_what_the_other_answered(replicas: list[Server]) -> None:
+    """The summary, the cohort and the worklist's sources (answers, acknowledgements, caller
+    ids) are in the shared database: a patient scored on replica 0 is found on replica 1."""
+    a, b = replicas
+    body = json.loads(_body(3))
+    body["patients"][0]["patient_id"] = pid = f"SHARED-{uuid.uuid4().hex[:8]}"
+    with a.client() as c:
+        r = c.post("/v1/score", json=body)
+    assert r.status_code == 200, r.text
+    with b.client() as c:
+        summary = c.get(f"/v1/patients/{pid}/summary")
+        cohort = c.get("/v1/cohort", params={"weeks": 520})
+    with b.client("reader") as c:  # another key: the caller id is sealed to the sender's key
+        other = c.get(f"/v1/patients/{pid}/summary")
+    assert summary.status_code == 200, summary.text
+    entries = summary.json()["entry"]
+    risk = [e["resource"] for e in entries if e["resource"]["resourceType"] == "RiskAssessment"]
+    assert len(risk) == 1 and risk[0]["subject"]["reference"] == f"Patient/{pid}", risk
+    assert other.status_code == 404, other.text
+    assert cohort.status_code == 200, cohort.text
+    week = cohort.json()["rows"]
+    assert any(row["week"] == "2026-W01" for row in week), week
+
+
 def test_replicas_share_the_log_and_the_chain_and_lose_nothing_when_killed(
     replicas: list[Server], shared: tuple[str, str]
 ) -> None:
@@ -221,6 +245,32 @@ def test_replicas_share_the_log_and_the_chain_and_lose_nothing_when_killed(
         [exe, "audit", "verify"], env=b.env, capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 0 and ": OK, " in res.stdout, res.stdout + res.stderr
+
+
+def test_a_prediction_log_that_refuses_the_write_is_a_503_not_a_500(
+    replicas: list[Server], shared: tuple[str, str]
+) -> None:
+    """The log's table is gone for a moment (a migration, a revoked grant): the score is not
+    answered, the client gets 503 with a retry hint and our error shape, and once the table
+    is back the same request is answered."""
+    location, _ = shared
+    b = replicas[1]
+    schema = location.rsplit("=", 1)[1]
+    with _db(location) as conn:
+        conn.execute(f"ALTER TABLE {schema}.answers RENAME TO answers_away")
+    try:
+        with b.client() as c:
+            r = c.post("/v1/score", content=_body(11))
+            page = c.get("/v1/cohort", params={"weeks": 520})
+    finally:
+        with _db(location) as conn:
+            conn.execute(f"ALTER TABLE {schema}.answers_away RENAME TO answers")
+    assert r.status_code == 503, r.text
+    assert r.headers.get("retry-after") and "prediction log unavailable" in r.json()["error"]
+    assert page.status_code == 503 and "request_id" in page.json(), page.text
+    with b.client() as c:
+        assert c.post("/v1/score", content=_body(11)).status_code == 200
+    assert "Traceback" not in (b.root / "server.log").read_text()
 
 
 def test_audit_verify_names_an_edited_database_entry(shared: tuple[str, str]) -> None:
@@ -322,7 +372,7 @@ def test_a_dropped_database_connection_fails_one_call_and_is_replaced(
     """A server restart or a killed backend: that append fails (the service answers 503
     and its audit writer probes), the next one reconnects; nothing is written twice."""
     from governance.audit import AuditLogError, AuditRecord, PgAuditStore
-    from serving.predlog import PgPredictionLog, PredictionRecord
+    from serving.predlog import LogUnavailable, PgPredictionLog, PredictionRecord
 
     location = shared[0].replace("?schema=", "?schema=drop_")
     store, log = PgAuditStore(location), PgPredictionLog(location)
@@ -336,9 +386,7 @@ def test_a_dropped_database_connection_fails_one_call_and_is_replaced(
                 conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
         with pytest.raises(AuditLogError):
             store.append_many([AuditRecord("t", "predict", "lost")])
-        import psycopg
-
-        with pytest.raises(psycopg.OperationalError):  # that request fails, nothing committed
+        with pytest.raises(LogUnavailable):  # that request fails (503), nothing committed
             log.append([row])
         store.check_writable()  # the probe reconnects
         store.append_many([AuditRecord("t", "predict", "b")])

@@ -242,6 +242,29 @@ def test_prediction_log_is_all_or_nothing(tmp_path: Path) -> None:
     assert json.loads(text) == {"a": None, "b": 1.0}
 
 
+def test_prediction_log_that_cannot_write_says_unavailable(tmp_path: Path) -> None:
+    """A log whose table is gone or whose disk refuses (here: the table dropped by another
+    connection) raises ``LogUnavailable`` (the service's 503), and reads still work."""
+    from serving.predlog import LogUnavailable
+
+    log = PredictionLog(tmp_path / "p.sqlite")
+    assert log.append([_rec(1)]) == 1
+    assert log.read("SELECT request_id FROM predictions WHERE role = ?", ("champion",)) == [
+        {"request_id": _rec(1).request_id}
+    ]
+    assert log.read("SELECT * FROM no_such_table") == []  # an older log: nothing yet
+    other = sqlite3.connect(tmp_path / "p.sqlite")
+    other.execute("DROP TABLE predictions")
+    other.execute("DROP TABLE acknowledgements")
+    other.commit()
+    other.close()
+    with pytest.raises(LogUnavailable, match="retry later"):
+        log.append([_rec(2)])
+    with pytest.raises(LogUnavailable):
+        log.acknowledge("2026-01-01T00:00:00Z", "p", "k", "r")
+    log.close()
+
+
 def test_prediction_log_checkpoints_off_the_request_path(tmp_path: Path) -> None:
     """Commits never copy the WAL back (no autocheckpoint); the background thread does."""
     import time as _time

@@ -81,3 +81,12 @@ def test_client_env_credentials():
     env = client_env(remote, {})
     assert env["MLFLOW_S3_ENDPOINT_URL"] == env["AWS_ENDPOINT_URL_S3"] == remote.s3_endpoint_url
     assert env["MLFLOW_TRACKING_URI"] == remote.mlflow_url
+
+
+def test_team_tests_run_in_their_xdist_group(request: pytest.FixtureRequest) -> None:
+    """Under ``make test`` (``-n 2 --dist loadgroup``) this module's tests carry the group
+    suffix: they share the team stack and run on one worker (tests/conftest.py). A pytest or
+    xdist upgrade that drops the grouping fails here instead of deadlocking CI."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("not under --dist loadgroup")
+    assert request.node.nodeid.endswith("@team"), request.node.nodeid
