@@ -35,7 +35,7 @@ demo: $(STAMP)
 
 ## test: lint, format check, type check, the browser, then the test suite
 test: $(STAMP) lint typecheck browser
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 ## browser: Debian's chromium + chromedriver for the worklist browser test (installed when missing)
 browser:
