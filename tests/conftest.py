@@ -14,21 +14,15 @@ for _var, _value in {
     os.environ.setdefault(_var, _value)
 
 
-#: modules whose tests read what the module's earlier tests wrote (one server, its logs): they
-#: run whole on one worker, in file order
-ORDERED_MODULES = ("serving/test_api.py", "serving/test_replicas.py")
-
-
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
     """Under ``pytest -n`` (xdist, ``--dist loadgroup``): the team-mode tests share one local
     stack on fixed ports, and LightGBM's distributed fits (team tests, tests/models/test_dask.py)
     open their own network rings, which two concurrent fits can deadlock: they all run on one
-    worker, one after another. The modules of ``ORDERED_MODULES`` run whole on one worker; every
-    other test goes to whichever worker is free (the balance that keeps the suite short)."""
+    worker, one after another. Every other module runs whole on one worker, in file order."""
     for item in items:
         node = item.nodeid.removeprefix("tests/")
         if node.startswith(("team/", "models/test_dask.py")):
             item.add_marker(pytest.mark.xdist_group("team"))
-        elif node.startswith(ORDERED_MODULES):
+        else:  # a module's tests stay together, in order (some share a server and its logs)
             item.add_marker(pytest.mark.xdist_group(node.split("::", 1)[0]))
