@@ -12,6 +12,7 @@ never appear in the location: libpq reads ``PGPASSWORD`` or ``~/.pgpass``.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -146,3 +147,32 @@ def upgrade_prediction_log_pg(conn: Any) -> None:
     ``core.schema.PREDICTION_LOG_COLUMNS`` (tests/monitoring/test_prediction_log_pg.py checks
     they agree), each as its SQLite type's PostgreSQL counterpart."""
     ensure_table(conn, PREDICTIONS_PG_DDL, PREDICTIONS_PG_LOCK)
+
+
+class QmarkConnection:
+    """A psycopg connection with the ``sqlite3`` calls its users make (``?`` parameters,
+    ``execute`` returning an iterable cursor, ``with con:`` as one transaction), so one SQL text
+    serves the SQLite file and PostgreSQL (monitoring's log reads, serving's identity map)."""
+
+    def __init__(self, location: str, create: bool = True) -> None:
+        self.conn: Any = connect(location, autocommit=True, create=create)
+        self._tx: Any = None
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.conn.execute(sql.replace("?", "%s"), tuple(params))
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(sql.replace("?", "%s"), list(rows))
+
+    def __enter__(self) -> QmarkConnection:
+        self._tx = self.conn.transaction()
+        self._tx.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        tx, self._tx = self._tx, None
+        tx.__exit__(*exc)
+
+    def close(self) -> None:
+        self.conn.close()

@@ -83,10 +83,10 @@ def _content_problem(con: sqlite3.Connection) -> str | None:
 def _database_problem(location: str) -> str | None:
     """The same schema check on a PostgreSQL log (team mode): tables and contract columns
     (its table has the explicit ``rowid`` first). Page-level damage is the server's business."""
-    from monitoring.prediction_log import _PgConnection
+    from core.pg import QmarkConnection
 
     try:
-        con = _PgConnection(location, create=False)
+        con = QmarkConnection(location, create=False)
     except (ConnectionError, ValueError) as exc:
         return str(exc)
     try:

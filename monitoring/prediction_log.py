@@ -4,7 +4,7 @@ Serving writes the ``predictions`` table; monitoring reads a time window of it i
 that a million logged predictions never sit in memory at once, and writes fed-back outcomes
 to the ``outcomes`` table. The log is an SQLite file, or in team mode a PostgreSQL location
 (``postgresql://HOST/DB?schema=NAME``, core/pg.py) that every serving replica writes: every
-function here takes either, and runs the same SQL on both (:class:`_PgConnection` speaks the
+function here takes either, and runs the same SQL on both (:class:`QmarkConnection` speaks the
 small part of ``sqlite3`` used here; PostgreSQL's table has an explicit ``rowid``).
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
-from core.pg import is_pg_url, upgrade_prediction_log_pg
+from core.pg import QmarkConnection, is_pg_url, upgrade_prediction_log_pg
 from core.schema import (
     OUTCOME_LOG_COLUMNS,
     PREDICTION_LOG_COLUMNS,
@@ -58,37 +58,7 @@ def _bound(ts: pd.Timestamp, upper: bool = False) -> str:
     return key + "~" if upper else key
 
 
-class _PgConnection:
-    """A psycopg connection with the ``sqlite3`` calls this module makes (``?`` parameters,
-    ``execute`` returning an iterable cursor, ``with con:`` as one transaction)."""
-
-    def __init__(self, location: str, create: bool = True) -> None:
-        from core.pg import connect as pg_connect
-
-        self.conn: Any = pg_connect(location, autocommit=True, create=create)
-        self._tx: Any = None
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        return self.conn.execute(sql.replace("?", "%s"), tuple(params))
-
-    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        with self.conn.cursor() as cur:
-            cur.executemany(sql.replace("?", "%s"), list(rows))
-
-    def __enter__(self) -> _PgConnection:
-        self._tx = self.conn.transaction()
-        self._tx.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        tx, self._tx = self._tx, None
-        tx.__exit__(*exc)
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-Connection = sqlite3.Connection | _PgConnection
+Connection = sqlite3.Connection | QmarkConnection
 
 
 def is_database(path: str | Path) -> bool:
@@ -98,12 +68,12 @@ def is_database(path: str | Path) -> bool:
 
 def _open(path: str | Path) -> Connection:
     """A connection to the log, whichever kind it is (reads; SQLite without a timeout)."""
-    return _PgConnection(str(path)) if is_pg_url(path) else sqlite3.connect(str(path))
+    return QmarkConnection(str(path)) if is_pg_url(path) else sqlite3.connect(str(path))
 
 
 def connect(path: str | Path) -> Connection:
     if is_pg_url(path):
-        return _PgConnection(str(path))
+        return QmarkConnection(str(path))
     con = sqlite3.connect(str(path), timeout=30)
     con.execute("PRAGMA journal_mode=WAL")
     return con
@@ -113,13 +83,13 @@ def log_exists(path: str | Path) -> bool:
     """The file exists, or the database schema has a ``predictions`` table (nothing created)."""
     if not is_pg_url(path):
         return Path(path).is_file()
-    with closing(_PgConnection(str(path), create=False)) as con:
+    with closing(QmarkConnection(str(path), create=False)) as con:
         (found,) = con.execute("SELECT to_regclass('predictions') IS NOT NULL").fetchone()
     return bool(found)
 
 
 def _tables(con: Connection) -> set[str]:
-    if isinstance(con, _PgConnection):
+    if isinstance(con, QmarkConnection):
         sql = (
             "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
         )
@@ -137,7 +107,7 @@ def _frame(con: Connection, sql: str, params: Sequence[Any] = ()) -> pd.DataFram
 
 
 def _upgrade(con: Connection) -> None:
-    if isinstance(con, _PgConnection):
+    if isinstance(con, QmarkConnection):
         upgrade_prediction_log_pg(con.conn)  # tables and the monitor's indexes
         return
     upgrade_prediction_log(con)  # a log of an older service gets setting/horizon (NULL)

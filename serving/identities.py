@@ -19,7 +19,6 @@ import threading
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -35,6 +34,10 @@ CREATE TABLE IF NOT EXISTS identities (
     PRIMARY KEY (key_name, pseudonym)
 )"""
 _PG_DDL = _DDL.replace("BLOB", "BYTEA")
+#: first one wins; the same text on SQLite (3.24+ upsert syntax) and PostgreSQL
+_INSERT = (
+    "INSERT INTO identities (key_name, pseudonym, sealed) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
+)
 #: advisory-lock key under which the PostgreSQL table is created (core.pg.ensure_table)
 _PG_LOCK = 0x7669_7461_6C03
 
@@ -78,21 +81,14 @@ class IdentityMap:
     """The sealed caller-id rows of one service (thread-safe; one connection per process)."""
 
     def __init__(self, location: str | Path) -> None:
-        from core.pg import is_pg_url
+        from core.pg import QmarkConnection, ensure_table, is_pg_url
 
         self._lock = threading.Lock()
-        self._pg = is_pg_url(location)
-        self._conn: Any
-        if self._pg:
-            from core.pg import connect, ensure_table
-
-            self.path = None
-            self._conn = connect(str(location), autocommit=True)
-            ensure_table(self._conn, _PG_DDL, _PG_LOCK)
-            self._insert = (
-                "INSERT INTO identities (key_name, pseudonym, sealed) VALUES (%s, %s, %s) "
-                "ON CONFLICT DO NOTHING"
-            )
+        self._conn: sqlite3.Connection | QmarkConnection
+        self.path: Path | None = None
+        if is_pg_url(location):
+            self._conn = QmarkConnection(str(location))
+            ensure_table(self._conn.conn, _PG_DDL, _PG_LOCK)
         else:
             self.path = Path(location)
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,16 +98,8 @@ class IdentityMap:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute(_DDL)
-            self._insert = (
-                "INSERT OR IGNORE INTO identities (key_name, pseudonym, sealed) VALUES (?, ?, ?)"
-            )
         self._known: set[tuple[str, str]] = set()
         self._master = _master()
-
-    def _select(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        if self._pg:
-            return list(self._conn.execute(sql.replace("?", "%s"), tuple(params)).fetchall())
-        return list(self._conn.execute(sql, tuple(params)).fetchall())
 
     def remember(self, key_name: str, pairs: Iterable[tuple[str, str]]) -> int:
         """Store ``(pseudonym, caller id)`` pairs sent by ``key_name`` (first one wins)."""
@@ -119,12 +107,8 @@ class IdentityMap:
         if not new:
             return 0
         rows = [(key_name, p, seal(key_name, p, c, self._master)) for p, c in new]
-        with self._lock:
-            if self._pg:
-                with self._conn.transaction(), self._conn.cursor() as cur:
-                    cur.executemany(self._insert, rows)
-            else:
-                self._conn.executemany(self._insert, rows)
+        with self._lock, self._conn:  # one transaction (SQLite and PostgreSQL alike)
+            self._conn.executemany(_INSERT, rows)
             self._known.update((key_name, p) for p, _ in new)
         return len(rows)
 
@@ -132,19 +116,19 @@ class IdentityMap:
         """pseudonym -> caller id, for the rows ``key_name`` wrote (all, or those asked for)."""
         with self._lock:
             if pseudonyms is None:
-                rows = self._select(
+                rows = self._conn.execute(
                     "SELECT pseudonym, sealed FROM identities WHERE key_name = ?", (key_name,)
-                )
+                ).fetchall()
             else:
                 rows = []
                 wanted = list(dict.fromkeys(pseudonyms))
                 for i in range(0, len(wanted), 500):
                     chunk = wanted[i : i + 500]
-                    rows += self._select(
+                    rows += self._conn.execute(
                         "SELECT pseudonym, sealed FROM identities WHERE key_name = ? AND "
                         f"pseudonym IN ({', '.join('?' * len(chunk))})",
                         (key_name, *chunk),
-                    )
+                    ).fetchall()
         out = {}
         for pseudonym, sealed in rows:
             caller = unseal(key_name, pseudonym, bytes(sealed), self._master)
