@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 
-def read_features(path: str | Path) -> pd.DataFrame:
+def read_features(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
     """The feature matrix as the stages wrote it, one column at a time.
 
     Why: ``pd.read_parquet`` decodes every column at once and holds the Arrow table and the
@@ -17,33 +17,53 @@ def read_features(path: str | Path) -> pd.DataFrame:
     A file that stored a pandas index (not the stages' files) is read whole, so the index
     comes back as it was written. ``path`` may be a URL (core.storage), and a folder of part
     files (``features.backend: dask``): the parts are read in order and the rows sorted by
-    patient and time, as the single-process stage writes them.
+    patient and time, as the single-process stage writes them. ``columns``: only these (those
+    the file has, in the file's order; ``train.backend: dask`` reads the row keys only).
     """
     from core import storage
 
     if storage.is_dir(path):
-        return read_feature_parts(path)
+        return read_feature_parts(path, columns)
     pf = storage.parquet_file(path)
     meta = (pf.schema_arrow.metadata or {}).get(b"pandas")
     stored_index = meta is not None and any(
         not isinstance(i, dict) for i in json.loads(meta).get("index_columns", [])
     )
     if stored_index:
-        return pf.read().to_pandas(split_blocks=True, self_destruct=True)
+        frame = pf.read().to_pandas(split_blocks=True, self_destruct=True)
+        return frame if columns is None else frame[[c for c in frame if c in set(columns)]]
+    names = pf.schema_arrow.names
+    if columns is not None:
+        names = [c for c in names if c in set(columns)]
     cols = {
         name: pf.read(columns=[name]).to_pandas(split_blocks=True, self_destruct=True)[name]
-        for name in pf.schema_arrow.names
+        for name in names
     }
     return pd.DataFrame(cols, copy=False)
 
 
-def read_feature_parts(path: str | Path) -> pd.DataFrame:
+def feature_schema(path: str | Path) -> pd.DataFrame:
+    """The matrix's columns and dtypes as an empty frame, from the Parquet footer alone (of
+    the first part file for a folder): what selecting features needs, without reading rows."""
+    from core import storage
+
+    first = path
+    if storage.is_dir(path):
+        parts = storage.list_files(path, ".parquet")
+        if not parts:
+            raise FileNotFoundError(f"{path}: no part files in the feature dataset")
+        first = parts[0]
+    schema = storage.parquet_file(first).schema_arrow
+    return schema.empty_table().to_pandas()
+
+
+def read_feature_parts(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
     """The Dask stage's part files as one frame in the stage's row order (patient, time)."""
     from core import storage
 
     parts = storage.list_files(path, ".parquet")
     if not parts:
         raise FileNotFoundError(f"{path}: no part files in the feature dataset")
-    frames = [read_features(p) for p in parts]
+    frames = [read_features(p, columns) for p in parts]
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     return frame.sort_values(["patient_id", "time"], kind="stable", ignore_index=True)

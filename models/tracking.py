@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -562,7 +563,13 @@ def load_model(uri: str) -> RiskModel:
     import mlflow
 
     configure()
+    before = list(sys.path)
     py = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    # MLflow prepends the model's code folder (our ``MODEL_CODE``, a partial copy of
+    # ``models``) to sys.path for good; this process already imported the project's package,
+    # but processes it spawns later (Dask workers, multiprocessing) inherit sys.path and would
+    # import the copy, without the modules it does not ship (models.dask_store, ...)
+    sys.path[:] = [p for p in sys.path if p in before]
     if not isinstance(py, RiskModel):
         raise TypeError(f"{uri} is not a vitalrisk RiskModel (got {type(py).__name__})")
     return py

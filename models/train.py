@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +42,11 @@ class TrainResult:
     cadence_hours: float | None
     cv: dict[str, float] = field(default_factory=dict)
     val_metrics: dict[str, float | None] = field(default_factory=dict)
+    #: raw scores of every row of the training frame, when the Dask workers computed them
+    #: (the frame then holds the row keys only)
+    scored: np.ndarray | None = None
+    #: the signature's input example, when the workers computed it
+    example: pd.DataFrame | None = None
 
     def predictions(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Per-row scores for every split (keys are pseudonyms; no raw identifiers)."""
@@ -62,7 +66,7 @@ class TrainResult:
         ]
         out = frame[keep].copy()
         out["split"] = self.split.to_numpy()
-        out["raw_score"] = self.model.raw_score(frame)
+        out["raw_score"] = self.scored if self.scored is not None else self.model.raw_score(frame)
         out["prob"] = self.model.calibrator.transform(out["raw_score"].to_numpy())
         return out.reset_index(drop=True)
 
@@ -80,26 +84,32 @@ def validate_frame(frame: pd.DataFrame) -> None:
         raise ValueError("column 'label' has a single class; cannot train a classifier")
 
 
-def select_features(frame: pd.DataFrame, config: TrainConfig) -> tuple[list[str], dict]:
+def select_features(
+    frame: pd.DataFrame, config: TrainConfig, schema: pd.DataFrame | None = None
+) -> tuple[list[str], dict]:
     """Feature columns in order, and category lists of the categorical ones.
 
     Default: every numeric column that is not an identifier/label, plus ``categorical_features``.
+    ``schema``: the matrix's columns and dtypes (an empty frame) when ``frame`` holds only the
+    row keys and the categorical columns (``train.backend: dask`` near the data).
     """
     cats = list(config.categorical_features)
+    columns = frame if schema is None else schema
     if config.features:
         names = list(config.features)
     else:
         names = [
             c
-            for c in frame.columns
+            for c in columns.columns
             if c not in ID_COLUMNS
-            and (pd.api.types.is_numeric_dtype(frame[c]) or c in cats)
-            and not pd.api.types.is_bool_dtype(frame[c])
+            and (pd.api.types.is_numeric_dtype(columns[c]) or c in cats)
+            and not pd.api.types.is_bool_dtype(columns[c])
         ]
-        names += [c for c in frame.columns if pd.api.types.is_bool_dtype(frame[c])]
+        names += [c for c in columns.columns if pd.api.types.is_bool_dtype(columns[c])]
         names += [c for c in cats if c not in names]
     names = [c for c in names if c not in set(config.exclude_features)]
-    missing = [c for c in [*names, *cats] if c not in frame.columns]
+    missing = [c for c in names if c not in columns.columns]
+    missing += [c for c in cats if c not in frame.columns and c not in missing]
     if missing:
         raise ValueError(f"configured feature column(s) not in the feature frame: {missing}")
     unknown_mono = [c for c in config.monotone_constraints if c not in names]
@@ -246,29 +256,6 @@ def fit_booster(
     )
 
 
-def _dask_classifier(
-    params: dict[str, Any], num_rounds: int, config: TrainConfig, client: Any
-) -> Any:
-    """The ``lightgbm.dask`` estimator of both Dask paths (LightGBM params, seed, rounds)."""
-    from lightgbm.dask import DaskLGBMClassifier
-
-    p = dict(params)
-    p.pop("metric", None)
-    p.pop("verbosity", None)
-    p.pop("seed", None)
-    p.pop("num_threads", None)
-    return DaskLGBMClassifier(
-        client=client,
-        n_estimators=num_rounds,
-        random_state=config.seed,
-        verbose=-1,
-        # LightGBM's socket timeout (minutes; default 120): a worker that never joins the
-        # network ring fails the fit instead of hanging it
-        time_out=10,
-        **p,
-    )
-
-
 def _fit_dask(
     X_tr: pd.DataFrame,
     y_tr: np.ndarray,
@@ -287,63 +274,10 @@ def _fit_dask(
     n_parts = max(1, len(client.scheduler_info().get("workers", {})) or config.dask_workers)
     Xd = dd.from_pandas(X_tr, npartitions=n_parts)
     yd = dd.from_pandas(pd.Series(y_tr, index=X_tr.index, name="label"), npartitions=n_parts)
-    clf = _dask_classifier(params, num_rounds, config, client)
+    from models.dask_store import dask_classifier
+
+    clf = dask_classifier(params, num_rounds, config, client)
     clf.fit(Xd, yd, categorical_feature=categorical or "auto")
-    return clf.booster_
-
-
-def _prepared(
-    part: pd.DataFrame, names: list[str], categories: dict[str, list[str]]
-) -> pd.DataFrame:
-    """A feature partition as the model's float matrix (the model's own ``prepare``)."""
-    return RiskModel(feature_names=names, categories=categories).prepare(part)
-
-
-def _fit_dask_from_store(
-    features_path: str,
-    train_ids: list[str],
-    n_rows: int,
-    names: list[str],
-    categories: dict[str, list[str]],
-    params: dict[str, Any],
-    num_rounds: int,
-    config: TrainConfig,
-    client: Any,
-) -> Any:
-    """Distributed fit where each worker reads its feature partitions itself.
-
-    ``features_path``: the features stage's output (one file, or the Dask stage's folder of
-    part files), local (shared) or a URL (core.storage; endpoint and region as storage
-    options, credentials from the workers' environment). The client sends the training
-    patients' ids and reads only Parquet metadata and the partitions' row counts.
-    """
-    import dask.dataframe as dd
-
-    from core import storage
-
-    path = features_path if storage.is_url(features_path) else str(Path(features_path).resolve())
-    opts = storage.storage_options(path)
-    ddf = dd.read_parquet(
-        path, columns=["patient_id", "label", *names], storage_options=opts or None
-    )
-    ddf = ddf[ddf["patient_id"].isin(train_ids)]
-    X = ddf.map_partitions(
-        _prepared, names, categories, meta=_prepared(ddf._meta, names, categories)
-    )
-    y = ddf["label"].astype("int64")
-    # rows per partition (the workers read patient_id and label only): a check, and LightGBM
-    # refuses empty partitions
-    lengths = client.compute(y.map_partitions(len)).result().tolist()
-    if sum(lengths) != n_rows:
-        raise ValueError(
-            f"{features_path}: the workers found {sum(lengths):,} training rows, the split has "
-            f"{n_rows:,} (the file changed since it was read?)"
-        )
-    keep = [i for i, n in enumerate(lengths) if n]
-    if len(keep) < len(lengths):
-        X, y = X.partitions[keep], y.partitions[keep]
-    clf = _dask_classifier(params, num_rounds, config, client)
-    clf.fit(X, y, categorical_feature=list(categories) or "auto")
     return clf.booster_
 
 
@@ -406,18 +340,21 @@ def train_model(
     client: Any = None,
     metadata: dict[str, Any] | None = None,
     features_path: str | None = None,
+    schema: pd.DataFrame | None = None,
 ) -> TrainResult:
     """Split, fit (local or Dask), early-stop, calibrate and pick the alert threshold.
 
     ``overrides`` replaces LightGBM parameters (used by tuning). With ``backend='dask'`` and no
     ``client`` given, a client is created from ``dask_client`` and closed afterwards; with
     ``features_path`` (the file ``frame`` was read from) the workers read the training rows
-    from it themselves instead of receiving them from this process.
+    from it themselves instead of receiving them from this process. With ``schema`` too (the
+    matrix's columns, ``features.io.feature_schema``), ``frame`` needs only the row keys, the
+    label and the categorical columns: the workers also score every row (``models.dask_store``).
     """
     validate_frame(frame)
     if not isinstance(frame.index, pd.RangeIndex) or frame.index.start != 0:
         frame = frame.reset_index(drop=True)
-    names, categories = select_features(frame, config)
+    names, categories = select_features(frame, config, schema)
     categorical = list(categories)
     model = RiskModel(feature_names=names, categories=categories)
     y = frame["label"].astype(int).to_numpy()
@@ -429,8 +366,14 @@ def train_model(
     params = _booster_params(config, y[tr], names, overrides)
 
     data: TrainingData | None = None
+    scored: np.ndarray | None = None
+    example: pd.DataFrame | None = None
     if config.backend == "dask":
-        X = model.prepare(frame)
+        from models import dask_store
+
+        near_data = features_path is not None and schema is not None
+        if schema is not None and features_path is None:
+            raise ValueError("a schema without features_path: the workers have nothing to read")
         own = client is None
         cluster = None
         if own:
@@ -438,7 +381,7 @@ def train_model(
         try:
             if features_path is not None:
                 train_ids = sorted(set(frame["patient_id"][tr].astype(str)))
-                booster = _fit_dask_from_store(
+                booster = dask_store.fit_from_store(
                     features_path,
                     train_ids,
                     int(tr.sum()),
@@ -450,8 +393,17 @@ def train_model(
                     client,
                 )
             else:
+                X = model.prepare(frame)
                 booster = _fit_dask(
                     X[tr], y[tr], params, config.n_estimators, categorical, config, client
+                )
+            if near_data:
+                assert features_path is not None
+                scored = dask_store.score_rows(
+                    features_path, frame, booster, names, categories, client
+                )
+                example = dask_store.training_example(
+                    features_path, train_ids, names, categories, client
                 )
         finally:
             if own:
@@ -459,8 +411,11 @@ def train_model(
                 if cluster is not None:
                     cluster.close()
         best = booster.current_iteration()
-        raw_va = booster.predict(X[va], raw_score=True)
-        del X
+        if scored is not None:
+            raw_va = scored[va]
+        else:
+            model.booster = booster
+            raw_va = model.raw_score(frame[va])
     else:
         data = TrainingData.build(frame, names, categories, split_arr, params)
         booster = fit_booster(
@@ -526,4 +481,6 @@ def train_model(
         cadence_hours=cadence,
         cv=cv,
         val_metrics=val_metrics,
+        scored=scored,
+        example=example,
     )

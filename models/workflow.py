@@ -136,11 +136,14 @@ def train_and_log(
     context: RunContext | None = None,
     features_path: str | None = None,
     metrics_path: str | Path | None = None,
+    schema: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
     """Train (optionally tune first), log everything to a new MLflow run, write run.json.
 
     ``vocabulary`` (the project's, as a dict) is logged as ``vocabulary.json`` so the service
     converts units and judges ranges with the vocabulary the model was trained with.
+    ``schema`` (with ``train.backend: dask`` and ``features_path``): ``frame`` holds the row
+    keys only and the Dask workers read the features (``models.dask_store``).
     """
     from models.train import train_model
 
@@ -157,6 +160,8 @@ def train_and_log(
         system_metrics=True,
     ) as run:
         tracking.log_params(_flatten(config.model_dump(), "train."))
+        if schema is not None and config.tuning.enabled:
+            raise ValueError("tuning needs the whole feature matrix in this process")
         overrides, tuning_result = _tune(frame, config)
         result = train_model(
             frame,
@@ -166,14 +171,17 @@ def train_and_log(
             metadata={"label": label_info} if label_info else None,
             # Dask workers read the training rows from the features file (not a cohort table)
             features_path=features_path if config.cohort_horizon_days is None else None,
+            schema=schema,
         )
         digests = _log_datasets(frame, result.split, features_path)
         _log_training(frame, result, feature_dictionary, lineage_record)
         if vocabulary:
             tracking.log_dict(dict(vocabulary), VOCABULARY_ARTIFACT)
         # input example: the training medians, so no individual's values leave in the artifact
-        prepared = result.model.prepare(frame[result.split.to_numpy() == "train"])
-        example = prepared.median().fillna(0.0).to_frame().T.reset_index(drop=True)
+        example = result.example
+        if example is None:
+            prepared = result.model.prepare(frame[result.split.to_numpy() == "train"])
+            example = prepared.median().fillna(0.0).to_frame().T.reset_index(drop=True)
         with tempfile.TemporaryDirectory() as tmp:
             model_uri = tracking.log_risk_model(result.model, example, tmp)
         result.predictions(frame).to_parquet(out / PREDICTIONS_FILE, index=False)

@@ -12,10 +12,13 @@ import pandas as pd
 from core.errors import UserError
 
 
-def read_features(path: str | Path, cohort: bool = False) -> pd.DataFrame:
+def read_features(
+    path: str | Path, cohort: bool = False, columns: list[str] | None = None
+) -> pd.DataFrame:
     """The feature matrix; ``cohort=True`` expects ``time_to_event_days``/``event``, not ``label``.
 
     ``path``: a file, the Dask stage's folder of part files, local or a URL (core.storage).
+    ``columns``: only these (the file's columns among them).
     """
     from core import storage
 
@@ -25,7 +28,7 @@ def read_features(path: str | Path, cohort: bool = False) -> pd.DataFrame:
     try:
         from features.io import read_features as read_frame
 
-        frame = read_frame(p)
+        frame = read_frame(p, columns)
     except UserError:
         raise
     except Exception as exc:
@@ -38,6 +41,17 @@ def read_features(path: str | Path, cohort: bool = False) -> pd.DataFrame:
         raise UserError(f"{p}: missing column 'news2_total' (the NEWS2 baseline)")
     frame["time"] = pd.to_datetime(frame["time"], utc=True)
     return frame
+
+
+def feature_schema(path: str | Path) -> pd.DataFrame:
+    """The matrix's columns and dtypes (an empty frame) from the Parquet footer."""
+    from core import storage
+    from features.io import feature_schema as schema_of
+
+    try:
+        return schema_of(path if storage.is_url(path) else Path(path))
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable parquet file: {exc}") from None
 
 
 def read_json(path: str | Path | None, what: str) -> dict[str, Any] | None:

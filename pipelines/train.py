@@ -46,17 +46,21 @@ def run(args: argparse.Namespace) -> int:
     from models.config import TrainConfig
     from models.lineage import build_lineage
     from models.workflow import RunContext, train_and_log
-    from pipelines._modelio import read_features, read_json, read_optional_parquet
+    from pipelines._modelio import feature_schema, read_features, read_json, read_optional_parquet
 
     config = load_section(TrainConfig, "train", args.params)
     if args.backend:
         config = config.model_copy(update={"backend": args.backend})
     cohort = config.cohort_horizon_days is not None
     dictionary = read_json(args.dictionary, "feature dictionary")
+    schema = None
     if cohort:
         frame, dictionary = _cohort_frame(args, config, dictionary)
     else:
-        frame = read_features(args.features)
+        columns = key_columns(config) if near_data(config) else None
+        frame = read_features(args.features, columns=columns)
+        if columns is not None:
+            schema = feature_schema(args.features)
         check_labels(frame, args.features)
     consent = None
     patients = read_optional_parquet(args.patients)
@@ -95,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
             context=context,
             features_path=str(args.features),
             metrics_path=args.metrics,
+            schema=schema,
         )
     except ValueError as exc:
         raise UserError(f"{args.features}: {exc}") from None
@@ -110,6 +115,24 @@ def run(args: argparse.Namespace) -> int:
         f"alert threshold {info['threshold']:.4f}"
     )
     return 0
+
+
+def near_data(config) -> bool:  # type: ignore[no-untyped-def]
+    """``train.backend: dask`` on the features output: this process reads the row keys only
+    and the workers everything else (``models.dask_store``); tuning needs the whole matrix."""
+    return (
+        config.backend == "dask"
+        and config.cohort_horizon_days is None
+        and not config.tuning.enabled
+    )
+
+
+def key_columns(config) -> list[str]:  # type: ignore[no-untyped-def]
+    """What the client reads in ``near_data`` mode: the row keys and label, the columns of the
+    predictions file (NEWS2, age, sex) and the categorical features (their levels)."""
+    from models.train import ID_COLUMNS
+
+    return [*ID_COLUMNS, "news2_total", "age", "sex_f", *config.categorical_features]
 
 
 def check_labels(frame, path: str) -> None:  # type: ignore[no-untyped-def]

@@ -211,7 +211,17 @@ def test_dask_workers_read_and_write_the_object_store(
     # train.backend dask on the same cluster: the workers read the feature parts from s3
     import dask.dataframe as dd
 
+    import features.io
+
     monkeypatch.setattr(dd, "from_pandas", forbidden)
+    read_columns: list[object] = []
+    read_frame = features.io.read_features
+
+    def spy(path: object, columns: list[str] | None = None) -> pd.DataFrame:
+        read_columns.append(columns)
+        return read_frame(path, columns)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(features.io, "read_features", spy)
     train = tmp_path / "train.yaml"
     conf = yaml.safe_load(params.read_text())
     conf["train"].update(n_estimators=30, cv_folds=0, compiled_trees="none", experiment="lake")
@@ -238,6 +248,12 @@ def test_dask_workers_read_and_write_the_object_store(
     run = json.loads((tmp_path / "model" / "run.json").read_text())
     assert run["best_iteration"] == 30 and run["backend"] == "dask"
     assert len(run["feature_names"]) > 300 and run["val"]["val_auroc"] is not None
+    # this process read the row keys only; the workers scored every row from s3
+    assert read_columns and all(c is not None and len(c) < 12 for c in read_columns)
+    preds = pd.read_parquet(tmp_path / "model" / "predictions.parquet")
+    meta = run["metadata"]
+    n_rows = meta["n_train_rows"] + meta["n_val_rows"] + meta["n_test_rows"]
+    assert 0 < len(preds) == n_rows <= len(remote) and preds["raw_score"].notna().all()
 
 
 def test_unreachable_store_is_a_message_naming_the_url(local_run, tmp_path, monkeypatch, capsys):
