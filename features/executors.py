@@ -7,12 +7,14 @@
   hundreds of calls on arrays of a few elements, i.e. all overhead.
 - :func:`per_code_bank` (large inputs, one chunk of patients): one code at a time through
   compiled kernels (``features/kernels.py``), so the temporaries are one code's rows, only
-  the prefix sums that code's statistics need are built, and bounds move forward with the
-  (sorted) queries instead of being searched.
+  the prefix sums that code's statistics need are built (one patient at a time, in a buffer
+  that stays in cache), and bounds move forward with the (sorted) queries instead of being
+  searched.
 
 Both take their prefix sums and window statistics from the same kernels
-(``kernels.prefix_moments`` over the stacked series' (code, patient) segments, and
-``kernels.interval_stats`` / ``query_code`` with the arithmetic of ``features/arith.py``); the
+(``kernels.segment_moments`` per (code, patient) segment: through ``prefix_moments`` over
+the stacked series, or per patient inside ``query_code``; ``kernels.interval_stats`` /
+``query_code`` with the arithmetic of ``features/arith.py``); the
 searches are exact integer work and min/max exact comparisons, so every bank value is
 bit-identical; ``tests/features/test_executors.py`` checks this. The families' combine steps
 then turn the bank into features, the same code for both.
@@ -128,18 +130,15 @@ def per_code_bank(
             p, t, v = p[order], t[order], v[order]
         p, t, v = kernels.dedupe_ties(p, t, v)
         need = plan.code_moments[ci]
-        starts, P, E, C = kernels.prefix_moments(
-            p, t, v, n_pat, "v" in need, "vv" in need, bool(need & {"t", "tv", "tt"})
-        )
-        del p
         ivs, runs, slots = plan.code_ivs[ci], plan.code_runs[ci], plan.code_slots[ci]
         kernels.query_code(
+            p,
             t,
             v,
-            starts,
-            P,
-            E,
-            C,
+            n_pat,
+            "v" in need,
+            "vv" in need,
+            bool(need & {"t", "tv", "tt"}),
             qp,
             qt_u,
             slots,

@@ -174,6 +174,60 @@ def dedupe_ties(
 
 
 @_jit
+def segment_moments(
+    t: np.ndarray,
+    v: np.ndarray,
+    s0: int,
+    s1: int,
+    P: np.ndarray,
+    E: np.ndarray,
+    off: int,
+    need_vv: bool,
+    need_t: bool,
+) -> None:
+    """The centred moments' prefix sums and error sums of the segment ``[s0, s1)`` (one
+    patient's rows of one code), into columns ``i - off`` of ``P`` and ``E``
+    (:func:`prefix_moments` documents them): the one formulation both executors use."""
+    v0 = v[s0]
+    t0 = t[s0]
+    p0 = e0 = p1 = e1 = p2 = e2 = p3 = e3 = p4 = e4 = 0.0
+    for i in range(s0, s1):
+        r = i - off
+        x = v[i] - v0
+        s = p0 + x
+        e0 = e0 + (sum_error(p0, x, s) + 0.0)
+        p0 = s
+        P[0, r] = p0
+        E[0, r] = e0
+        if need_vv:
+            m1, r1 = two_prod(x, x)
+            s = p1 + m1
+            e1 = e1 + (sum_error(p1, m1, s) + r1)
+            p1 = s
+            P[1, r] = p1
+            E[1, r] = e1
+        if need_t:
+            h = float(t[i] - t0)
+            s = p2 + h
+            e2 = e2 + (sum_error(p2, h, s) + 0.0)
+            p2 = s
+            m3, r3 = two_prod(h, x)
+            s = p3 + m3
+            e3 = e3 + (sum_error(p3, m3, s) + r3)
+            p3 = s
+            m4, r4 = two_prod(h, h)
+            s = p4 + m4
+            e4 = e4 + (sum_error(p4, m4, s) + r4)
+            p4 = s
+            P[2, r] = p2
+            E[2, r] = e2
+            P[3, r] = p3
+            E[3, r] = e3
+            P[4, r] = p4
+            E[4, r] = e4
+
+
+@_jit
 def prefix_moments(
     p: np.ndarray,
     t: np.ndarray,
@@ -211,44 +265,8 @@ def prefix_moments(
         return starts, P, E, C
     for q in range(n_pat):
         s0, s1 = starts[q], starts[q + 1]
-        if s1 == s0:
-            continue
-        v0 = v[s0]
-        t0 = t[s0]
-        p0 = e0 = p1 = e1 = p2 = e2 = p3 = e3 = p4 = e4 = 0.0
-        for i in range(s0, s1):
-            x = v[i] - v0
-            s = p0 + x
-            e0 = e0 + (sum_error(p0, x, s) + 0.0)
-            p0 = s
-            P[0, i] = p0
-            E[0, i] = e0
-            if need_vv:
-                m1, r1 = two_prod(x, x)
-                s = p1 + m1
-                e1 = e1 + (sum_error(p1, m1, s) + r1)
-                p1 = s
-                P[1, i] = p1
-                E[1, i] = e1
-            if need_t:
-                h = float(t[i] - t0)
-                s = p2 + h
-                e2 = e2 + (sum_error(p2, h, s) + 0.0)
-                p2 = s
-                m3, r3 = two_prod(h, x)
-                s = p3 + m3
-                e3 = e3 + (sum_error(p3, m3, s) + r3)
-                p3 = s
-                m4, r4 = two_prod(h, h)
-                s = p4 + m4
-                e4 = e4 + (sum_error(p4, m4, s) + r4)
-                p4 = s
-                P[2, i] = p2
-                E[2, i] = e2
-                P[3, i] = p3
-                E[3, i] = e3
-                P[4, i] = p4
-                E[4, i] = e4
+        if s1 > s0:
+            segment_moments(t, v, s0, s1, P, E, 0, need_vv, need_t)
     return starts, P, E, C
 
 
@@ -322,12 +340,13 @@ def _sums(P: np.ndarray, E: np.ndarray, k: int, lo: int, up: int, s0: int) -> tu
 
 @_jit
 def query_code(
+    p: np.ndarray,
     t: np.ndarray,
     v: np.ndarray,
-    starts: np.ndarray,
-    P: np.ndarray,
-    E: np.ndarray,
-    C: np.ndarray,
+    n_pat: int,
+    need_v: bool,
+    need_vv: bool,
+    need_t: bool,
     qp: np.ndarray,
     qt_u: np.ndarray,
     slot_ids: np.ndarray,
@@ -356,10 +375,27 @@ def query_code(
     run_min: np.ndarray,
     run_max: np.ndarray,
 ) -> None:
-    """One code's part of the bank for every query (layout: ``features.plan``).
+    """One code's part of the bank for every query (layout: ``features.plan``), from the
+    code's rows ``p, t, v`` (sorted by patient and time, ties deduplicated).
 
-    Queries come sorted by (patient, time), so each bound only moves forward within a
-    patient: one pointer per slot sweeps the patient's rows once."""
+    Patient by patient: the prefix sums of the patient's rows (``segment_moments``, only the
+    moments ``need_*`` asks for; value changes counted in ``C``) go to a scratch buffer of
+    one patient's length, which stays in cache while the patient's queries read it, instead
+    of prefix arrays over the whole code. Queries come sorted by (patient, time), so each
+    bound only moves forward within a patient: one pointer per slot sweeps the patient's
+    rows once. Patients without a query are skipped."""
+    starts = np.zeros(n_pat + 1, dtype=np.int64)
+    for i in range(len(p)):
+        starts[p[i] + 1] += 1
+    for k in range(n_pat):
+        starts[k + 1] += starts[k]
+    cap = 1
+    for k in range(n_pat):
+        if starts[k + 1] - starts[k] > cap:
+            cap = starts[k + 1] - starts[k]
+    P = np.empty((N_MOMENTS, cap))
+    E = np.empty((N_MOMENTS, cap))
+    C = np.empty(cap, dtype=np.int64)
     ptr = np.zeros(len(slot_ids), dtype=np.int64)
     if len(run_ids):
         bmin, bmax = block_extremes(v)
@@ -372,6 +408,13 @@ def query_code(
         if q != prev_q:
             ptr[:] = s0
             prev_q = q
+            changes = 0
+            for i in range(s0, s1):
+                if i > s0 and v[i] != v[i - 1]:
+                    changes += 1
+                C[i - s0] = changes
+            if need_v and s1 > s0:
+                segment_moments(t, v, s0, s1, P, E, s0, need_vv, need_t)
         qtu = qt_u[j]
         for k in range(len(slot_ids)):
             bound = qtu - slot_backs[k]  # never before the patient: rows start at s0
@@ -394,19 +437,22 @@ def query_code(
                 continue
             v0 = v[s0] if s1 > s0 else 0.0
             first = v[lo] if up > lo else 0.0
-            const = 1.0 if up > lo and C[up - 1] == C[lo] else 0.0
-            svh, svl = _sums(P, E, 0, lo, up, s0)
+            const = 1.0 if up > lo and C[up - 1 - s0] == C[lo - s0] else 0.0
+            # (the scratch buffer's column i - s0 is row i)
+            lo -= s0
+            up -= s0
+            svh, svl = _sums(P, E, 0, lo, up, 0)
             if iv_need[a, 0]:
                 s_mean[row, j] = stat_mean(n, v0, first, const, svh, svl)
             if iv_need[a, 1]:
                 s_sum[row, j] = stat_sum(n, v0, first, const, svh, svl)
             if iv_need[a, 3]:
-                qh, ql = _sums(P, E, 1, lo, up, s0)
+                qh, ql = _sums(P, E, 1, lo, up, 0)
                 s_std[row, j] = stat_std(n, const, svh, svl, qh, ql)
             if iv_need[a, 4]:
-                th, tl = _sums(P, E, 2, lo, up, s0)
-                tvh, tvl = _sums(P, E, 3, lo, up, s0)
-                tth, ttl = _sums(P, E, 4, lo, up, s0)
+                th, tl = _sums(P, E, 2, lo, up, 0)
+                tvh, tvl = _sums(P, E, 3, lo, up, 0)
+                tth, ttl = _sums(P, E, 4, lo, up, 0)
                 s_slope[row, j] = stat_slope(
                     n, const, svh, svl, th, tl, tvh, tvl, tth, ttl, per_hour
                 )
@@ -472,11 +518,11 @@ def warm_up() -> None:
     by_code(i64, c8, i64, f8, i64[:1], 1, 1, 0, yes[:1])
     is_sorted(i64, i64)
     dedupe_ties(i64, i64, f8)
-    starts, P, E, C = prefix_moments(i64, i64, f8, 1, True, True, True)
+    _, P, E, C = prefix_moments(i64, i64, f8, 1, True, True, True)
     interval_stats(P, E, C, f8, i64, i64, i64, 1.0)
     s2 = np.zeros(2, dtype=np.intp)
     query_code(
-        i64, f8, starts, P, E, C, i64[:0], i64[:0], s2, i64, 0, 1, s2, s2, s2,
+        i64, i64, f8, 1, True, True, True, i64[:0], i64[:0], s2, i64, 0, 1, s2, s2, s2,
         np.zeros((2, 5), np.bool_), s2[:0], np.zeros((0, 1), np.intp), s2[:0],
         np.zeros((0, 2), np.bool_), 0, 1.0, 1.0, np.zeros((2, 0), np.int64),
         np.zeros((1, 0)), np.zeros((1, 0)), np.zeros((2, 0)), np.zeros((2, 0)),

@@ -30,7 +30,6 @@ import pandas as pd
 
 from core.vocabulary import Vocabulary
 from features.build import (
-    CHUNK_OBSERVATIONS,
     FeatureArrays,
     FeatureInputs,
     _sorted_distinct,
@@ -102,49 +101,60 @@ def read_batches(
 
 
 class _Chunks:
-    """Rows of complete patients, cut into chunks: with rows grouped by patient, every
-    patient before the last of a batch is complete once that batch is read."""
+    """Rows of complete patients, cut into chunks without copying the batches: with rows
+    grouped by patient, every patient before the last of a batch is complete once that batch
+    is read. Each batch gives (at most) two chunks: the patient carried over from the batch
+    before with its remaining rows (the only rows copied: one patient's), and the batch's
+    complete patients after it (views of the batch). Chunks cover every patient index
+    ``0..n_pat-1`` in order, patients without rows included."""
 
-    def __init__(self, n_pat: int, target: int) -> None:
-        self.n_pat, self.target = n_pat, target
-        self.parts: list[_Batch] = []
-        self.rows = 0
+    def __init__(self, n_pat: int) -> None:
+        self.n_pat = n_pat
+        self.carry: _Batch | None = None  # rows of patient ``self.done`` read so far
         self.done = 0  # patients before this one were emitted
-        self.last = -1  # the largest patient index seen
 
     def add(self, b: _Batch) -> Iterator[tuple[int, int, _Batch]]:
-        known = b.p[b.p >= 0]
-        if len(known):
-            if known[0] < self.last or bool((known[1:] < known[:-1]).any()):
-                raise NotStreamable("observations are not grouped by patient")
-            self.last = int(known[-1])
-            self.parts.append(_Batch(b.p, b.c, b.t, b.v))
-            self.rows += len(b.p)
-            if self.rows >= self.target:
-                # every patient before this batch's last is complete (the last may go on)
-                yield from self._emit(self.last)
+        p = b.p
+        if not len(p):
+            return
+        if p[0] < 0 or bool((p[1:] < p[:-1]).any()):
+            raise NotStreamable("observations are not grouped by patient")
+        first, last = int(p[0]), int(p[-1])
+        if first < self.done:
+            raise NotStreamable("observations are not grouped by patient")
+        if self.carry is not None and first == self.done:
+            end = int(np.searchsorted(p, first, "right"))  # the carried patient's rows
+            if end == len(p):  # the whole batch continues it
+                self.carry = _cat(self.carry, b)
+                return
+            yield self.done, first + 1, _cat(self.carry, _slice(b, 0, end))
+            self.done, self.carry, b, p = first + 1, None, _slice(b, end, len(p)), p[end:]
+        cut = int(np.searchsorted(p, last, "left"))  # rows before the last patient's
+        if self.carry is not None:  # the carried patient is complete: no rows in this batch
+            yield self.done, self.done + 1, self.carry
+            self.done, self.carry = self.done + 1, None
+        if last > self.done:
+            yield self.done, last, _slice(b, 0, cut)
+            self.done = last
+        self.carry = _slice(b, cut, len(p))
 
     def finish(self) -> Iterator[tuple[int, int, _Batch]]:
-        yield from self._emit(self.n_pat)
-
-    def _emit(self, upto: int) -> Iterator[tuple[int, int, _Batch]]:
-        if upto <= self.done:
-            return
-        p = np.concatenate([x.p for x in self.parts]) if self.parts else np.zeros(0, np.int64)
-        cut = _first_at_or_after(p, upto)
-        cols = [np.concatenate([getattr(x, f) for x in self.parts]) for f in "pctv"]
-        head = _Batch(*(col[:cut] for col in cols))
-        tail = _Batch(*(col[cut:] for col in cols))
-        self.parts, self.rows = ([tail], len(tail.p)) if len(tail.p) else ([], 0)
-        start = self.done
-        self.done = upto
-        yield start, upto, head
+        if self.done < self.n_pat:
+            rows = self.carry if self.carry is not None else _empty_batch()
+            yield self.done, self.n_pat, rows
+            self.done, self.carry = self.n_pat, None
 
 
-def _first_at_or_after(p: np.ndarray, patient: int) -> int:
-    """First row of ``patient`` or later (rows grouped by patient; -1 rows go with the next)."""
-    known = np.flatnonzero(p >= patient)
-    return int(known[0]) if len(known) else len(p)
+def _slice(b: _Batch, lo: int, hi: int) -> _Batch:
+    return _Batch(b.p[lo:hi], b.c[lo:hi], b.t[lo:hi], b.v[lo:hi])
+
+
+def _cat(a: _Batch, b: _Batch) -> _Batch:
+    return _Batch(*(np.concatenate([getattr(a, f), getattr(b, f)]) for f in "pctv"))
+
+
+def _empty_batch() -> _Batch:
+    return _Batch(np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(0, np.int64), np.zeros(0))
 
 
 def stream_features(
@@ -192,7 +202,7 @@ def stream_features(
         arrays: FeatureArrays = features_from_arrays(inputs, inner, vocab)
         return feature_table(arrays, label[q_bounds[a] : q_bounds[b]])
 
-    chunks = _Chunks(len(q.patient_ids), CHUNK_OBSERVATIONS)
+    chunks = _Chunks(len(q.patient_ids))
     pid_index = {p: i for i, p in enumerate(q.patient_ids.tolist())}
     code_index = {c: i for i, c in enumerate(q.codes)}
     try:
@@ -212,8 +222,14 @@ def stream_features(
     return writer.rows, prevalence_by_setting(labelled["setting"].to_numpy(), label)
 
 
+#: feature rows per Parquet row group: chunk tables are buffered (zero-copy) up to this many
+#: rows and written as one; each row group costs ~40 us per column of fixed overhead, and a
+#: chunk of patients has only ~15 k rows
+ROW_GROUP_ROWS = 1 << 16
+
+
 class _Writer:
-    """Writes each chunk's table, in order, from a thread (Parquet encoding overlaps work)."""
+    """Writes the chunks' tables, in order, from a thread (Parquet encoding overlaps work)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = path
@@ -230,14 +246,25 @@ class _Writer:
             self._thread.join()
 
     def _run(self, pending: queue.Queue[Future[Any] | None]) -> None:
+        import pyarrow as pa
+
         writer = None
+        buffered: list[Any] = []
+        rows = 0
         try:
             while (fut := pending.get()) is not None:
                 if self.error is not None:
                     continue  # drain: the producer is stopping
                 table = fut.result()
-                writer = write_feature_table(table, self.path, writer)
-                self.rows += table.num_rows
+                buffered.append(table)
+                rows += table.num_rows
+                if rows >= ROW_GROUP_ROWS:
+                    writer = write_feature_table(pa.concat_tables(buffered), self.path, writer)
+                    self.rows += rows
+                    buffered, rows = [], 0
+            if buffered and self.error is None:
+                writer = write_feature_table(pa.concat_tables(buffered), self.path, writer)
+                self.rows += rows
         except BaseException as exc:  # surfaced by stream_features
             self.error = exc
             while pending.get() is not None:

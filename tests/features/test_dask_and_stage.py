@@ -127,7 +127,7 @@ def test_stage_cli_user_errors(obs_dir, tmp_path, capsys):
 def test_streamed_stage_equals_the_in_memory_build(
     obs_dir, tmp_path, config, vocab, monkeypatch, layout
 ):
-    """Small batches and chunks: patients span batches and chunks; a file not grouped by
+    """Small batches and row groups: patients span batches; a file not grouped by
     patient falls back to reading it whole; rows of patients nobody predicts for are ignored."""
     obs = pd.read_parquet(obs_dir / "observations.parquet")
     pats = pd.read_parquet(obs_dir / "patients.parquet")
@@ -144,7 +144,7 @@ def test_streamed_stage_equals_the_in_memory_build(
     pats.to_parquet(src / "patients.parquet", index=False)
     outs.to_parquet(src / "outcomes.parquet", index=False)
     monkeypatch.setattr(streaming, "BATCH_ROWS", 1000)
-    monkeypatch.setattr(streaming, "CHUNK_OBSERVATIONS", 2500)
+    monkeypatch.setattr(streaming, "ROW_GROUP_ROWS", 50)  # several chunks per row group
     streamed = []
     real = streaming.stream_features
 
