@@ -35,9 +35,9 @@ from serving.auditq import AuditItem, AuditUnavailable
 from serving.auth import bearer_token
 from serving.metrics import observe_refusal
 from serving.schemas import (
-    FeaturesRequest,
+    FeatureRow,
     complete_openapi,
-    feature_rows_look_valid,
+    feature_rows,
     unknown_flags,
 )
 
@@ -123,6 +123,8 @@ PUBLIC_PATHS = frozenset(
 )
 STATIC_PREFIX = "/static_content/"
 FEATURES_PATH = "/v1/score/features"
+#: the guard's context key of ``/v1/score/features``' validated rows (``check_features``)
+FEATURE_ROWS_KEY = "feature_rows"
 SCORE_PATH = "/v1/score"
 DOCS_PATH = "/docs.json"
 METRICS_PATH = "/metrics"
@@ -692,7 +694,7 @@ class GuardMiddleware:
         }
         try:
             if ex.path == FEATURES_PATH:
-                body = check_features(rt, ex, parsed)
+                ctx[FEATURE_ROWS_KEY] = check_features(rt, ex, parsed)
                 ctx["patients"], ctx["model_version"] = ex.patients, ex.model_version
             elif ex.path == SCORE_PATH:
                 check_flags(rt, parsed)
@@ -932,31 +934,27 @@ def parse_body(body: bytes) -> Any:
     return parsed
 
 
-def check_features(rt: Any, ex: Exchange, parsed: dict[str, Any]) -> bytes:
+def check_features(rt: Any, ex: Exchange, parsed: dict[str, Any]) -> list[FeatureRow]:
     """Everything BentoML's validation of ``/v1/score/features`` would refuse, refused here
-    first (BentoML logs the inputs of a body it rejects); returns the body to forward."""
+    first (BentoML logs the inputs of a body it rejects); returns the validated rows, each
+    with the HTTP request id (the prediction log records it), for the route to score
+    without parsing or validating the body again (``serving/service.py``)."""
     rows = parsed.get("rows")
     if isinstance(rows, list) and len(rows) > rt.config.max_feature_rows:
         raise Reject(
             413, f"rows: {len(rows)} rows; at most {rt.config.max_feature_rows} per request"
         )
-    if not feature_rows_look_valid(parsed):
-        try:
-            FeaturesRequest.model_validate(parsed)
-        except ValidationError as exc:
-            payload = problems_payload(exc.errors(include_input=False), ex.rid, one_per_place=True)
-            raise Reject(422, payload["error"], payload=payload) from None
+    try:
+        validated = feature_rows(parsed, ex.rid)
+    except ValidationError as exc:
+        payload = problems_payload(exc.errors(include_input=False), ex.rid, one_per_place=True)
+        raise Reject(422, payload["error"], payload=payload) from None
     problem = rt.check_feature_rows(parsed)
     if problem is not None:
         raise Reject(*problem)
-    rows = parsed["rows"]
-    ex.patients = sorted(
-        {_pseudonym(str(r["patient_id"]).strip()) for r in rows if r.get("patient_id")}
-    )
+    ex.patients = sorted({_pseudonym(r.patient_id) for r in validated if r.patient_id})
     ex.model_version = str(rt.champion.version)
-    for r in rows:  # the prediction log records the HTTP request id per row
-        r["request_id"] = ex.rid
-    return orjson.dumps(parsed)
+    return validated
 
 
 @lru_cache(maxsize=8)

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import threading
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -196,9 +197,16 @@ def _flag(result: Any, name: str) -> bool:
 
 
 def observe_scores(results: Sequence[Any], settings: Iterable[Any]) -> None:
-    """Count scored patients (``PatientScore`` / ``FeatureScore``) with their settings."""
+    """Count scored patients (``PatientScore`` / ``FeatureScore``) with their settings.
+
+    Counters are added up per label set first: one increment per series and batch, not per
+    patient (a 1,000-row request would otherwise write the shared metric files 3,000 times).
+    """
     try:
         m = metrics()
+        scores: Counter[tuple[str, str]] = Counter()
+        alerts: Counter[tuple[str, str]] = Counter()
+        escalations: Counter[tuple[str, str]] = Counter()
         for result, setting in zip(results, settings, strict=False):
             band = str(getattr(result, "risk_band", ""))
             if getattr(result, "status", None) == NO_RISK:
@@ -206,14 +214,21 @@ def observe_scores(results: Sequence[Any], settings: Iterable[Any]) -> None:
             elif band not in BANDS:
                 band = "other"
             st = setting_label(setting)
-            m.scores.labels(band, st).inc()
+            scores[band, st] += 1
             p = getattr(result, "probability", None)
             if isinstance(p, float):
                 m.risk.labels(st).observe(p)
             if _flag(result, "alert"):
-                m.alerts.labels(band, st).inc()
+                alerts[band, st] += 1
             if _flag(result, "escalation"):
-                m.escalations.labels(band, st).inc()
+                escalations[band, st] += 1
+        for counter, counts in (
+            (m.scores, scores),
+            (m.alerts, alerts),
+            (m.escalations, escalations),
+        ):
+            for labels, n in counts.items():
+                counter.labels(*labels).inc(n)
     except Exception:  # metrics never fail an answer
         logger.exception("metrics: scores not counted")
 

@@ -220,30 +220,52 @@ _ROW_KEYS = frozenset({"patient_id", "features", "request_id"})
 _CELL_TYPES = frozenset({int, float, str, type(None)})
 
 
-def feature_rows_look_valid(body: Mapping[str, Any]) -> bool:
-    """True only when every row certainly passes :class:`FeaturesRequest` (cheap: type sets
-    in C); False means "validate properly", not necessarily invalid."""
+def feature_rows_fast(
+    body: Mapping[str, Any], request_id: str | None = None
+) -> list[FeatureRow] | None:
+    """The rows of a ``/v1/score/features`` body exactly as :class:`FeaturesRequest` would
+    validate them (ids stripped, integers as floats), built without validating again, when
+    every row certainly passes (cheap: type sets in C); None means "validate properly", not
+    necessarily invalid. ``request_id`` replaces each row's (the server sets it)."""
     rows = body.get("rows")
     if type(rows) is not list or not rows or body.keys() != {"rows"}:
-        return False
+        return None
+    out: list[FeatureRow] = []
+    construct = FeatureRow.model_construct
     for row in rows:
         if type(row) is not dict or not row.keys() <= _ROW_KEYS:
-            return False
+            return None
         feats = row.get("features")
         if type(feats) is not dict:
-            return False
+            return None
         types = set(map(type, feats.values()))
         if not types <= _CELL_TYPES:
-            return False
+            return None
         if str in types and any(type(v) is str and len(v) > 256 for v in feats.values()):
-            return False
+            return None
+        if int in types:  # a strict float field takes an integer as that float
+            feats = {k: float(v) if type(v) is int else v for k, v in feats.items()}
         pid = row.get("patient_id")
-        if pid is not None and not valid_patient_id(pid):
-            return False
+        if pid is not None:
+            if not valid_patient_id(pid):
+                return None
+            pid = pid.strip()
         rid = row.get("request_id")
         if rid is not None and not (type(rid) is str and len(rid) <= 64):
-            return False
-    return True
+            return None
+        out.append(construct(patient_id=pid, features=feats, request_id=request_id or rid))
+    return out
+
+
+def feature_rows(body: Mapping[str, Any], request_id: str | None = None) -> list[FeatureRow]:
+    """The validated rows of a ``/v1/score/features`` body (pydantic's ``ValidationError``
+    when it breaks :class:`FeaturesRequest`); ``request_id`` replaces each row's."""
+    rows = feature_rows_fast(body, request_id)
+    if rows is None:
+        rows = FeaturesRequest.model_validate(body).rows
+        if request_id is not None:
+            rows = [r.model_copy(update={"request_id": request_id}) for r in rows]
+    return rows
 
 
 def valid_patient_id(pid: Any) -> bool:
