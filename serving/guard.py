@@ -192,15 +192,39 @@ def _exact_duplicate_check(body: bytes) -> None:
         return
 
 
+#: dicts with more entries than this are counted by their length alone (a feature row)
+_WIDE = 32
+
+
+def _keys_at_least(doc: Any) -> int:
+    """A lower bound on the number of keys in a parsed document: every dict's length, looking
+    inside the values of dicts of at most ``_WIDE`` entries and inside lists (so exact for
+    the API's documents, whose wide dicts hold numbers, text and nulls only)."""
+    n = 0
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if type(node) is dict:
+            n += len(node)
+            if len(node) <= _WIDE:
+                stack.extend(v for v in node.values() if type(v) is dict or type(v) is list)
+        elif type(node) is list:
+            stack.extend(v for v in node if type(v) is dict or type(v) is list)
+    return n
+
+
 def parse_json(body: bytes) -> Any:
     """Strict RFC 8259 JSON: NaN/Infinity refused (unlike ``json.loads``), and duplicate keys
     refused (parsers silently keep one of the values, so a forged first value could pass a
     review while the second one is used).
 
-    Fast duplicate check: a JSON text has one structural ``:`` per key, and orjson's output
-    of the parsed document has one per key that survived; colons inside strings are written
-    as they are both ways. So the counts differ exactly when a key was dropped, unless a
-    string spells a colon as ``\\u003a``: then the standard library's parser decides.
+    Fast duplicate check: a JSON text has one structural ``:`` per key, plus the colons
+    inside its strings; the parsed document has one key per key that survived. So when the
+    text has no more colons than (a lower bound on) the document's keys, no key was dropped
+    (the usual case, and one count over the text). Otherwise orjson's output of the document
+    has one ``:`` per surviving key plus the same colons inside strings, so those counts
+    differ exactly when a key was dropped, unless a string spells a colon as ``\\u003a``:
+    then the standard library's parser decides.
     """
     try:
         doc = orjson.loads(body)
@@ -209,6 +233,8 @@ def parse_json(body: bytes) -> Any:
             raise ValueError("NaN/Infinity are not allowed: numbers must be finite") from None
         raise ValueError(str(exc)) from None
     if isinstance(doc, dict | list):
+        if body.count(b":") <= _keys_at_least(doc):
+            return doc
         if _COLON_ESCAPE.search(body):
             _exact_duplicate_check(body)
         elif body.count(b":") != orjson.dumps(doc).count(b":"):

@@ -497,3 +497,50 @@ def test_a_model_without_fitted_thresholds_is_not_served() -> None:
     champion = LoadedModel("vitalrisk-deterioration", "3", "champion", None, model)
     with pytest.raises(StartupError, match=r"version 3 carries no fitted risk thresholds.*retrain"):
         _model_set(champion, None, None, {}, load_vocabulary(), None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"a": 1, "a": 2}',
+        b'{"rows": [{"features": {"age": 30, "age": 90}}]}',
+        b'{"a": "x:y", "a": 1}',  # a colon inside a string makes up for the dropped key
+        b'{"a": {"b": 1, "b": 2}}',
+        b'[{"a": 1}, {"b": "\\u003a", "b": 2}]',
+        # a wide dict (counted by its length only) holding a nested duplicate
+        b'{"w": {' + b", ".join(b'"k%d": 1' % i for i in range(40)) + b', "n": {"x": 1, "x": 2}}}',
+    ],
+)
+def test_parse_json_refuses_every_duplicate_key(body: bytes) -> None:
+    from serving.guard import parse_json
+
+    with pytest.raises(ValueError, match="duplicate key"):
+        parse_json(body)
+
+
+def test_parse_json_keeps_colons_in_strings_and_wide_rows() -> None:
+    from serving.guard import parse_json
+
+    wide = {f"f{i}": (None if i % 3 else float(i)) for i in range(400)}
+    doc = {"rows": [{"patient_id": "MRN:1", "features": wide}], "t": "08:00:00"}
+    assert parse_json(json.dumps(doc).encode()) == doc
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"features": {"a": 1.5, "b": None, "c": 70, "setting": "ward"}},
+        {"patient_id": "  MRN-1 ", "features": {"a": 10**20}},
+        {"patient_id": "x", "features": {}, "request_id": "client"},
+    ],
+)
+def test_fast_feature_rows_equal_pydantic_validation(row: dict[str, Any]) -> None:
+    """The guard's rows built without validating again are what pydantic would make."""
+    from serving.schemas import FeatureRow, feature_rows, feature_rows_fast
+
+    fast = feature_rows_fast({"rows": [row]}, "rid-1")
+    assert fast is not None
+    slow = FeatureRow.model_validate(row).model_copy(update={"request_id": "rid-1"})
+    assert [r.model_dump() for r in fast] == [slow.model_dump()]
+    assert [type(v) for v in fast[0].features.values()] == [type(v) for v in slow.features.values()]
+    assert feature_rows({"rows": [row]}, "rid-1") == fast
