@@ -971,16 +971,16 @@ def check_features(rt: Any, ex: Exchange, parsed: dict[str, Any]) -> list[Featur
             413, f"rows: {len(rows)} rows; at most {rt.config.max_feature_rows} per request"
         )
     try:
-        validated = feature_rows(parsed, ex.rid)
+        valid = feature_rows(parsed, ex.rid)
     except ValidationError as exc:
         payload = problems_payload(exc.errors(include_input=False), ex.rid, one_per_place=True)
         raise Reject(422, payload["error"], payload=payload) from None
-    problem = rt.check_feature_rows(parsed)
+    problem = rt.check_feature_rows(valid)
     if problem is not None:
         raise Reject(*problem)
-    ex.patients = sorted({_pseudonym(r.patient_id) for r in validated if r.patient_id})
+    ex.patients = sorted({_pseudonym(r.patient_id) for r in valid.rows if r.patient_id})
     ex.model_version = str(rt.champion.version)
-    return validated
+    return valid.rows
 
 
 @lru_cache(maxsize=8)

@@ -541,6 +541,12 @@ def test_fast_feature_rows_equal_pydantic_validation(row: dict[str, Any]) -> Non
     fast = feature_rows_fast({"rows": [row]}, "rid-1")
     assert fast is not None
     slow = FeatureRow.model_validate(row).model_copy(update={"request_id": "rid-1"})
-    assert [r.model_dump() for r in fast] == [slow.model_dump()]
-    assert [type(v) for v in fast[0].features.values()] == [type(v) for v in slow.features.values()]
+    assert [r.model_dump() for r in fast.rows] == [slow.model_dump()]
+    got = [type(v) for v in fast.rows[0].features.values()]
+    assert got == [type(v) for v in slow.features.values()]
+    assert fast.text == ([0] if "setting" in row["features"] else [])
     assert feature_rows({"rows": [row]}, "rid-1") == fast
+    # an id with spaces around it is stripped, as pydantic does
+    pid = str(row.get("patient_id") or "p")
+    padded = {"rows": [{**row, "patient_id": f" {pid} "}]}
+    assert feature_rows(padded, "r").rows[0].patient_id == pid.strip()
