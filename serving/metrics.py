@@ -207,6 +207,7 @@ def observe_scores(results: Sequence[Any], settings: Iterable[Any]) -> None:
         scores: Counter[tuple[str, str]] = Counter()
         alerts: Counter[tuple[str, str]] = Counter()
         escalations: Counter[tuple[str, str]] = Counter()
+        risks: dict[str, list[float]] = {}
         for result, setting in zip(results, settings, strict=False):
             band = str(getattr(result, "risk_band", ""))
             if getattr(result, "status", None) == NO_RISK:
@@ -217,7 +218,7 @@ def observe_scores(results: Sequence[Any], settings: Iterable[Any]) -> None:
             scores[band, st] += 1
             p = getattr(result, "probability", None)
             if isinstance(p, float):
-                m.risk.labels(st).observe(p)
+                risks.setdefault(st, []).append(p)
             if _flag(result, "alert"):
                 alerts[band, st] += 1
             if _flag(result, "escalation"):
@@ -229,8 +230,33 @@ def observe_scores(results: Sequence[Any], settings: Iterable[Any]) -> None:
         ):
             for labels, n in counts.items():
                 counter.labels(*labels).inc(n)
+        for st, ps in risks.items():
+            _observe_all(m.risk.labels(st), ps)
     except Exception:  # metrics never fail an answer
         logger.exception("metrics: scores not counted")
+
+
+def _observe_all(histogram: Any, values: Sequence[float]) -> None:
+    """``histogram.observe`` of each value, with one write per bucket for the lot (each
+    write goes to the shared metric files; prometheus_client has no batch observe). Falls
+    back to one observe per value if the library's histogram changes shape."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(buckets) != len(bounds):
+        for v in values:
+            histogram.observe(v)
+        return
+    import numpy as np
+
+    x = np.asarray(values, dtype=float)
+    # observe() counts a value in the first bucket whose bound it does not exceed
+    first = np.searchsorted(np.asarray(bounds, dtype=float), x, side="left")
+    counts = np.bincount(first, minlength=len(bounds) + 1)[: len(bounds)]
+    total.inc(float(x.sum()))
+    for bucket, n in zip(buckets, counts.tolist(), strict=True):
+        if n:
+            bucket.inc(n)
 
 
 def observe_refusal(route: str, status: int) -> None:

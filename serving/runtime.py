@@ -261,11 +261,11 @@ class Runtime:
         self.predlog.append(records)
         self._remember(rids, champion.version)
         out = []
-        for row, pi, rid, n2 in zip(rows, p, rids, news2, strict=True):
-            # a feature row carries no single-parameter scores unless sent: the aggregate
-            # rule and any news2_* sub-scores it has
-            parts = [_num(row.features.get(n)) for n in safety.NEWS2_PARTS]
-            v = safety.decide(float(pi), models.thresholds, safety.OK, n2, safety.max_single(parts))
+        # a feature row carries no single-parameter scores unless sent: the aggregate rule
+        # and any news2_* sub-scores it has
+        singles = _max_singles(feats)
+        for row, pi, rid, n2, single in zip(rows, p, rids, news2, singles, strict=True):
+            v = safety.decide(float(pi), models.thresholds, safety.OK, n2, single)
             out.append(
                 FeatureScore(
                     patient_id=row.patient_id,
@@ -657,6 +657,19 @@ def _records(
             strict=True,
         )
     ]
+
+
+def _max_singles(feats: Sequence[Mapping[str, Any]]) -> list[float | None]:
+    """``safety.max_single`` of each row's NEWS2 sub-scores as :func:`_num` reads them
+    (non-finite or absent: not scored), for all rows at once."""
+    names = safety.NEWS2_PARTS
+    try:
+        parts = np.array([[f.get(n) for n in names] for f in feats], dtype=float)
+    except (TypeError, ValueError):  # text where a sub-score belongs: one by one
+        return [safety.max_single([_num(f.get(n)) for n in names]) for f in feats]
+    parts = parts.reshape(len(feats), len(names))
+    best = np.where(np.isfinite(parts), parts, -np.inf).max(axis=1, initial=-np.inf)
+    return [None if b == -np.inf else b for b in best.tolist()]
 
 
 def _ns(t: datetime) -> int:

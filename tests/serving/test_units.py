@@ -550,3 +550,46 @@ def test_fast_feature_rows_equal_pydantic_validation(row: dict[str, Any]) -> Non
     pid = str(row.get("patient_id") or "p")
     padded = {"rows": [{**row, "patient_id": f" {pid} "}]}
     assert feature_rows(padded, "r").rows[0].patient_id == pid.strip()
+
+
+def test_max_singles_equal_the_one_by_one_rule() -> None:
+    from serving import safety
+    from serving.runtime import _max_singles, _num
+
+    rows: list[dict[str, Any]] = [
+        {},
+        {"news2_rr": 3.0, "news2_hr": None},
+        {"news2_spo2": float("nan"), "news2_o2": 2.0, "news2_temp": float("inf")},
+        {"news2_rr": 0.0},
+        {"news2_rr": "2"},  # text: read as _num reads it
+        {"news2_rr": "x", "news2_hr": 1.0},
+    ]
+    expected = [safety.max_single([_num(r.get(n)) for n in safety.NEWS2_PARTS]) for r in rows]
+    assert _max_singles(rows) == expected
+    assert _max_singles(rows[:4]) == expected[:4]
+
+
+def test_histogram_observed_at_once_equals_one_by_one() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from serving.metrics import _observe_all
+
+    values = [0.0, 0.01, 0.015, 0.3, 0.31, 0.99, 1.0, 0.5, 0.02, 0.75]
+    samples = []
+    for observe in ("one", "all"):
+        h = Histogram(
+            "h", "h", buckets=(0.01, 0.02, 0.05, 0.3, 0.5, 0.75, 1.0), registry=CollectorRegistry()
+        )
+        if observe == "one":
+            for v in values:
+                h.observe(v)
+        else:
+            _observe_all(h, values)
+        samples.append(
+            [
+                (s.name, s.labels, round(s.value, 12))
+                for s in h.collect()[0].samples
+                if not s.name.endswith("_created")
+            ]
+        )
+    assert samples[0] == samples[1]
