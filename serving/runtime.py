@@ -225,17 +225,22 @@ class Runtime:
                     f"rows[{i}].features: unknown feature(s) {unknown[:5]}; "
                     f"GET /v1/model lists the {len(champion.feature_names)} features"
                 )
-        for row, x in zip(rows, champion.encode(table), strict=True):
-            row._model_input = (champion, x)
+        X = champion.encode(table)
+        for i, row in enumerate(rows):
+            row._model_input = (champion, X, i)
         return None
 
     @staticmethod
     def _model_input(rows: Sequence[FeatureRow], model: LoadedModel) -> np.ndarray | None:
-        """The rows' matrix for ``model`` as the guard built it, if it did for all of them."""
-        inputs = [r._model_input for r in rows]
-        if all(x is not None and x[0] is model for x in inputs):
-            return np.vstack([x[1] for x in inputs if x is not None])
-        return None
+        """The rows' matrix for ``model`` as the guard built it, if it did for all of them
+        (one request's rows, in order: that very matrix; a batch of requests: stacked)."""
+        inputs = [x for r in rows if (x := r._model_input) is not None and x[0] is model]
+        if len(inputs) != len(rows):
+            return None
+        X = inputs[0][1]
+        if len(X) == len(rows) and all(x[1] is X and x[2] == i for i, x in enumerate(inputs)):
+            return np.asarray(X)
+        return np.vstack([x[1][x[2]] for x in inputs])
 
     def score_rows(self, rows: list[FeatureRow]) -> list[FeatureScore]:
         """Score a (batched) list of rows; one prediction-log transaction for the batch."""

@@ -209,8 +209,8 @@ class FeatureRow(BaseModel):
         None, max_length=64, description="set by the server (the HTTP request id)"
     )
     #: the row as the served model's input, when the guard built it while checking the
-    #: request: ``(model, values)`` (``serving.runtime.Runtime.check_feature_rows``)
-    _model_input: tuple[Any, Any] | None = PrivateAttr(default=None)
+    #: request: ``(model, matrix, row)`` (``serving.runtime.Runtime.check_feature_rows``)
+    _model_input: tuple[Any, Any, int] | None = PrivateAttr(default=None)
 
 
 class FeaturesRequest(BaseModel):
