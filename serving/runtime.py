@@ -59,6 +59,7 @@ from serving.schemas import (
     PatientScore,
     RiskThresholds,
     ScoreResponse,
+    ValidRows,
 )
 from serving.scoring import (
     FeatureText,
@@ -189,47 +190,66 @@ class Runtime:
             return self._answered.pop(request_id, None)
 
     # -- /v1/score/features ---------------------------------------------------------------
-    def check_feature_rows(self, body: dict[str, Any]) -> tuple[int, str] | None:
-        """Cheap checks before adaptive batching (a bad row must not fail a whole batch)."""
-        rows = body.get("rows")
+    def check_feature_rows(self, valid: ValidRows) -> tuple[int, str] | None:
+        """The model's checks of validated rows before adaptive batching (a bad row must not
+        fail a whole batch): known features only, text only for categorical ones. Rows that
+        pass get their model input (``FeatureRow._model_input``), built in the same pass:
+        finding every feature in a row with as many keys proves it has no unknown one."""
+        rows = valid.rows
         models = self.models
-        if not isinstance(rows, list) or not rows:
+        if not rows:
             return 422, "rows: expected a non-empty list of {patient_id?, features: {name: value}}"
         if len(rows) > self.config.max_feature_rows:
             return (
                 413,
                 f"rows: {len(rows)} rows; at most {self.config.max_feature_rows} per request",
             )
-        for i, row in enumerate(rows):
-            feats = row.get("features") if isinstance(row, dict) else None
-            if not isinstance(feats, dict):
-                return 422, f"rows[{i}].features: expected an object of feature -> number or null"
-            # set operations in C first: rows of hundreds of features, up to thousands of rows
-            if str in set(map(type, feats.values())):
+        champion = models.champion
+        feats = [r.features for r in rows]
+        table, inexact = champion.table(feats)
+        text = set(valid.text)
+        for i in sorted(text.union(inexact)):
+            f = feats[i]
+            if i in text:
                 bad = [
-                    k
-                    for k, v in feats.items()
-                    if isinstance(v, str) and k not in models.categorical
+                    k for k, v in f.items() if isinstance(v, str) and k not in models.categorical
                 ]
                 if bad:
                     return (
                         422,
                         f"rows[{i}].features: {bad[:5]} must be numbers or null (text only for categorical features)",
                     )
-            if not feats.keys() <= models.known:
-                unknown = [k for k in feats if k not in models.known]
+            if not f.keys() <= models.known:
+                unknown = [k for k in f if k not in models.known]
                 return 422, (
                     f"rows[{i}].features: unknown feature(s) {unknown[:5]}; "
-                    f"GET /v1/model lists the {len(models.champion.feature_names)} features"
+                    f"GET /v1/model lists the {len(champion.feature_names)} features"
                 )
+        X = champion.encode(table)
+        for i, row in enumerate(rows):
+            row._model_input = (champion, X, i)
         return None
+
+    @staticmethod
+    def _model_input(rows: Sequence[FeatureRow], model: LoadedModel) -> np.ndarray | None:
+        """The rows' matrix for ``model`` as the guard built it, if it did for all of them
+        (one request's rows, in order: that very matrix; a batch of requests: stacked)."""
+        inputs = [x for r in rows if (x := r._model_input) is not None and x[0] is model]
+        if len(inputs) != len(rows):
+            return None
+        X = inputs[0][1]
+        if len(X) == len(rows) and all(x[1] is X and x[2] == i for i, x in enumerate(inputs)):
+            return np.asarray(X)
+        return np.vstack([x[1][x[2]] for x in inputs])
 
     def score_rows(self, rows: list[FeatureRow]) -> list[FeatureScore]:
         """Score a (batched) list of rows; one prediction-log transaction for the batch."""
         models = self.models  # one set for the whole batch, whatever the follower does
         champion, shadow = models.champion, models.shadow
         feats = [r.features for r in rows]
-        X = champion.matrix(feats)
+        X = self._model_input(rows, champion)
+        if X is None:
+            X = champion.matrix(feats)
         p = champion.predict_matrix(X)
         ids = [pseudonym_of(r.patient_id) if r.patient_id else None for r in rows]
         scored_at = _now_iso()
@@ -246,11 +266,11 @@ class Runtime:
         self.predlog.append(records)
         self._remember(rids, champion.version)
         out = []
-        for row, pi, rid, n2 in zip(rows, p, rids, news2, strict=True):
-            # a feature row carries no single-parameter scores unless sent: the aggregate
-            # rule and any news2_* sub-scores it has
-            parts = [_num(row.features.get(n)) for n in safety.NEWS2_PARTS]
-            v = safety.decide(float(pi), models.thresholds, safety.OK, n2, safety.max_single(parts))
+        # a feature row carries no single-parameter scores unless sent: the aggregate rule
+        # and any news2_* sub-scores it has
+        singles = _max_singles(feats)
+        for row, pi, rid, n2, single in zip(rows, p, rids, news2, singles, strict=True):
+            v = safety.decide(float(pi), models.thresholds, safety.OK, n2, single)
             out.append(
                 FeatureScore(
                     patient_id=row.patient_id,
@@ -642,6 +662,19 @@ def _records(
             strict=True,
         )
     ]
+
+
+def _max_singles(feats: Sequence[Mapping[str, Any]]) -> list[float | None]:
+    """``safety.max_single`` of each row's NEWS2 sub-scores as :func:`_num` reads them
+    (non-finite or absent: not scored), for all rows at once."""
+    names = safety.NEWS2_PARTS
+    try:
+        parts = np.array([[f.get(n) for n in names] for f in feats], dtype=float)
+    except (TypeError, ValueError):  # text where a sub-score belongs: one by one
+        return [safety.max_single([_num(f.get(n)) for n in names]) for f in feats]
+    parts = parts.reshape(len(feats), len(names))
+    best = np.where(np.isfinite(parts), parts, -np.inf).max(axis=1, initial=-np.inf)
+    return [None if b == -np.inf else b for b in best.tolist()]
 
 
 def _ns(t: datetime) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -22,6 +23,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     Strict,
     StringConstraints,
 )
@@ -206,6 +208,9 @@ class FeatureRow(BaseModel):
     request_id: str | None = Field(
         None, max_length=64, description="set by the server (the HTTP request id)"
     )
+    #: the row as the served model's input, when the guard built it while checking the
+    #: request: ``(model, matrix, row)`` (``serving.runtime.Runtime.check_feature_rows``)
+    _model_input: tuple[Any, Any, int] | None = PrivateAttr(default=None)
 
 
 class FeaturesRequest(BaseModel):
@@ -220,30 +225,64 @@ _ROW_KEYS = frozenset({"patient_id", "features", "request_id"})
 _CELL_TYPES = frozenset({int, float, str, type(None)})
 
 
-def feature_rows_look_valid(body: Mapping[str, Any]) -> bool:
-    """True only when every row certainly passes :class:`FeaturesRequest` (cheap: type sets
-    in C); False means "validate properly", not necessarily invalid."""
+@dataclass(frozen=True)
+class ValidRows:
+    """The validated rows of one ``/v1/score/features`` body."""
+
+    rows: list[FeatureRow]
+    #: positions of the rows with a text value (categorical features, ``setting``)
+    text: list[int]
+
+
+def feature_rows_fast(body: Mapping[str, Any], request_id: str | None = None) -> ValidRows | None:
+    """The rows of a ``/v1/score/features`` body exactly as :class:`FeaturesRequest` would
+    validate them (ids stripped, integers as floats), built without validating again, when
+    every row certainly passes (cheap: type sets in C); None means "validate properly", not
+    necessarily invalid. ``request_id`` replaces each row's (the server sets it)."""
     rows = body.get("rows")
     if type(rows) is not list or not rows or body.keys() != {"rows"}:
-        return False
-    for row in rows:
+        return None
+    out: list[FeatureRow] = []
+    text: list[int] = []
+    construct = FeatureRow.model_construct
+    for i, row in enumerate(rows):
         if type(row) is not dict or not row.keys() <= _ROW_KEYS:
-            return False
+            return None
         feats = row.get("features")
         if type(feats) is not dict:
-            return False
+            return None
         types = set(map(type, feats.values()))
         if not types <= _CELL_TYPES:
-            return False
-        if str in types and any(type(v) is str and len(v) > 256 for v in feats.values()):
-            return False
+            return None
+        if str in types:
+            if any(type(v) is str and len(v) > 256 for v in feats.values()):
+                return None
+            text.append(i)
+        if int in types:  # a strict float field takes an integer as that float
+            feats = {k: float(v) if type(v) is int else v for k, v in feats.items()}
         pid = row.get("patient_id")
-        if pid is not None and not valid_patient_id(pid):
-            return False
+        if pid is not None:
+            if not valid_patient_id(pid):
+                return None
+            pid = pid.strip()
         rid = row.get("request_id")
         if rid is not None and not (type(rid) is str and len(rid) <= 64):
-            return False
-    return True
+            return None
+        out.append(construct(patient_id=pid, features=feats, request_id=request_id or rid))
+    return ValidRows(out, text)
+
+
+def feature_rows(body: Mapping[str, Any], request_id: str | None = None) -> ValidRows:
+    """The validated rows of a ``/v1/score/features`` body (pydantic's ``ValidationError``
+    when it breaks :class:`FeaturesRequest`); ``request_id`` replaces each row's."""
+    fast = feature_rows_fast(body, request_id)
+    if fast is not None:
+        return fast
+    rows = FeaturesRequest.model_validate(body).rows
+    if request_id is not None:
+        rows = [r.model_copy(update={"request_id": request_id}) for r in rows]
+    text = [i for i, r in enumerate(rows) if any(type(v) is str for v in r.features.values())]
+    return ValidRows(rows, text)
 
 
 def valid_patient_id(pid: Any) -> bool:

@@ -91,19 +91,36 @@ class LoadedModel:
 
         Encodes categorical strings exactly like ``RiskModel.prepare`` (unknown -> NaN).
         """
+        return self.encode(self.table(rows)[0])
+
+    def table(self, rows: Sequence[Mapping[str, Any]]) -> tuple[list[Any], list[int]]:
+        """Each row's values in training order (absent -> None), and the positions of the
+        rows whose keys are not exactly the features (absent ones, or others besides)."""
+        names, get = self.feature_names, self._get
+        n = len(names)
+        if get is None:
+            return [[row.get(x) for x in names] for row in rows], list(range(len(rows)))
+        table: list[Any] = []
+        inexact: list[int] = []
+        for i, row in enumerate(rows):
+            try:  # every feature present (the usual request): one C-level lookup
+                table.append(get(row))
+            except KeyError:
+                table.append([row.get(x) for x in names])
+                inexact.append(i)
+                continue
+            if len(row) != n:  # all features found: exact unless there are more keys
+                inexact.append(i)
+        return table, inexact
+
+    def encode(self, table: Sequence[Sequence[Any]]) -> np.ndarray:
+        """Float matrix of :meth:`table`'s rows (None -> NaN, categories by their codes)."""
         names, cats = self.feature_names, self._cats
-        table: list[Any]
-        try:  # every feature present (the usual request): one C-level lookup per row
-            if self._get is None:
-                raise KeyError
-            table = [self._get(row) for row in rows]
-        except KeyError:
-            table = [[row.get(n) for n in names] for row in rows]
         try:
-            return np.array(table, dtype=float).reshape(len(rows), len(names))  # None -> NaN
+            return np.array(table, dtype=float).reshape(len(table), len(names))  # None -> NaN
         except (TypeError, ValueError):
             pass  # text (categorical) values: encode cell by cell
-        X = np.full((len(rows), len(names)), np.nan, dtype=float)
+        X = np.full((len(table), len(names)), np.nan, dtype=float)
         for r, values in enumerate(table):
             for j, v in enumerate(values):
                 if v is None:

@@ -635,6 +635,46 @@ class VitalRisk:
 
 
 VitalRisk.add_asgi_middleware(GuardMiddleware)  # type: ignore[attr-defined]
+
+
+def _use_guard_rows(spec: Any) -> None:
+    """``/v1/score/features`` takes the rows the guard already parsed and validated
+    (``serving.guard.check_features``) instead of BentoML parsing and validating the body a
+    second time (for 1,000 rows, ~9.6 MB of JSON, that costs more than scoring them).
+    Without the guard's rows (no guard in front), BentoML decodes the body as usual."""
+    from serving.guard import FEATURE_ROWS_KEY
+
+    decode = spec.from_http_request
+
+    async def from_http_request(request: Request, serde: Any) -> Any:
+        ctx = request.scope.get("state", {}).get("vitalrisk")
+        rows = ctx.get(FEATURE_ROWS_KEY) if isinstance(ctx, dict) else None
+        if rows is None:
+            return await decode(request, serde)
+        return spec.model_construct(rows=rows)
+
+    spec.from_http_request = from_http_request
+
+
+def _scores_as_json(spec: Any) -> None:
+    """``/v1/score/features`` answers in one pydantic serialisation of the score list
+    (BentoML would validate the list again, dump it twice and encode it with the standard
+    library's ``json``: ~10 ms for 1,000 rows); the same JSON document."""
+    from pydantic import TypeAdapter
+
+    adapter = TypeAdapter(list[FeatureScore])
+    encode = spec.to_http_response
+
+    async def to_http_response(obj: Any, serde: Any) -> Response:
+        if isinstance(obj, list):
+            return Response(adapter.dump_json(obj), media_type="application/json")
+        return await encode(obj, serde)
+
+    spec.to_http_response = to_http_response
+
+
+_use_guard_rows(VitalRisk.apis["score_features"].input_spec)  # type: ignore[attr-defined]
+_scores_as_json(VitalRisk.apis["score_features"].output_spec)  # type: ignore[attr-defined]
 # BentoML 1.4 works out the response media type from the output's JSON schema on every call
 # (about 1.5 ms per request on this machine); it is always JSON here, so fix it once.
 VitalRisk.apis["score_features"].output_spec.media_type = "application/json"  # type: ignore[attr-defined]

@@ -497,3 +497,99 @@ def test_a_model_without_fitted_thresholds_is_not_served() -> None:
     champion = LoadedModel("vitalrisk-deterioration", "3", "champion", None, model)
     with pytest.raises(StartupError, match=r"version 3 carries no fitted risk thresholds.*retrain"):
         _model_set(champion, None, None, {}, load_vocabulary(), None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"a": 1, "a": 2}',
+        b'{"rows": [{"features": {"age": 30, "age": 90}}]}',
+        b'{"a": "x:y", "a": 1}',  # a colon inside a string makes up for the dropped key
+        b'{"a": {"b": 1, "b": 2}}',
+        b'[{"a": 1}, {"b": "\\u003a", "b": 2}]',
+        # a wide dict (counted by its length only) holding a nested duplicate
+        b'{"w": {' + b", ".join(b'"k%d": 1' % i for i in range(40)) + b', "n": {"x": 1, "x": 2}}}',
+    ],
+)
+def test_parse_json_refuses_every_duplicate_key(body: bytes) -> None:
+    from serving.guard import parse_json
+
+    with pytest.raises(ValueError, match="duplicate key"):
+        parse_json(body)
+
+
+def test_parse_json_keeps_colons_in_strings_and_wide_rows() -> None:
+    from serving.guard import parse_json
+
+    wide = {f"f{i}": (None if i % 3 else float(i)) for i in range(400)}
+    doc = {"rows": [{"patient_id": "MRN:1", "features": wide}], "t": "08:00:00"}
+    assert parse_json(json.dumps(doc).encode()) == doc
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"features": {"a": 1.5, "b": None, "c": 70, "setting": "ward"}},
+        {"patient_id": "  MRN-1 ", "features": {"a": 10**20}},
+        {"patient_id": "x", "features": {}, "request_id": "client"},
+    ],
+)
+def test_fast_feature_rows_equal_pydantic_validation(row: dict[str, Any]) -> None:
+    """The guard's rows built without validating again are what pydantic would make."""
+    from serving.schemas import FeatureRow, feature_rows, feature_rows_fast
+
+    fast = feature_rows_fast({"rows": [row]}, "rid-1")
+    assert fast is not None
+    slow = FeatureRow.model_validate(row).model_copy(update={"request_id": "rid-1"})
+    assert [r.model_dump() for r in fast.rows] == [slow.model_dump()]
+    got = [type(v) for v in fast.rows[0].features.values()]
+    assert got == [type(v) for v in slow.features.values()]
+    assert fast.text == ([0] if "setting" in row["features"] else [])
+    assert feature_rows({"rows": [row]}, "rid-1") == fast
+    # an id with spaces around it is stripped, as pydantic does
+    pid = str(row.get("patient_id") or "p")
+    padded = {"rows": [{**row, "patient_id": f" {pid} "}]}
+    assert feature_rows(padded, "r").rows[0].patient_id == pid.strip()
+
+
+def test_max_singles_equal_the_one_by_one_rule() -> None:
+    from serving import safety
+    from serving.runtime import _max_singles, _num
+
+    rows: list[dict[str, Any]] = [
+        {},
+        {"news2_rr": 3.0, "news2_hr": None},
+        {"news2_spo2": float("nan"), "news2_o2": 2.0, "news2_temp": float("inf")},
+        {"news2_rr": 0.0},
+        {"news2_rr": "2"},  # text: read as _num reads it
+        {"news2_rr": "x", "news2_hr": 1.0},
+    ]
+    expected = [safety.max_single([_num(r.get(n)) for n in safety.NEWS2_PARTS]) for r in rows]
+    assert _max_singles(rows) == expected
+    assert _max_singles(rows[:4]) == expected[:4]
+
+
+def test_histogram_observed_at_once_equals_one_by_one() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from serving.metrics import _observe_all
+
+    values = [0.0, 0.01, 0.015, 0.3, 0.31, 0.99, 1.0, 0.5, 0.02, 0.75]
+    samples = []
+    for observe in ("one", "all"):
+        h = Histogram(
+            "h", "h", buckets=(0.01, 0.02, 0.05, 0.3, 0.5, 0.75, 1.0), registry=CollectorRegistry()
+        )
+        if observe == "one":
+            for v in values:
+                h.observe(v)
+        else:
+            _observe_all(h, values)
+        samples.append(
+            [
+                (s.name, s.labels, round(s.value, 12))
+                for s in h.collect()[0].samples
+                if not s.name.endswith("_created")
+            ]
+        )
+    assert samples[0] == samples[1]
