@@ -186,6 +186,24 @@ def list_files(
     return sorted(f"{protocol}://{f}" for f in found if f.endswith(suffix))
 
 
+def list_sizes(
+    url: PathLike, suffix: str = "", options: Mapping[str, Any] | None = None
+) -> list[tuple[str, int]]:
+    """``(URL, size)`` of the objects under ``url`` (recursive), sorted; [] if there are none."""
+    fs, inner = filesystem(url, options)
+    protocol = str(url).split("://", 1)[0]
+    with _named(url, "list"):
+        try:
+            found = fs.find(inner, detail=True)
+        except FileNotFoundError:
+            return []
+    return [
+        (f"{protocol}://{key}", int(info.get("size") or 0))
+        for key, info in sorted(found.items())
+        if key.endswith(suffix)
+    ]
+
+
 def download(url: PathLike, dest: Path, options: Mapping[str, Any] | None = None) -> Path:
     """Copy a file or a folder tree at ``url`` to the local ``dest`` (which must not exist).
 
@@ -225,6 +243,18 @@ def read_text(path: PathLike, options: Mapping[str, Any] | None = None) -> str:
         return Path(path).read_text(encoding="utf-8")
     with open_file(path, "rb", options) as fh:
         return bytes(fh.read()).decode("utf-8")
+
+
+def write_bytes(path: PathLike, data: bytes, options: Mapping[str, Any] | None = None) -> None:
+    """One object written whole (an object store makes it visible only once complete); any
+    failure, the upload at close included, is one error naming the URL. Local paths: a plain
+    write (callers that need atomic local files write a temp file and rename it)."""
+    if not is_url(path):
+        Path(path).write_bytes(data)
+        return
+    fs, inner = filesystem(path, options)
+    with _named(path, "write"):
+        fs.pipe_file(inner, data)
 
 
 def write_text(path: PathLike, text: str, options: Mapping[str, Any] | None = None) -> None:

@@ -226,8 +226,13 @@ class ServeConfig(BaseModel):
     def redis_key_prefix(self) -> str:
         return os.environ.get(REDIS_PREFIX_ENV) or self.redis_prefix
 
-    def landing_path(self) -> Path:
-        return Path(os.environ.get(LANDING_ENV) or self.landing_dir)
+    def landing_path(self) -> Path | str:
+        """The landing area: a local folder, or an fsspec URL (``s3://bucket/landing``) that
+        every replica writes to and reads from (``core.storage``)."""
+        from core import storage
+
+        where = os.environ.get(LANDING_ENV) or self.landing_dir
+        return where if storage.is_url(where) else Path(where)
 
     def identity_map_path(self) -> Path:
         return Path(os.environ.get(IDENTITY_MAP_ENV) or self.feedback.identity_map)

@@ -2,6 +2,10 @@
 
 Each accepted request writes one new file (``api-<UTC time>-<request id>.csv``) atomically
 (temp file, fsync, rename), so a half-written file is never visible to the next ingest run.
+The landing area may be an fsspec URL (``serve.landing_dir`` / ``VITALRISK_LANDING_DIR`` =
+``s3://bucket/landing``) shared by every replica: each file is one object, visible only once
+completely stored. A landing area that cannot take the file is a 503 (``LogUnavailable``):
+nothing was accepted, the client retries.
 Values are stored in the canonical unit with the vocabulary key as ``code`` and pseudonymised
 ``patient_id``; rejected items come back to the caller with reasons and are not stored.
 """
@@ -83,48 +87,93 @@ def validate_items(
     return rows, rejected
 
 
-def write_landing(rows: Sequence[dict[str, Any]], landing_dir: Path, request_id: str) -> Path:
-    """Write one long-CSV file atomically; returns its path."""
-    landing_dir.mkdir(parents=True, exist_ok=True)
+def write_landing(rows: Sequence[dict[str, Any]], landing_dir: Path | str, request_id: str) -> str:
+    """Write one long-CSV file atomically; returns its name. A landing area that refuses it
+    (full or read-only disk, object store down or refusing the credentials) raises
+    ``LogUnavailable`` naming the area, never an error with a row's values."""
+    from core import storage
+    from core.errors import UserError
+    from serving.predlog import LogUnavailable
+
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    final = landing_dir / f"api-{stamp}-{request_id[:12]}.csv"
+    name = f"api-{stamp}-{request_id[:12]}.csv"
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=LANDING_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    tmp = landing_dir / f".{final.name}.tmp"
-    with tmp.open("w", encoding="utf-8", newline="") as fh:
-        fh.write(buf.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    return final
+    data = buf.getvalue().encode("utf-8")
+    try:
+        if storage.is_url(landing_dir):
+            storage.write_bytes(storage.join(landing_dir, name), data)
+            return name
+        folder = Path(landing_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{name}.tmp"
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, folder / name)
+    except (OSError, UserError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise LogUnavailable(
+            f"the landing area {landing_dir} cannot take the file now ({why})"
+        ) from None
+    return name
 
 
 #: parsed landing files: (path, size, mtime) -> rows (files are written once, atomically)
 _READ_CACHE: dict[tuple[str, int, int], list[tuple[str, str, str, float]]] = {}
 
 
-def read_landing(
-    landing_dir: Path, pseudonyms: set[str] | None = None
-) -> list[tuple[str, str, str, float]]:
-    """``(patient_id, time, code, value)`` rows of every landed file (API and MQTT), for the
-    given pseudonyms (all when None). Files are immutable once renamed into place, so each
-    is parsed once per process (cached by name, size and modification time)."""
-    out: list[tuple[str, str, str, float]] = []
-    if not landing_dir.is_dir():
-        return out
-    for path in sorted(landing_dir.glob("*.csv")):
+def _landed_files(landing_dir: Path | str) -> list[tuple[str, tuple[str, int, int]]]:
+    """(location, cache key) of every landed CSV file: local files by name, size and
+    modification time; objects by URL and size (written once, never changed)."""
+    from core import storage
+    from core.errors import UserError
+    from serving.predlog import LogUnavailable
+
+    if storage.is_url(landing_dir):
+        try:
+            found = storage.list_sizes(landing_dir, ".csv")
+        except UserError as exc:  # the store does not answer: the page is a 503, retry
+            raise LogUnavailable(str(exc)) from None
+        return [
+            (url, (url, size, 0)) for url, size in found if not storage.name(url).startswith(".")
+        ]
+    folder = Path(landing_dir)
+    if not folder.is_dir():
+        return []
+    out = []
+    for path in sorted(folder.glob("*.csv")):
         try:
             st = path.stat()
         except OSError:
             continue
-        key = (str(path), st.st_size, st.st_mtime_ns)
+        out.append((str(path), (str(path), st.st_size, st.st_mtime_ns)))
+    return out
+
+
+def read_landing(
+    landing_dir: Path | str, pseudonyms: set[str] | None = None
+) -> list[tuple[str, str, str, float]]:
+    """``(patient_id, time, code, value)`` rows of every landed file (API and MQTT), for the
+    given pseudonyms (all when None), from a local folder or a shared URL. Files are
+    immutable once in place, so each is parsed once per process (cached by name and size,
+    and modification time for local files)."""
+    from core import storage
+    from core.errors import UserError
+
+    out: list[tuple[str, str, str, float]] = []
+    for where, key in _landed_files(landing_dir):
         rows = _READ_CACHE.get(key)
         if rows is None:
             rows = []
             try:
-                with path.open(encoding="utf-8", newline="") as fh:
+                with (
+                    storage.open_file(where, "rb") as raw,
+                    io.TextIOWrapper(raw, encoding="utf-8", newline="") as fh,
+                ):
                     for rec in csv.DictReader(fh):
                         try:
                             rows.append(
@@ -132,8 +181,8 @@ def read_landing(
                             )
                         except (KeyError, TypeError, ValueError):
                             continue  # not ours to judge here: ingest quarantines it
-            except OSError:
-                continue
+            except (OSError, UnicodeDecodeError, UserError):
+                continue  # gone or unreadable now: the next read tries again
             if len(_READ_CACHE) > 10_000:
                 _READ_CACHE.clear()
             _READ_CACHE[key] = rows

@@ -603,7 +603,7 @@ class Runtime:
         rows, rejected = validate_items(
             req.observations, self.vocab, pseudonym, self.config.future_tolerance_minutes
         )
-        path = write_landing(rows, self.config.landing_path(), request_id) if rows else None
+        landed = write_landing(rows, self.config.landing_path(), request_id) if rows else None
         pats = sorted({r["patient_id"] for r in rows})
         if self.identities is not None and actor:
             self.identities.remember(actor, [(ps, callers[ps]) for ps in pats if ps in callers])
@@ -612,7 +612,7 @@ class Runtime:
             received=len(req.observations),
             accepted=len(rows),
             rejected=rejected,
-            landing_file=path.name if path else None,
+            landing_file=landed,
         )
         return resp, pats
 

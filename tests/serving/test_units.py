@@ -593,3 +593,30 @@ def test_histogram_observed_at_once_equals_one_by_one() -> None:
             ]
         )
     assert samples[0] == samples[1]
+
+
+def test_landing_area_that_cannot_take_a_file_is_unavailable_not_an_error(tmp_path):
+    """A landing area that refuses the file (here a file where the folder should be; a full
+    or read-only disk the same) is LogUnavailable, the service's 503 with Retry-After, and
+    names the area, never a row's values; a good folder gets the file atomically."""
+    from serving.landing import LANDING_COLUMNS, read_landing, write_landing
+    from serving.predlog import LogUnavailable
+
+    row = {
+        "patient_id": "p_0123456789abcdef0123",
+        "time": "2026-01-01T08:00:00Z",
+        "code": "heart_rate",
+        "value": "71.0",
+        "unit": "/min",
+        "source": "api",
+    }
+    blocked = tmp_path / "landing"
+    blocked.write_text("not a folder")
+    with pytest.raises(LogUnavailable, match=r"landing area .*landing cannot take the file") as err:
+        write_landing([row], blocked, "req-1")
+    assert "p_0123" not in str(err.value) and "71.0" not in str(err.value)
+    good = tmp_path / "good"
+    name = write_landing([row], good, "req-2")
+    assert [p.name for p in good.iterdir()] == [name]  # no temp file left behind
+    assert (good / name).read_text().splitlines()[0] == ",".join(LANDING_COLUMNS)
+    assert read_landing(good) == [(row["patient_id"], row["time"], "heart_rate", 71.0)]

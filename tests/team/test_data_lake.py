@@ -268,3 +268,86 @@ def test_unreachable_store_is_a_message_naming_the_url(local_run, tmp_path, monk
     )
     err = capsys.readouterr().err
     assert rc == 2 and url in err and "Traceback" not in err
+
+
+def test_service_landing_area_at_s3_is_shared_and_ingested(team_client_env, tmp_path, monkeypatch):
+    """``VITALRISK_LANDING_DIR=s3://…``: what one replica lands, another reads (its patient
+    pages) and ``vitalrisk ingest`` takes from the URL; a store that does not answer is the
+    service's 503 (LogUnavailable), never a 500."""
+    from governance.pseudonym import get_key, pseudonymise
+    from serving.config import ServeConfig
+    from serving.landing import read_landing, write_landing
+    from serving.predlog import LogUnavailable
+
+    ps_a, ps_b, ps_c = (pseudonymise(f"MRN-{x}", get_key()) for x in "abc")
+    url = f"s3://{team_client_env.s3_bucket}/landing-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("VITALRISK_LANDING_DIR", url)
+    where = ServeConfig().landing_path()
+    assert where == url
+
+    def rows(ps: str, hr: float) -> list[dict[str, str]]:
+        return [
+            {
+                "patient_id": ps,
+                "time": f"2026-01-01T0{h}:00:00Z",
+                "code": "heart_rate",
+                "value": repr(hr + h),
+                "unit": "/min",
+                "source": "api",
+            }
+            for h in range(3)
+        ]
+
+    assert read_landing(where) == []  # nothing landed yet: no error
+    a = write_landing(rows(ps_a, 70.0), where, "req-replica-1")  # replica 1
+    b = write_landing(rows(ps_b, 90.0), where, "req-replica-2")  # replica 2
+    assert a != b and a.startswith("api-") and a.endswith(".csv")
+    assert [storage.name(u) for u in storage.list_files(url, ".csv")] == sorted([a, b])
+    # a fresh process (another replica) reads both from the store
+    import serving.landing as landing
+
+    landing._READ_CACHE.clear()
+    got = read_landing(where)
+    assert sorted(got) == sorted(
+        [
+            (p, f"2026-01-01T0{h}:00:00Z", "heart_rate", v + h)
+            for p, v in ((ps_a, 70.0), (ps_b, 90.0))
+            for h in range(3)
+        ]
+    )
+    assert {r[0] for r in read_landing(where, {ps_b})} == {ps_b}
+    # ingest takes the landing area by its URL (no consent table here: include them)
+    out = tmp_path / "obs"
+    params = tmp_path / "params.yaml"
+    conf = yaml.safe_load(Path("params.yaml").read_text())
+    conf["ingest"]["missing_consent"] = "include"
+    params.write_text(yaml.safe_dump(conf, sort_keys=False))
+    rc = main(
+        [
+            "ingest",
+            url,
+            "--out",
+            str(out),
+            "--quarantine",
+            str(tmp_path / "q"),
+            "--report",
+            str(tmp_path / "ingest.json"),
+            "--params",
+            str(params),
+        ]
+    )
+    assert rc == 0
+    report = json.loads((tmp_path / "ingest.json").read_text())
+    assert sorted({f for f in json.dumps(report).split('"') if f.startswith(url)}) == sorted(
+        storage.join(url, n) for n in (a, b)
+    )
+    obs = pd.read_parquet(out / "observations.parquet")
+    assert len(obs) == 6 and set(obs["patient_id"]) == {ps_a, ps_b}
+
+    # the store stops answering: writes and reads are LogUnavailable (a 503), naming the area
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(LogUnavailable, match="landing"):
+        write_landing(rows(ps_c, 60.0), where, "req-replica-1")
+    with pytest.raises(LogUnavailable, match=url):
+        read_landing(where)
