@@ -47,23 +47,23 @@ def feature_schema(path: str | Path) -> pd.DataFrame:
     the first part file for a folder): what selecting features needs, without reading rows."""
     from core import storage
 
-    first = path
-    if storage.is_dir(path):
-        parts = storage.list_files(path, ".parquet")
-        if not parts:
-            raise FileNotFoundError(f"{path}: no part files in the feature dataset")
-        first = parts[0]
+    first = part_files(path)[0] if storage.is_dir(path) else path
     schema = storage.parquet_file(first).schema_arrow
     return schema.empty_table().to_pandas()
 
 
 def read_feature_parts(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
     """The Dask stage's part files as one frame in the stage's row order (patient, time)."""
+    frames = [read_features(p, columns) for p in part_files(path)]
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    return frame.sort_values(["patient_id", "time"], kind="stable", ignore_index=True)
+
+
+def part_files(path: str | Path) -> list[str]:
+    """The part files of a feature dataset folder, in order (an error naming it if none)."""
     from core import storage
 
     parts = storage.list_files(path, ".parquet")
     if not parts:
         raise FileNotFoundError(f"{path}: no part files in the feature dataset")
-    frames = [read_features(p, columns) for p in parts]
-    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    return frame.sort_values(["patient_id", "time"], kind="stable", ignore_index=True)
+    return parts

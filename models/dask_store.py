@@ -11,7 +11,8 @@ endpoint and region as storage options and the credentials from the workers' env
 * the raw score of every row the client holds (returned with its keys: one float per row,
   never a feature value), from which the client fits the calibrator and the alert threshold
   on the validation rows and writes the predictions file,
-* the MLflow input example (per-partition medians of the training rows, their median).
+* in the same read, the MLflow input example (per-partition medians of the training rows,
+  their median).
 """
 
 from __future__ import annotations
@@ -121,11 +122,14 @@ def score_rows(
     booster: Any,
     names: list[str],
     categories: dict[str, list[str]],
+    train_ids: list[str],
     client: Any,
-) -> np.ndarray:
+) -> tuple[np.ndarray, pd.DataFrame]:
     """Raw scores of the rows ``keys`` (patient_id, time: the rows the client holds, in its
-    order), computed by the workers from the features output; the workers return the keys
-    and one score per row, which are matched to ``keys`` exactly (an error otherwise)."""
+    order) and the signature's input example, computed by the workers in one read of the
+    features output. The workers return the keys and one score per row, matched to ``keys``
+    exactly (an error otherwise), and per partition the medians of its training rows; the
+    example is their median (no individual's row leaves the workers)."""
     import dask
 
     ddf = read_store(features_path, [*KEYS, *names])
@@ -138,9 +142,15 @@ def score_rows(
             "raw_score": pd.Series(dtype=float),
         }
     )
-    scored = client.compute(ddf.map_partitions(_score_part, text, names, categories, meta=meta))
-    got = scored.result()
-    return align_scores(keys, got, features_path)
+    scores = ddf.map_partitions(_score_part, text, names, categories, meta=meta)
+    train = ddf[ddf["patient_id"].isin(train_ids)]
+    medians = train.map_partitions(
+        _part_median, names, categories, meta=prepared(ddf._meta, names, categories)
+    )
+    # one compute: both results share the partitions' reads
+    got, per_part = client.compute([scores, medians], sync=True)
+    example = per_part.median().reindex(names).fillna(0.0).to_frame().T.reset_index(drop=True)
+    return align_scores(keys, got, features_path), example
 
 
 def align_scores(keys: pd.DataFrame, scored: pd.DataFrame, where: str) -> np.ndarray:
@@ -171,20 +181,3 @@ def align_scores(keys: pd.DataFrame, scored: pd.DataFrame, where: str) -> np.nda
 
 def _part_median(part: pd.DataFrame, names: list[str], categories: dict[str, list[str]]) -> Any:
     return prepared(part, names, categories).median().to_frame().T
-
-
-def training_example(
-    features_path: str,
-    train_ids: list[str],
-    names: list[str],
-    categories: dict[str, list[str]],
-    client: Any,
-) -> pd.DataFrame:
-    """One row for the model's signature: the median over partitions of each partition's
-    training medians (computed on the workers; no individual's row leaves them)."""
-    ddf = read_store(features_path, ["patient_id", *names])
-    ddf = ddf[ddf["patient_id"].isin(train_ids)]
-    meta = prepared(ddf._meta, names, categories)
-    medians = client.compute(ddf.map_partitions(_part_median, names, categories, meta=meta))
-    frame = medians.result()
-    return frame.median().reindex(names).fillna(0.0).to_frame().T.reset_index(drop=True)

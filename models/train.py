@@ -399,11 +399,8 @@ def train_model(
                 )
             if near_data:
                 assert features_path is not None
-                scored = dask_store.score_rows(
-                    features_path, frame, booster, names, categories, client
-                )
-                example = dask_store.training_example(
-                    features_path, train_ids, names, categories, client
+                scored, example = dask_store.score_rows(
+                    features_path, frame, booster, names, categories, train_ids, client
                 )
         finally:
             if own:
